@@ -1,0 +1,87 @@
+#pragma once
+// Layer configuration: the dimensions of spec section 1 with DeepSeek-V3.2
+// defaults, readable from a Hugging Face config.json (same key names) and
+// overridable from the command line.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dsa {
+
+enum class LatentCacheDType { BF16, FP8 };
+
+const char* to_string(LatentCacheDType d);
+LatentCacheDType parse_latent_cache_dtype(const std::string& s);  // "bf16" | "fp8"; throws ConfigError
+
+struct RopeScaling {
+  std::string type = "yarn";  // "yarn" or "none"
+  double factor = 40.0;
+  int64_t original_max_position_embeddings = 4096;
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double mscale = 1.0;
+  double mscale_all_dim = 1.0;
+};
+
+struct LayerConfig {
+  int64_t hidden_size = 7168;
+  int64_t num_heads = 128;  // H, heads on this rank
+  int64_t q_lora_rank = 1536;
+  int64_t kv_lora_rank = 512;
+  int64_t qk_nope_head_dim = 128;
+  int64_t qk_rope_head_dim = 64;
+  int64_t v_head_dim = 128;
+  int64_t index_n_heads = 64;
+  int64_t index_head_dim = 128;
+  int64_t index_topk = 2048;
+  int64_t tokens_per_block = 64;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+
+  // Not model keys: how this layer is run.
+  LatentCacheDType kv_cache_dtype = LatentCacheDType::BF16;
+  bool indexer_hadamard = true;  // rotate indexer q/k by the 128-point Hadamard before fp8
+  bool o_proj = false;           // apply o_proj, output [T, hidden] instead of [T, H*v_head_dim]
+
+  // Derived quantities.
+  int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }  // 192
+  int64_t latent_dim() const { return kv_lora_rank + qk_rope_head_dim; }        // 576
+  double yarn_mscale() const;       // 0.1 * mscale_all_dim * ln(factor) + 1 (1 without yarn)
+  double softmax_scale() const;     // qk_head_dim^-0.5 * yarn_mscale()^2
+  int64_t latent_cache_bytes_per_token() const;   // 1152 bf16, 656 fp8
+  int64_t indexer_cache_bytes_per_token() const;  // index_head_dim + 4 = 132
+  int64_t indexer_cache_bytes_per_block() const;  // tokens_per_block * 132 = 8448
+};
+
+// Rebuilds from a JSON object string / file. Keys the layer uses are checked
+// for type; missing required keys are an error naming the key; every other key
+// of a full model config is ignored. Throws ConfigError / FileError.
+LayerConfig load_config_json_text(const std::string& text, const std::string& origin = "<string>");
+LayerConfig load_config_json_file(const std::string& path);
+
+// Checks sizes and rules every backend shares. Throws ConfigError with a
+// message that names the value, the rule and a fix.
+void validate(const LayerConfig& cfg);
+
+// What the sparse prefill kernel on a GPU of this compute capability accepts
+// (sm_90: heads a multiple of 64; sm_100: exactly 128). validate() already
+// enforces the sm_90 rule on every backend so that whatever runs on the
+// reference also runs on the GPU.
+void validate_for_gpu(const LayerConfig& cfg, int sm_major, int sm_minor);
+
+// The sparse prefill path reads a bf16 latent cache only.
+void validate_for_sparse_prefill(const LayerConfig& cfg);
+
+// FLOPs per token and weight bytes, for `dsa info` and reports.
+struct StageCost {
+  std::string name;
+  double flops_per_token;  // excludes context-dependent parts
+};
+std::vector<StageCost> projection_costs(const LayerConfig& cfg);
+int64_t weight_count(const LayerConfig& cfg);  // number of weight elements
+// Context-dependent FLOPs (spec section 8).
+double indexer_flops(const LayerConfig& cfg, double visible_keys);
+double sparse_attention_flops(const LayerConfig& cfg, double valid_indices);
+
+}  // namespace dsa

@@ -1,0 +1,61 @@
+#pragma once
+// CPU reference of every stage of spec section 3: plain loops, fp32 storage,
+// fp32/fp64 accumulation, no CUDA. "Rounded inputs" means values that have
+// already gone through round_bf16 / round_fp8_e4m3, so that a fast path and
+// the reference see the same numbers. All tensors are row-major, dense.
+#include <cstdint>
+#include <vector>
+
+#include "dsa/batch.h"
+#include "dsa/config.h"
+#include "dsa/dtypes.h"
+
+namespace dsa::ref {
+
+// ---- linear algebra -------------------------------------------------------
+// y[M, N] = x[M, K] @ w[N, K]^T, fp32 in, fp64 (or compensated fp32) accumulate.
+void linear(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K);
+
+// ---- norms ----------------------------------------------------------------
+// y = x / sqrt(mean(x^2) + eps) * weight, per row of length D.
+void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t D, double eps);
+// y = (x - mean) / sqrt(var + eps) * weight + bias (biased variance), per row.
+void layer_norm(const float* x, const float* weight, const float* bias, float* y, int64_t rows, int64_t D, double eps);
+
+// ---- RoPE (spec section 6) ------------------------------------------------
+// Yarn-corrected inverse frequencies f_i', i in [0, rope_dim/2).
+std::vector<double> rope_inv_freq(const LayerConfig& cfg);
+// In place on x[rows, stride] at columns [col0, col0 + rope_dim), each row at position pos[row / rows_per_pos].
+// Interleaved: pairs (x[2i], x[2i+1]) (MLA). Half-split: pairs (x[i], x[i + rope_dim/2]) (indexer, NeoX).
+enum class RopeStyle { Interleaved, HalfSplit };
+void apply_rope(float* x, int64_t rows, int64_t stride, int64_t col0, int64_t rows_per_pos, const int32_t* pos,
+                const std::vector<double>& inv_freq, RopeStyle style);
+
+// ---- indexer helpers --------------------------------------------------------
+// In place: v <- H128 v / sqrt(128) per 128-vector (Sylvester ordering).
+void hadamard128(float* x, int64_t vectors);
+// Quantizes each 128-vector to e4m3 with a ue8m0 scale (spec 3.5). q8 may be null.
+void quantize_fp8_blocks(const float* x, int64_t vectors, int64_t block, fp8_t* q8, float* scale);
+
+// I[t, s] for s in [0, visible_end[t]) (others -inf): kscale[s] * sum_h w[t,h] * relu(qi8[t,h] . ki8[s]).
+// qi: [T, HI, 128] dequantized-free fp8 values as float (no scale), w: [T, HI] (already folded with the q scale),
+// keys: [T, S] per token as request-local rows gathered by the caller: k[r][s] -> key of request-local position s.
+// Output logits: [T, max_s] with -inf past visible_end.
+void indexer_logits(const float* qi8, const float* w, int64_t T, int64_t HI, int64_t D,
+                    const float* const* keys8_per_token, const float* const* kscale_per_token,
+                    const int32_t* visible_end, int64_t max_s, float* logits);
+
+// Top-k per row of logits[T, S] over columns [0, visible_end[t]): positions of the
+// min(k, visible) largest, ties to the smaller position, sorted by descending logit
+// (then ascending position), padded with -1.
+void topk(const float* logits, int64_t T, int64_t S, const int32_t* visible_end, int64_t k, int32_t* out);
+
+// ---- sparse MLA (spec 3.6) ------------------------------------------------
+// q: [T, H, Dqk] (Dqk = 576), kv: [num_slots, Dqk] (first Dv = 512 are values),
+// indices: [T, topk] global slots (-1 or >= num_slots invalid).
+// out: [T, H, Dv], lse: [T, H] natural log (+inf for no valid index, out = 0),
+// rowmax: [T, H] max scaled score (-inf for no valid index).
+void sparse_mla(const float* q, const float* kv, int64_t num_slots, const int32_t* indices, int64_t T, int64_t H,
+                int64_t topk, int64_t Dqk, int64_t Dv, double softmax_scale, float* out, float* lse, float* rowmax);
+
+}  // namespace dsa::ref

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what dsalab needs (idempotent) and configures + builds it.
+# Usage: scripts/setup.sh [build-dir]    (default: build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build}
+
+need_apt=()
+for pkg in cmake ninja-build g++ libgtest-dev nlohmann-json3-dev libcli11-dev libfmt-dev python3-pip; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: installing ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+fi
+if ! python3 -c 'import cutlass_library' >/dev/null 2>&1; then
+  echo "setup: installing the nvidia-cutlass pip package (CUTLASS/CuTe headers)"
+  python3 -m pip install -q nvidia-cutlass || python3 -m pip install -q --break-system-packages nvidia-cutlass
+fi
+
+# nvcc of the CUDA toolkit, where the machine has it but not on PATH.
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH=/usr/local/cuda/bin:$PATH
+fi
+
+gen=()
+command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
+[ -f "$build/CMakeCache.txt" ] || cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release
+cmake --build "$build" -j"$(nproc)"

@@ -1,0 +1,296 @@
+#include "dsa/config.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "dsa/error.h"
+
+namespace dsa {
+
+using nlohmann::json;
+
+const char* to_string(LatentCacheDType d) { return d == LatentCacheDType::BF16 ? "bf16" : "fp8"; }
+
+LatentCacheDType parse_latent_cache_dtype(const std::string& s) {
+  if (s == "bf16" || s == "bfloat16") return LatentCacheDType::BF16;
+  if (s == "fp8" || s == "fp8_e4m3" || s == "float8_e4m3fn") return LatentCacheDType::FP8;
+  throw ConfigError(fmt::format(
+      "kv_cache_dtype '{}' is not known: use 'bf16' (1152 bytes per token, required by the sparse "
+      "prefill kernel) or 'fp8' (656 bytes per token, decode only)",
+      s));
+}
+
+double LayerConfig::yarn_mscale() const {
+  if (rope_scaling.type != "yarn" || rope_scaling.factor <= 1.0) return 1.0;
+  return 0.1 * rope_scaling.mscale_all_dim * std::log(rope_scaling.factor) + 1.0;
+}
+
+double LayerConfig::softmax_scale() const {
+  const double m = yarn_mscale();
+  return std::pow(static_cast<double>(qk_head_dim()), -0.5) * m * m;
+}
+
+int64_t LayerConfig::latent_cache_bytes_per_token() const {
+  if (kv_cache_dtype == LatentCacheDType::BF16) return latent_dim() * 2;
+  // fp8 c_kv, one fp32 scale per 128 values, then k_pe in bf16.
+  return kv_lora_rank + (kv_lora_rank / 128) * 4 + qk_rope_head_dim * 2;
+}
+
+int64_t LayerConfig::indexer_cache_bytes_per_token() const { return index_head_dim + 4; }
+
+int64_t LayerConfig::indexer_cache_bytes_per_block() const {
+  return tokens_per_block * indexer_cache_bytes_per_token();
+}
+
+namespace {
+
+std::string type_name(const json& v) {
+  if (v.is_null()) return "null";
+  if (v.is_boolean()) return "a boolean";
+  if (v.is_number_integer() || v.is_number_unsigned()) return "an integer";
+  if (v.is_number_float()) return "a floating-point number";
+  if (v.is_string()) return "a string";
+  if (v.is_array()) return "an array";
+  return "an object";
+}
+
+const json* find(const json& obj, std::initializer_list<const char*> keys) {
+  for (const char* k : keys) {
+    auto it = obj.find(k);
+    if (it != obj.end()) return &*it;
+  }
+  return nullptr;
+}
+
+int64_t get_int(const json& v, const std::string& key, const std::string& origin) {
+  if (v.is_number_integer() || v.is_number_unsigned()) return v.get<int64_t>();
+  if (v.is_number_float()) {
+    double d = v.get<double>();
+    if (std::floor(d) == d && std::fabs(d) < 9e15) return static_cast<int64_t>(d);
+  }
+  throw ConfigError(fmt::format("{}: key '{}' must be an integer, but it is {} ({}); write it as a plain number, e.g. \"{}\": 128",
+                                origin, key, type_name(v), v.dump(), key));
+}
+
+double get_num(const json& v, const std::string& key, const std::string& origin) {
+  if (v.is_number()) return v.get<double>();
+  throw ConfigError(fmt::format("{}: key '{}' must be a number, but it is {} ({}); write it as a plain number",
+                                origin, key, type_name(v), v.dump()));
+}
+
+void req_int(const json& obj, std::initializer_list<const char*> keys, int64_t& out, const std::string& origin) {
+  const json* v = find(obj, keys);
+  if (!v) {
+    throw ConfigError(fmt::format("{}: required key '{}' is missing; add it (DeepSeek-V3.2 uses {}) or pass it on the command line",
+                                  origin, *keys.begin(), out));
+  }
+  out = get_int(*v, *keys.begin(), origin);
+}
+
+void opt_num(const json& obj, const char* key, double& out, const std::string& origin) {
+  auto it = obj.find(key);
+  if (it != obj.end() && !it->is_null()) out = get_num(*it, key, origin);
+}
+
+}  // namespace
+
+LayerConfig load_config_json_text(const std::string& text, const std::string& origin) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw FileError(fmt::format("{}: malformed JSON ({}); fix the file or pass a valid Hugging Face config.json", origin, e.what()));
+  }
+  if (!j.is_object()) {
+    throw FileError(fmt::format("{}: expected a JSON object at the top level, found {}", origin, type_name(j)));
+  }
+  LayerConfig c;
+  req_int(j, {"hidden_size"}, c.hidden_size, origin);
+  req_int(j, {"num_attention_heads", "num_heads"}, c.num_heads, origin);
+  req_int(j, {"q_lora_rank"}, c.q_lora_rank, origin);
+  req_int(j, {"kv_lora_rank"}, c.kv_lora_rank, origin);
+  req_int(j, {"qk_nope_head_dim"}, c.qk_nope_head_dim, origin);
+  req_int(j, {"qk_rope_head_dim"}, c.qk_rope_head_dim, origin);
+  req_int(j, {"v_head_dim"}, c.v_head_dim, origin);
+  req_int(j, {"index_n_heads"}, c.index_n_heads, origin);
+  req_int(j, {"index_head_dim"}, c.index_head_dim, origin);
+  req_int(j, {"index_topk"}, c.index_topk, origin);
+  opt_num(j, "rms_norm_eps", c.rms_norm_eps, origin);
+  opt_num(j, "rope_theta", c.rope_theta, origin);
+  if (auto it = j.find("tokens_per_block"); it != j.end()) c.tokens_per_block = get_int(*it, "tokens_per_block", origin);
+
+  auto rs = j.find("rope_scaling");
+  if (rs == j.end() || rs->is_null()) {
+    c.rope_scaling = RopeScaling{};
+    c.rope_scaling.type = "none";
+    c.rope_scaling.factor = 1.0;
+  } else if (!rs->is_object()) {
+    throw ConfigError(fmt::format("{}: key 'rope_scaling' must be an object or null, but it is {}", origin, type_name(*rs)));
+  } else {
+    const json* t = find(*rs, {"type", "rope_type"});
+    if (!t) throw ConfigError(fmt::format("{}: 'rope_scaling' has no 'type'; DeepSeek-V3.2 uses \"type\": \"yarn\"", origin));
+    if (!t->is_string()) {
+      throw ConfigError(fmt::format("{}: key 'rope_scaling.type' must be a string, but it is {}", origin, type_name(*t)));
+    }
+    c.rope_scaling.type = t->get<std::string>();
+    if (c.rope_scaling.type != "yarn" && c.rope_scaling.type != "none" && c.rope_scaling.type != "default") {
+      throw ConfigError(fmt::format("{}: rope_scaling.type '{}' is not supported: the layer implements 'yarn' (DeepSeek-V3.2) or no scaling",
+                                    origin, c.rope_scaling.type));
+    }
+    if (c.rope_scaling.type == "default") c.rope_scaling.type = "none";
+    if (c.rope_scaling.type == "yarn") {
+      const json* f = find(*rs, {"factor"});
+      if (!f) throw ConfigError(fmt::format("{}: required key 'rope_scaling.factor' is missing; DeepSeek-V3.2 uses 40", origin));
+      c.rope_scaling.factor = get_num(*f, "rope_scaling.factor", origin);
+      const json* o = find(*rs, {"original_max_position_embeddings"});
+      if (!o) {
+        throw ConfigError(fmt::format("{}: required key 'rope_scaling.original_max_position_embeddings' is missing; DeepSeek-V3.2 uses 4096", origin));
+      }
+      c.rope_scaling.original_max_position_embeddings = get_int(*o, "rope_scaling.original_max_position_embeddings", origin);
+      opt_num(*rs, "beta_fast", c.rope_scaling.beta_fast, origin);
+      opt_num(*rs, "beta_slow", c.rope_scaling.beta_slow, origin);
+      opt_num(*rs, "mscale", c.rope_scaling.mscale, origin);
+      opt_num(*rs, "mscale_all_dim", c.rope_scaling.mscale_all_dim, origin);
+    }
+  }
+  return c;
+}
+
+LayerConfig load_config_json_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw FileError(fmt::format("cannot open config file '{}': check the path (it should be a Hugging Face config.json)", path));
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return load_config_json_text(ss.str(), path);
+}
+
+namespace {
+void positive(const char* name, int64_t v, const char* why) {
+  if (v <= 0) throw ConfigError(fmt::format("{} = {} is invalid: it must be a positive integer ({})", name, v, why));
+}
+}  // namespace
+
+void validate(const LayerConfig& c) {
+  positive("hidden_size", c.hidden_size, "DeepSeek-V3.2 uses 7168");
+  positive("num_heads", c.num_heads, "DeepSeek-V3.2 uses 128, or 64 per rank at TP=2");
+  positive("q_lora_rank", c.q_lora_rank, "DeepSeek-V3.2 uses 1536");
+  positive("kv_lora_rank", c.kv_lora_rank, "DeepSeek-V3.2 uses 512");
+  positive("qk_nope_head_dim", c.qk_nope_head_dim, "DeepSeek-V3.2 uses 128");
+  positive("qk_rope_head_dim", c.qk_rope_head_dim, "DeepSeek-V3.2 uses 64");
+  positive("v_head_dim", c.v_head_dim, "DeepSeek-V3.2 uses 128");
+  positive("index_n_heads", c.index_n_heads, "DeepSeek-V3.2 uses 64");
+  positive("index_head_dim", c.index_head_dim, "DeepSeek-V3.2 uses 128");
+  positive("index_topk", c.index_topk, "DeepSeek-V3.2 uses 2048");
+  positive("tokens_per_block", c.tokens_per_block, "both caches use 64-token pages");
+  if (c.num_heads % 64 != 0) {
+    throw ConfigError(fmt::format(
+        "num_heads = {} is not supported: the sm_90 sparse MLA kernel needs a multiple of 64 (64 or 128 for "
+        "DeepSeek-V3.2; 128 is one rank at TP=1, 64 at TP=2), and every backend enforces it so that what runs on the "
+        "reference also runs on the GPU; use --num-heads 64 or 128",
+        c.num_heads));
+  }
+  if (c.kv_lora_rank % 128 != 0) {
+    throw ConfigError(fmt::format("kv_lora_rank = {} is not supported: it must be a multiple of 128 (fp8 cache scales cover 128 values); DeepSeek-V3.2 uses 512",
+                                  c.kv_lora_rank));
+  }
+  if (c.qk_rope_head_dim % 2 != 0) {
+    throw ConfigError(fmt::format("qk_rope_head_dim = {} is invalid: RoPE rotates pairs, so it must be even; DeepSeek-V3.2 uses 64", c.qk_rope_head_dim));
+  }
+  if (c.index_head_dim != 128) {
+    throw ConfigError(fmt::format(
+        "index_head_dim = {} is not supported: the indexer K cache layout (132 bytes per token) and the 128-point Hadamard "
+        "rotation fix it at 128; use 128",
+        c.index_head_dim));
+  }
+  if (c.qk_rope_head_dim > c.index_head_dim) {
+    throw ConfigError(fmt::format("qk_rope_head_dim = {} exceeds index_head_dim = {}: the indexer ropes its first qk_rope_head_dim dims",
+                                  c.qk_rope_head_dim, c.index_head_dim));
+  }
+  if (c.index_topk % 64 != 0) {
+    throw ConfigError(fmt::format("index_topk = {} is not supported: it must be a multiple of 64 (the attention kernels take indices in tiles of 64); DeepSeek-V3.2 uses 2048",
+                                  c.index_topk));
+  }
+  if (!(c.rms_norm_eps > 0.0) || !std::isfinite(c.rms_norm_eps)) {
+    throw ConfigError(fmt::format("rms_norm_eps = {} is invalid: it must be a positive finite number; DeepSeek-V3.2 uses 1e-6", c.rms_norm_eps));
+  }
+  if (!(c.rope_theta > 0.0) || !std::isfinite(c.rope_theta)) {
+    throw ConfigError(fmt::format("rope_theta = {} is invalid: it must be a positive finite number; DeepSeek-V3.2 uses 10000", c.rope_theta));
+  }
+  if (c.rope_scaling.type == "yarn") {
+    if (!(c.rope_scaling.factor >= 1.0)) {
+      throw ConfigError(fmt::format("rope_scaling.factor = {} is invalid: yarn needs a factor >= 1; DeepSeek-V3.2 uses 40", c.rope_scaling.factor));
+    }
+    if (c.rope_scaling.original_max_position_embeddings <= 0) {
+      throw ConfigError(fmt::format("rope_scaling.original_max_position_embeddings = {} is invalid: it must be positive; DeepSeek-V3.2 uses 4096",
+                                    c.rope_scaling.original_max_position_embeddings));
+    }
+    if (!(c.rope_scaling.beta_fast > c.rope_scaling.beta_slow) || !(c.rope_scaling.beta_slow > 0.0)) {
+      throw ConfigError(fmt::format("rope_scaling beta_fast = {} / beta_slow = {} are invalid: need beta_fast > beta_slow > 0; DeepSeek-V3.2 uses 32 and 1",
+                                    c.rope_scaling.beta_fast, c.rope_scaling.beta_slow));
+    }
+  }
+}
+
+void validate_for_gpu(const LayerConfig& c, int sm_major, int sm_minor) {
+  validate(c);
+  if (sm_major == 10 && c.num_heads != 128) {
+    throw ConfigError(fmt::format(
+        "num_heads = {} is not supported on sm_{}{}: the sm_100 sparse MLA kernel needs exactly 128 heads; use --num-heads 128",
+        c.num_heads, sm_major, sm_minor));
+  }
+  if (sm_major != 9 && sm_major != 10) {
+    throw ConfigError(fmt::format("GPU sm_{}{} is not supported: the CUDA backend is built for Hopper (sm_90a); run on an H100/H200 or use --backend ref",
+                                  sm_major, sm_minor));
+  }
+}
+
+void validate_for_sparse_prefill(const LayerConfig& c) {
+  if (c.kv_cache_dtype != LatentCacheDType::BF16) {
+    throw ConfigError(
+        "kv_cache_dtype = fp8 cannot be used for the sparse prefill path: the sparse prefill kernel reads a bf16 latent "
+        "cache only (the 656-byte fp8 form is for sparse decode); use --kv-cache-dtype bf16");
+  }
+}
+
+std::vector<StageCost> projection_costs(const LayerConfig& c) {
+  const double h = c.hidden_size, H = c.num_heads;
+  std::vector<StageCost> v;
+  v.push_back({"q_a_proj", 2.0 * h * c.q_lora_rank});
+  v.push_back({"kv_a_proj", 2.0 * h * c.latent_dim()});
+  v.push_back({"q_b_proj", 2.0 * c.q_lora_rank * H * c.qk_head_dim()});
+  v.push_back({"indexer_wq_b", 2.0 * c.q_lora_rank * c.index_n_heads * c.index_head_dim});
+  v.push_back({"indexer_wk", 2.0 * h * c.index_head_dim});
+  v.push_back({"indexer_weights_proj", 2.0 * h * c.index_n_heads});
+  v.push_back({"q_absorb", 2.0 * H * c.qk_nope_head_dim * c.kv_lora_rank});
+  v.push_back({"v_up_proj", 2.0 * H * c.kv_lora_rank * c.v_head_dim});
+  if (c.o_proj) v.push_back({"o_proj", 2.0 * H * c.v_head_dim * h});
+  return v;
+}
+
+int64_t weight_count(const LayerConfig& c) {
+  const int64_t h = c.hidden_size, H = c.num_heads;
+  int64_t n = 0;
+  n += c.q_lora_rank * h + c.q_lora_rank;                                  // q_a_proj, q_a_layernorm
+  n += H * c.qk_head_dim() * c.q_lora_rank;                                // q_b_proj
+  n += c.latent_dim() * h + c.kv_lora_rank;                                // kv_a_proj_with_mqa, kv_a_layernorm
+  n += H * (c.qk_nope_head_dim + c.v_head_dim) * c.kv_lora_rank;          // kv_b_proj
+  n += h * H * c.v_head_dim;                                               // o_proj
+  n += c.index_n_heads * c.index_head_dim * c.q_lora_rank;                 // indexer.wq_b
+  n += c.index_head_dim * h + 2 * c.index_head_dim;                        // indexer.wk, k_norm
+  n += c.index_n_heads * h;                                                // indexer.weights_proj
+  return n;
+}
+
+double indexer_flops(const LayerConfig& c, double visible_keys) {
+  return 2.0 * c.index_n_heads * c.index_head_dim * visible_keys;
+}
+
+double sparse_attention_flops(const LayerConfig& c, double valid_indices) {
+  return 2.0 * c.num_heads * (c.latent_dim() + c.kv_lora_rank) * valid_indices;
+}
+
+}  // namespace dsa

@@ -1,0 +1,78 @@
+#include "cli_common.h"
+
+#include <fmt/format.h>
+
+#include "dsa/error.h"
+
+namespace dsa::cli {
+
+void add_config_options(CLI::App* app, ConfigOptions& o) {
+  app->add_option("--config", o.config_path, "Hugging Face config.json of the model (keys the layer does not use are ignored)");
+  app->add_option("--hidden-size", o.hidden_size, "model width (7168)");
+  app->add_option("--num-heads", o.num_heads, "attention heads on this rank, a multiple of 64 (128; 64 at TP=2)");
+  app->add_option("--q-lora-rank", o.q_lora_rank, "query latent width (1536)");
+  app->add_option("--kv-lora-rank", o.kv_lora_rank, "compressed KV latent width (512)");
+  app->add_option("--qk-nope-head-dim", o.qk_nope_head_dim, "non-rotary q/k width per head (128)");
+  app->add_option("--qk-rope-head-dim", o.qk_rope_head_dim, "rotary width (64)");
+  app->add_option("--v-head-dim", o.v_head_dim, "value width per head (128)");
+  app->add_option("--index-n-heads", o.index_n_heads, "indexer query heads (64)");
+  app->add_option("--index-head-dim", o.index_head_dim, "indexer head width (128)");
+  app->add_option("--topk", o.index_topk, "tokens each query attends to (2048)");
+  app->add_option("--tokens-per-block", o.tokens_per_block, "page size of both caches (64)");
+  app->add_option("--rope-theta", o.rope_theta, "RoPE base (10000)");
+  app->add_option("--rms-norm-eps", o.rms_norm_eps, "RMSNorm / LayerNorm epsilon (1e-6)");
+  app->add_option("--kv-cache-dtype", o.kv_cache_dtype, "latent cache format: bf16 (prefill and decode) or fp8 (decode only)");
+  app->add_flag("--no-hadamard", o.no_hadamard, "skip the indexer's Hadamard rotation (some engines drop it)");
+  app->add_flag("--o-proj", o.o_proj, "apply o_proj: output [T, hidden] instead of [T, H*v_head_dim]");
+}
+
+LayerConfig resolve_config(const ConfigOptions& o) {
+  LayerConfig c;
+  if (!o.config_path.empty()) c = load_config_json_file(o.config_path);
+  auto set = [](auto& dst, const auto& src) {
+    if (src) dst = *src;
+  };
+  set(c.hidden_size, o.hidden_size);
+  set(c.num_heads, o.num_heads);
+  set(c.q_lora_rank, o.q_lora_rank);
+  set(c.kv_lora_rank, o.kv_lora_rank);
+  set(c.qk_nope_head_dim, o.qk_nope_head_dim);
+  set(c.qk_rope_head_dim, o.qk_rope_head_dim);
+  set(c.v_head_dim, o.v_head_dim);
+  set(c.index_n_heads, o.index_n_heads);
+  set(c.index_head_dim, o.index_head_dim);
+  set(c.index_topk, o.index_topk);
+  set(c.tokens_per_block, o.tokens_per_block);
+  set(c.rope_theta, o.rope_theta);
+  set(c.rms_norm_eps, o.rms_norm_eps);
+  if (o.kv_cache_dtype) c.kv_cache_dtype = parse_latent_cache_dtype(*o.kv_cache_dtype);
+  if (o.no_hadamard) c.indexer_hadamard = false;
+  if (o.o_proj) c.o_proj = true;
+  validate(c);
+  return c;
+}
+
+void add_batch_options(CLI::App* app, BatchOptions& o, int64_t default_new) {
+  o.num_new = default_new;
+  app->add_option("--batch", o.batch, "requests in the step (all of the same shape)");
+  app->add_option("--cached", o.cached, "tokens already cached per request");
+  app->add_option("--new", o.num_new, "new tokens per request (decode: 1; speculative: 2..4)");
+  app->add_option("--requests", o.requests, "ragged batch as cached:new pairs, e.g. 0:4096,32768:1,1024:2 (overrides --batch/--cached/--new)");
+}
+
+std::vector<StepRequest> resolve_requests(const BatchOptions& o) {
+  if (!o.requests.empty()) return parse_request_list(o.requests);
+  return uniform_requests(o.batch, o.cached, o.num_new);
+}
+
+std::string human_bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024.0 && u < 4) {
+    b /= 1024.0;
+    ++u;
+  }
+  return u == 0 ? fmt::format("{:.0f} {}", b, units[u]) : fmt::format("{:.2f} {}", b, units[u]);
+}
+
+}  // namespace dsa::cli

@@ -1,0 +1,39 @@
+#pragma once
+// Options every subcommand shares: the layer configuration (defaults, then
+// --config file, then explicit flags) and the batch shape.
+#include <CLI/CLI.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "dsa/batch.h"
+#include "dsa/config.h"
+
+namespace dsa::cli {
+
+struct ConfigOptions {
+  std::string config_path;
+  std::optional<int64_t> hidden_size, num_heads, q_lora_rank, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
+      v_head_dim, index_n_heads, index_head_dim, index_topk, tokens_per_block;
+  std::optional<double> rope_theta, rms_norm_eps;
+  std::optional<std::string> kv_cache_dtype;
+  bool no_hadamard = false;
+  bool o_proj = false;
+};
+
+void add_config_options(CLI::App* app, ConfigOptions& o);
+// Defaults, then the file, then flags; validated. Throws ConfigError / FileError.
+LayerConfig resolve_config(const ConfigOptions& o);
+
+struct BatchOptions {
+  int64_t batch = 1;
+  int64_t cached = 0;
+  int64_t num_new = 0;     // 0: the subcommand's default
+  std::string requests;    // "c:n,c:n,..." ragged list; overrides batch/cached/new
+};
+void add_batch_options(CLI::App* app, BatchOptions& o, int64_t default_new);
+std::vector<StepRequest> resolve_requests(const BatchOptions& o);
+
+std::string human_bytes(double bytes);
+
+}  // namespace dsa::cli

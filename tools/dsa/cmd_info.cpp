@@ -1,0 +1,95 @@
+// dsa info: the configuration and what follows from it.
+#include <fmt/format.h>
+
+#include <memory>
+
+#include "cli_common.h"
+#include "commands.h"
+#include "dsa/config.h"
+#include "dsa/error.h"
+
+namespace dsa::cli {
+
+namespace {
+
+struct InfoOptions {
+  ConfigOptions cfg;
+  int64_t tokens = 0;        // cache bytes for this many tokens
+  double memory_gib = 0.0;   // tokens that fit in this much memory
+  int64_t num_layers = 1;
+};
+
+void run_info(const InfoOptions& o) {
+  const LayerConfig c = resolve_config(o.cfg);
+  fmt::print("DSA layer configuration{}\n", o.cfg.config_path.empty() ? " (DeepSeek-V3.2 defaults)" : fmt::format(" (from {})", o.cfg.config_path));
+  fmt::print("  hidden_size          {}\n", c.hidden_size);
+  fmt::print("  num_heads (H)        {}\n", c.num_heads);
+  fmt::print("  q_lora_rank          {}\n", c.q_lora_rank);
+  fmt::print("  kv_lora_rank         {}\n", c.kv_lora_rank);
+  fmt::print("  qk_nope_head_dim     {}\n", c.qk_nope_head_dim);
+  fmt::print("  qk_rope_head_dim     {}\n", c.qk_rope_head_dim);
+  fmt::print("  v_head_dim           {}\n", c.v_head_dim);
+  fmt::print("  index_n_heads        {}\n", c.index_n_heads);
+  fmt::print("  index_head_dim       {}\n", c.index_head_dim);
+  fmt::print("  index_topk           {}\n", c.index_topk);
+  fmt::print("  tokens_per_block     {}\n", c.tokens_per_block);
+  fmt::print("  rms_norm_eps         {:g}\n", c.rms_norm_eps);
+  fmt::print("  rope_theta           {:g}\n", c.rope_theta);
+  if (c.rope_scaling.type == "yarn") {
+    fmt::print("  rope_scaling         yarn: factor {:g}, original_max_position_embeddings {}, beta_fast {:g}, beta_slow {:g}, mscale {:g}, mscale_all_dim {:g}\n",
+               c.rope_scaling.factor, c.rope_scaling.original_max_position_embeddings, c.rope_scaling.beta_fast,
+               c.rope_scaling.beta_slow, c.rope_scaling.mscale, c.rope_scaling.mscale_all_dim);
+  } else {
+    fmt::print("  rope_scaling         none\n");
+  }
+  fmt::print("  kv_cache_dtype       {}\n", to_string(c.kv_cache_dtype));
+  fmt::print("  indexer Hadamard     {}\n", c.indexer_hadamard ? "on" : "off");
+  fmt::print("  o_proj               {}\n", c.o_proj ? "on" : "off");
+  fmt::print("  softmax_scale        {:.7f} (qk_head_dim^-0.5 * mscale^2, mscale {:.6f})\n", c.softmax_scale(), c.yarn_mscale());
+
+  const int64_t nw = weight_count(c);
+  fmt::print("\nWeights\n  {} elements, {} in bf16 ({} bytes)\n", nw, human_bytes(2.0 * nw), 2 * nw);
+
+  const int64_t lat = c.latent_cache_bytes_per_token(), idx = c.indexer_cache_bytes_per_token();
+  fmt::print("\nCaches (per layer)\n");
+  fmt::print("  latent cache         {} bytes per token, {} bytes per {}-token block ({})\n", lat, lat * c.tokens_per_block,
+             c.tokens_per_block, to_string(c.kv_cache_dtype));
+  fmt::print("  indexer K cache      {} bytes per token, {} bytes per {}-token block ({} fp8 vectors then {} fp32 scales)\n", idx,
+             c.indexer_cache_bytes_per_block(), c.tokens_per_block, c.tokens_per_block, c.tokens_per_block);
+  const int64_t per_block = (lat + idx) * c.tokens_per_block * o.num_layers;
+  fmt::print("  {:<20} {} bytes per block\n", fmt::format("both, {} layer{}", o.num_layers, o.num_layers == 1 ? "" : "s"), per_block);
+  if (o.tokens > 0) {
+    const int64_t blocks = (o.tokens + c.tokens_per_block - 1) / c.tokens_per_block;
+    fmt::print("  {} tokens need {} blocks = {} ({} bytes)\n", o.tokens, blocks, human_bytes(double(blocks) * per_block), blocks * per_block);
+  }
+  if (o.memory_gib > 0.0) {
+    const double bytes = o.memory_gib * 1024.0 * 1024.0 * 1024.0;
+    const int64_t blocks = static_cast<int64_t>(bytes / per_block);
+    fmt::print("  {:g} GiB holds {} blocks = {} tokens\n", o.memory_gib, blocks, blocks * c.tokens_per_block);
+  }
+
+  fmt::print("\nFLOPs per token (spec section 8)\n");
+  double total = 0.0;
+  for (const auto& s : projection_costs(c)) {
+    fmt::print("  {:<22} {:>14.4g}\n", s.name, s.flops_per_token);
+    total += s.flops_per_token;
+  }
+  fmt::print("  {:<22} {:>14.4g}\n", "projections, total", total);
+  fmt::print("  {:<22} {:>14.4g} per visible key\n", "indexer logits", indexer_flops(c, 1.0));
+  fmt::print("  {:<22} {:>14.4g} per selected key (x{} at full top-k = {:.4g})\n", "sparse attention", sparse_attention_flops(c, 1.0),
+             c.index_topk, sparse_attention_flops(c, double(c.index_topk)));
+}
+
+}  // namespace
+
+void register_info(CLI::App& app) {
+  auto o = std::make_shared<InfoOptions>();
+  CLI::App* sub = app.add_subcommand("info", "print the configuration, weight and cache sizes, FLOPs per token");
+  add_config_options(sub, o->cfg);
+  sub->add_option("--tokens", o->tokens, "also print the cache bytes this many tokens need");
+  sub->add_option("--memory-gib", o->memory_gib, "also print how many tokens fit in this much memory (GiB)");
+  sub->add_option("--num-layers", o->num_layers, "layers sharing the cache pool")->check(CLI::PositiveNumber);
+  sub->callback([o] { run_info(*o); });
+}
+
+}  // namespace dsa::cli
