@@ -46,8 +46,8 @@ void indexer_logits(const float* qi8, const float* w, int64_t T, int64_t HI, int
                     const int32_t* visible_end, int64_t max_s, float* logits);
 
 // Top-k per row of logits[T, S] over columns [0, visible_end[t]): positions of the
-// min(k, visible) largest, ties to the smaller position, sorted by descending logit
-// (then ascending position), padded with -1.
+// min(k, visible) largest, ties to the smaller position, listed in ascending
+// position order (deterministic, and the order the GPU emits), padded with -1.
 void topk(const float* logits, int64_t T, int64_t S, const int32_t* visible_end, int64_t k, int32_t* out);
 
 // ---- sparse MLA (spec 3.6) ------------------------------------------------

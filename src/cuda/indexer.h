@@ -1,0 +1,45 @@
+#pragma once
+// Lightning-indexer logits over the paged fp8 indexer K cache, and causal
+// top-k (spec 3.5). Logits are materialized: [T, logits_stride] fp32.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace dsa::cuda {
+
+struct IndexerLogitsParams {
+  const uint8_t* q_fp8 = nullptr;          // [T, HI, 128] float8_e4m3 (unscaled)
+  const float* weights = nullptr;          // [T, HI] fp32, folded: w * 64^-0.5 * q_scale * 128^-0.5
+  const uint8_t* k_cache = nullptr;        // [num_blocks, tokens_per_block * 132] one layer's indexer pool:
+                                           // per block tokens_per_block x 128 fp8, then tokens_per_block fp32 scales
+  const int32_t* block_table = nullptr;    // [R, max_blocks_per_request] int32
+  const int32_t* token_request = nullptr;  // [T] int32 request of each query token
+  const int32_t* visible_end = nullptr;    // [T] int32: keys at request-local positions [0, visible_end) are visible
+  float* logits = nullptr;                 // [T, logits_stride] fp32; -inf written at [visible_end, logits_stride)
+  int64_t T = 0;
+  int64_t logits_stride = 0;               // >= max visible_end
+  int64_t max_blocks_per_request = 0;
+  int num_heads = 64;                      // HI
+  int tokens_per_block = 64;
+  cudaStream_t stream = nullptr;
+};
+
+void indexer_logits(const IndexerLogitsParams& p);
+
+struct TopkParams {
+  const float* logits = nullptr;        // [T, logits_stride] fp32
+  const int32_t* visible_end = nullptr; // [T] int32: only columns [0, visible_end) are candidates
+  int32_t* out = nullptr;               // [T, k] int32 request-local positions of the min(k, visible) largest
+                                        // (ties to the smaller position), in ascending position order (a
+                                        // deterministic order for the attention's sum), then -1 padding
+  int64_t T = 0;
+  int64_t logits_stride = 0;
+  int k = 2048;
+  void* workspace = nullptr;            // topk_workspace_bytes(...) bytes, may be null if that is 0
+  cudaStream_t stream = nullptr;
+};
+
+size_t topk_workspace_bytes(int64_t T, int64_t logits_stride, int k);
+void topk(const TopkParams& p);
+
+}  // namespace dsa::cuda
