@@ -37,13 +37,15 @@ void hadamard128(float* x, int64_t vectors);
 // Quantizes each 128-vector to e4m3 with a ue8m0 scale (spec 3.5). q8 may be null.
 void quantize_fp8_blocks(const float* x, int64_t vectors, int64_t block, fp8_t* q8, float* scale);
 
-// I[t, s] for s in [0, visible_end[t]) (others -inf): kscale[s] * sum_h w[t,h] * relu(qi8[t,h] . ki8[s]).
-// qi: [T, HI, 128] dequantized-free fp8 values as float (no scale), w: [T, HI] (already folded with the q scale),
-// keys: [T, S] per token as request-local rows gathered by the caller: k[r][s] -> key of request-local position s.
-// Output logits: [T, max_s] with -inf past visible_end.
-void indexer_logits(const float* qi8, const float* w, int64_t T, int64_t HI, int64_t D,
-                    const float* const* keys8_per_token, const float* const* kscale_per_token,
-                    const int32_t* visible_end, int64_t max_s, float* logits);
+// Indexer logits over a paged indexer K cache, with the same inputs as the GPU
+// kernel (src/cuda/indexer.h): q_fp8 [T, HI, 128] e4m3 bytes, weights [T, HI]
+// folded fp32, k_cache one layer's indexer pool (per block: tokens_per_block x
+// 128 e4m3 bytes, then tokens_per_block fp32 scales), block_table [R, max_blocks],
+// token_request [T], visible_end [T]. Writes logits [T, logits_stride]:
+// I[t, s] = kscale[s] * sum_h w[t,h] * relu(q8[t,h] . k8[s]) for s < visible_end[t], -inf after.
+void indexer_logits(const fp8_t* q_fp8, const float* weights, const uint8_t* k_cache, const int32_t* block_table,
+                    const int32_t* token_request, const int32_t* visible_end, int64_t T, int64_t HI,
+                    int64_t max_blocks_per_request, int64_t tokens_per_block, int64_t logits_stride, float* logits);
 
 // Top-k per row of logits[T, S] over columns [0, visible_end[t]): positions of the
 // min(k, visible) largest, ties to the smaller position, listed in ascending
