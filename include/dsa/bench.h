@@ -1,0 +1,57 @@
+#pragma once
+// Benchmark results shared by the backends and the `dsa bench` front end.
+// Times are medians over CUDA events (GPU) or steady_clock (CPU reference)
+// after warm-up; FLOPs and bytes follow spec section 8.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dsa/batch.h"
+#include "dsa/config.h"
+
+namespace dsa {
+
+struct BenchOptions {
+  int warmup = 3;
+  int iters = 20;
+  std::string stage;      // empty: whole layer, per stage; else run only this stage (e.g. for ncu)
+  bool profile_once = false;  // run once, no warm-up (for ncu / compute-sanitizer)
+  bool cuda_graph = false;    // replay the step as a CUDA graph (decode)
+  uint64_t seed = 1;
+};
+
+struct StageResult {
+  std::string name;
+  double median_ms = 0, min_ms = 0, max_ms = 0;
+  double flops = 0;   // counted work, spec section 8
+  double bytes = 0;   // each input read once, each output written once
+};
+
+struct BenchResult {
+  std::string backend;  // "cuda" or "reference"
+  std::string device;   // GPU name or "CPU (N threads)"
+  LayerConfig config;
+  std::vector<StepRequest> requests;
+  int64_t num_tokens = 0;
+  std::vector<StageResult> stages;
+  double layer_ms = 0;           // whole step, measured as one region (not the sum of stages)
+  double peak_tflops = 0;        // measured ceilings used for the "% of peak" columns
+  double peak_gbps = 0;
+  std::vector<int64_t> output_shape;
+};
+
+// Rendering (src/core/report.cpp).
+std::string format_table(const BenchResult& r);
+std::string format_json(const BenchResult& r);
+std::string format_csv(const BenchResult& r, bool header = true);
+
+namespace ref {
+BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& requests, const BenchOptions& opt);
+}
+namespace cuda {
+BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& requests, const BenchOptions& opt);
+// Standalone sparse MLA sweep of issue 6 (s_kv x H), printed beside FlashMLA's published numbers.
+std::string sweep_sparse_mla(const BenchOptions& opt);
+}
+
+}  // namespace dsa
