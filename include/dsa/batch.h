@@ -22,7 +22,10 @@ struct BatchMetadata {
   int64_t num_requests = 0;
   int64_t num_tokens = 0;        // T, new tokens of all requests, concatenated (ragged)
   int64_t tokens_per_block = 64;
-  int64_t max_blocks_per_request = 0;
+  int64_t max_blocks_per_request = 0;   // max over requests of ceil(seq_len / tokens_per_block)
+  int64_t num_slots = 0;                // slots per layer in the cache (valid global slots: [0, num_slots))
+  int64_t index_head_dim = 128;         // bytes of one fp8 indexer vector
+  int64_t indexer_bytes_per_block = 8448;  // tokens_per_block * (index_head_dim + 4)
 
   std::vector<StepRequest> requests;     // [R]
   std::vector<int64_t> token_offsets;    // [R+1] first new token of request r in hidden
@@ -42,9 +45,18 @@ struct BatchMetadata {
 
   int64_t max_seq_len() const;
   int64_t total_visible_keys() const;  // sum over t of visible_end[t] (indexer cost model)
-  // Global slot of request-local position p of request r (asserts the block exists).
+  // Global slot of request-local position p of request r (r is the index in
+  // `requests`, not the id). Throws ShapeError when r or p is out of range.
   int64_t slot_of(int64_t r, int64_t p) const;
+  // Byte offsets of position p's indexer vector / scale in one layer's indexer pool.
+  int64_t indexer_k_offset_of(int64_t r, int64_t p) const;
+  int64_t indexer_scale_offset_of(int64_t r, int64_t p) const;
 };
+
+// Adds the step's requests the cache does not know yet and reserves
+// cached + num_new tokens for each, all-or-nothing over the whole step: on
+// CacheError the cache is exactly as before.
+void reserve_step(CacheManager& cache, const std::vector<StepRequest>& requests);
 
 // Builds the metadata of a step from the cache manager's block tables. Every
 // request must already hold room for cached + num_new tokens (see
