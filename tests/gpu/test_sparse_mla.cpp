@@ -1,0 +1,284 @@
+// Sparse MLA kernels (src/cuda/sparse_mla.h) against a float64 reference on
+// the same bf16-rounded inputs, spec 3.6 / 7: out rel L2 <= 1e-2 and cosine
+// distance <= 1e-5, |lse diff| <= 1e-3, row max likewise, rows with no valid
+// index exactly (0, +inf, -inf); outputs poisoned before each run; two runs
+// bitwise identical.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/sparse_mla.h"
+#include "dsa/cuda.h"
+#include "dsa/dtypes.h"
+
+namespace {
+
+#define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
+
+enum class Kernel { Simple, Sm90, Dispatch };
+
+struct Case {
+  int64_t T;
+  int H;
+  int topk;
+  int64_t num_slots;
+  bool with_valid_len;
+  Kernel kernel;
+  uint64_t seed;
+};
+
+template <typename T>
+struct DevBuf {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit DevBuf(size_t count) : n(count) {
+    if (cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
+  }
+  ~DevBuf() { cudaFree(p); }
+  size_t bytes() const { return n * sizeof(T); }
+};
+
+// Rows beyond num_slots exist in the allocation and hold NaN: an index that
+// points there is invalid and must never be read (a stray read turns into NaN).
+constexpr int64_t kNanRows = 16;
+constexpr float kScale = 0.1352338f;
+constexpr int64_t kQPeriod = 1024;
+
+struct Inputs {
+  std::vector<dsa::bf16_t> q, kv;
+  std::vector<int32_t> idx, vlen;
+};
+
+Inputs make_inputs(const Case& c) {
+  constexpr int D = 576;
+  std::mt19937_64 rng(c.seed);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  Inputs in;
+  // q repeats with period kQPeriod tokens: keeps host generation and the
+  // reference cheap at T > 65535 while every CTA still reads its own row.
+  in.q.resize(static_cast<size_t>(std::min<int64_t>(c.T, kQPeriod)) * c.H * D);
+  for (auto& v : in.q) v = dsa::float_to_bf16(nd(rng));
+  in.kv.resize(static_cast<size_t>(c.num_slots + kNanRows) * D);
+  for (int64_t i = 0; i < c.num_slots * D; ++i) in.kv[i] = dsa::float_to_bf16(nd(rng));
+  for (size_t i = static_cast<size_t>(c.num_slots) * D; i < in.kv.size(); ++i) in.kv[i] = 0x7fc0;  // NaN
+  in.idx.resize(static_cast<size_t>(c.T) * c.topk);
+  std::uniform_int_distribution<int64_t> slot(0, c.num_slots - 1);
+  std::uniform_int_distribution<int> kind(0, 99);
+  for (int64_t t = 0; t < c.T; ++t) {
+    // Every 7th row has nothing valid; the rest mix valid slots with -1,
+    // slots just past the end (NaN rows) and far past it.
+    const bool none_valid = t % 7 == 3;
+    for (int j = 0; j < c.topk; ++j) {
+      int32_t v;
+      const int k = kind(rng);
+      if (none_valid) {
+        v = k < 50 ? -1 : (k < 80 ? static_cast<int32_t>(c.num_slots + k % kNanRows) : std::numeric_limits<int32_t>::max());
+      } else if (k < 80) {
+        v = static_cast<int32_t>(slot(rng));
+      } else if (k < 90) {
+        v = -1;
+      } else if (k < 95) {
+        v = static_cast<int32_t>(c.num_slots + k % kNanRows);
+      } else {
+        v = k < 98 ? std::numeric_limits<int32_t>::max() : -7;
+      }
+      in.idx[t * c.topk + j] = v;
+    }
+    // A fully invalid 64-tile in the middle of some rows.
+    if (t % 5 == 1 && c.topk >= 128)
+      for (int j = 64; j < 128; ++j) in.idx[t * c.topk + j] = -1;
+  }
+  if (c.with_valid_len) {
+    in.vlen.resize(c.T);
+    std::uniform_int_distribution<int> vl(0, c.topk);
+    for (int64_t t = 0; t < c.T; ++t) {
+      const int r = kind(rng);
+      in.vlen[t] = r < 10 ? 0 : (r < 30 ? c.topk : (r < 35 ? c.topk + 100 : (r < 38 ? -5 : vl(rng))));
+    }
+  }
+  return in;
+}
+
+// Float64 reference for one (t, h) row on the bf16 inputs.
+void ref_row(const Case& c, const Inputs& in, int64_t t, int h, std::vector<double>& out, double& lse, double& rmax) {
+  constexpr int D = 576, DV = 512;
+  int n = c.topk;
+  if (c.with_valid_len) n = std::clamp(in.vlen[t], 0, c.topk);
+  const dsa::bf16_t* q = &in.q[(static_cast<size_t>(t % kQPeriod) * c.H + h) * D];
+  std::vector<double> s;
+  std::vector<int64_t> rows;
+  double m = -std::numeric_limits<double>::infinity();
+  for (int j = 0; j < n; ++j) {
+    const int32_t idx = in.idx[t * c.topk + j];
+    if (idx < 0 || idx >= c.num_slots) continue;
+    const dsa::bf16_t* k = &in.kv[static_cast<size_t>(idx) * D];
+    double dot = 0;
+    for (int d = 0; d < D; ++d) dot += static_cast<double>(dsa::bf16_to_float(q[d])) * dsa::bf16_to_float(k[d]);
+    s.push_back(dot * static_cast<double>(kScale));
+    rows.push_back(idx);
+    m = std::max(m, s.back());
+  }
+  out.assign(DV, 0.0);
+  if (s.empty()) {
+    lse = std::numeric_limits<double>::infinity();
+    rmax = -std::numeric_limits<double>::infinity();
+    return;
+  }
+  double l = 0;
+  for (size_t j = 0; j < s.size(); ++j) {
+    const double pj = std::exp(s[j] - m);
+    l += pj;
+    const dsa::bf16_t* v = &in.kv[static_cast<size_t>(rows[j]) * D];
+    for (int d = 0; d < DV; ++d) out[d] += pj * dsa::bf16_to_float(v[d]);
+  }
+  for (auto& o : out) o /= l;
+  lse = m + std::log(l);
+  rmax = m;
+}
+
+std::vector<int64_t> rows_to_check(int64_t T) {
+  std::vector<int64_t> r;
+  if (T <= 600) {
+    for (int64_t t = 0; t < T; ++t) r.push_back(t);
+    return r;
+  }
+  for (int64_t t = 0; t < 96; ++t) r.push_back(t);
+  for (int64_t t = std::max<int64_t>(96, 65536 - 48); t < std::min<int64_t>(T, 65536 + 48); ++t) r.push_back(t);
+  for (int64_t t = std::max<int64_t>(65536 + 48, T - 96); t < T; ++t) r.push_back(t);
+  std::mt19937_64 rng(T);
+  for (int i = 0; i < 200; ++i) r.push_back(static_cast<int64_t>(rng() % T));
+  std::sort(r.begin(), r.end());
+  r.erase(std::unique(r.begin(), r.end()), r.end());
+  return r;
+}
+
+void run_case(const Case& c) {
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  constexpr int D = 576, DV = 512;
+  const Inputs in = make_inputs(c);
+
+  DevBuf<__nv_bfloat16> dq(static_cast<size_t>(c.T) * c.H * D), dkv(in.kv.size()), dout(static_cast<size_t>(c.T) * c.H * DV);
+  DevBuf<int32_t> didx(in.idx.size()), dvl(std::max<size_t>(in.vlen.size(), 1));
+  DevBuf<float> dlse(static_cast<size_t>(c.T) * c.H), dmax(static_cast<size_t>(c.T) * c.H);
+  ASSERT_TRUE(dq.p && dkv.p && dout.p && didx.p && dvl.p && dlse.p && dmax.p) << "cudaMalloc failed";
+  CK(cudaMemcpy(dq.p, in.q.data(), in.q.size() * 2, cudaMemcpyHostToDevice));
+  for (size_t off = in.q.size(); off < dq.n; off += in.q.size())
+    CK(cudaMemcpy(dq.p + off, dq.p, std::min(in.q.size(), dq.n - off) * 2, cudaMemcpyDeviceToDevice));
+  CK(cudaMemcpy(dkv.p, in.kv.data(), dkv.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(didx.p, in.idx.data(), didx.bytes(), cudaMemcpyHostToDevice));
+  if (c.with_valid_len) CK(cudaMemcpy(dvl.p, in.vlen.data(), in.vlen.size() * 4, cudaMemcpyHostToDevice));
+
+  dsa::cuda::SparseMlaParams p;
+  p.q = dq.p;
+  p.kv = dkv.p;
+  p.indices = didx.p;
+  p.valid_len = c.with_valid_len ? dvl.p : nullptr;
+  p.out = dout.p;
+  p.lse = dlse.p;
+  p.row_max = dmax.p;
+  p.T = c.T;
+  p.num_slots = c.num_slots;
+  p.stride_q_t = static_cast<int64_t>(c.H) * D;
+  p.num_heads = c.H;
+  p.topk = c.topk;
+  p.softmax_scale = kScale;
+  if (c.kernel == Kernel::Sm90 && !dsa::cuda::sparse_mla_sm90_can_implement(p))
+    GTEST_SKIP() << "sm90 kernel does not take this shape on this device";
+
+  std::vector<uint16_t> out[2];
+  std::vector<float> lse[2], rmax[2];
+  for (int run = 0; run < 2; ++run) {
+    CK(cudaMemset(dout.p, 0xff, dout.bytes()));  // NaN poison
+    CK(cudaMemset(dlse.p, 0xff, dlse.bytes()));
+    CK(cudaMemset(dmax.p, 0xff, dmax.bytes()));
+    switch (c.kernel) {
+      case Kernel::Simple: dsa::cuda::sparse_mla_simple(p); break;
+      case Kernel::Sm90: dsa::cuda::sparse_mla_sm90(p); break;
+      case Kernel::Dispatch: dsa::cuda::sparse_mla(p); break;
+    }
+    CK(cudaDeviceSynchronize());
+    out[run].resize(dout.n);
+    lse[run].resize(dlse.n);
+    rmax[run].resize(dmax.n);
+    CK(cudaMemcpy(out[run].data(), dout.p, dout.bytes(), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(lse[run].data(), dlse.p, dlse.bytes(), cudaMemcpyDeviceToHost));
+    CK(cudaMemcpy(rmax[run].data(), dmax.p, dmax.bytes(), cudaMemcpyDeviceToHost));
+  }
+  EXPECT_EQ(0, std::memcmp(out[0].data(), out[1].data(), dout.bytes())) << "out differs between two runs";
+  EXPECT_EQ(0, std::memcmp(lse[0].data(), lse[1].data(), dlse.bytes())) << "lse differs between two runs";
+  EXPECT_EQ(0, std::memcmp(rmax[0].data(), rmax[1].data(), dmax.bytes())) << "row_max differs between two runs";
+
+  double err2 = 0, ref2 = 0, dot = 0, got2 = 0, worst_lse = 0, worst_max = 0;
+  int64_t bad_special = 0, nan_count = 0, checked_rows = 0, empty_rows = 0;
+  std::string first_bad;
+  std::vector<double> ro;
+  for (int64_t t : rows_to_check(c.T)) {
+    for (int h = 0; h < c.H; ++h) {
+      double rl, rm;
+      ref_row(c, in, t, h, ro, rl, rm);
+      ++checked_rows;
+      const size_t base = (static_cast<size_t>(t) * c.H + h) * DV;
+      const float gl = lse[0][t * c.H + h], gm = rmax[0][t * c.H + h];
+      if (std::isinf(rl)) {
+        ++empty_rows;
+        bool ok = std::isinf(gl) && gl > 0 && std::isinf(gm) && gm < 0;
+        for (int d = 0; d < DV; ++d) ok = ok && out[0][base + d] == 0;  // +0.0 exactly
+        if (!ok) {
+          ++bad_special;
+          if (first_bad.empty()) first_bad = "empty row t=" + std::to_string(t) + " h=" + std::to_string(h);
+        }
+        continue;
+      }
+      if (!std::isfinite(gl) || !std::isfinite(gm)) {
+        ++bad_special;
+        if (first_bad.empty()) first_bad = "non-finite lse/max at t=" + std::to_string(t) + " h=" + std::to_string(h);
+        continue;
+      }
+      worst_lse = std::max(worst_lse, std::abs(gl - rl));
+      worst_max = std::max(worst_max, std::abs(gm - rm));
+      for (int d = 0; d < DV; ++d) {
+        const double g = dsa::bf16_to_float(out[0][base + d]);
+        if (std::isnan(g)) ++nan_count;
+        err2 += (g - ro[d]) * (g - ro[d]);
+        ref2 += ro[d] * ro[d];
+        got2 += g * g;
+        dot += g * ro[d];
+      }
+    }
+  }
+  const double rel = std::sqrt(err2 / std::max(ref2, 1e-300));
+  const double cosd = 1.0 - dot / std::sqrt(std::max(ref2 * got2, 1e-300));
+  EXPECT_GT(checked_rows - empty_rows, 0) << "test would check no non-empty rows";
+  EXPECT_GT(empty_rows, 0) << "test would check no empty rows";
+  EXPECT_EQ(nan_count, 0);
+  EXPECT_EQ(bad_special, 0) << first_bad;
+  EXPECT_LE(rel, 1e-2) << "rel L2 error of out";
+  EXPECT_LE(cosd, 1e-5) << "cosine distance of out";
+  EXPECT_LE(worst_lse, 1e-3) << "max |lse - ref|";
+  EXPECT_LE(worst_max, 1e-3) << "max |row_max - ref|";
+  std::printf("  T=%lld H=%d topk=%d rows=%lld (empty %lld): rel %.3e cosd %.3e |dlse| %.3e |dmax| %.3e\n",
+              static_cast<long long>(c.T), c.H, c.topk, static_cast<long long>(checked_rows),
+              static_cast<long long>(empty_rows), rel, cosd, worst_lse, worst_max);
+}
+
+}  // namespace
+
+TEST(SparseMlaSimple, H64Topk128RaggedT) { run_case({77, 64, 128, 300, false, Kernel::Simple, 11}); }
+TEST(SparseMlaSimple, H128Topk256ValidLen) { run_case({45, 128, 256, 1000, true, Kernel::Simple, 12}); }
+TEST(SparseMlaSimple, H64TAbove65535) { run_case({65600, 64, 64, 2000, true, Kernel::Simple, 13}); }
+TEST(SparseMlaDispatch, H128Topk512) { run_case({70, 128, 512, 5000, true, Kernel::Dispatch, 14}); }
+
+TEST(SparseMlaSm90, H64Topk128RaggedT) { run_case({77, 64, 128, 300, false, Kernel::Sm90, 21}); }
+TEST(SparseMlaSm90, H128Topk256ValidLen) { run_case({45, 128, 256, 1000, true, Kernel::Sm90, 22}); }
+TEST(SparseMlaSm90, H64Topk64) { run_case({33, 64, 64, 100, true, Kernel::Sm90, 23}); }
+TEST(SparseMlaSm90, H128Topk2048) { run_case({20, 128, 2048, 20000, true, Kernel::Sm90, 24}); }
+TEST(SparseMlaSm90, H64TAbove65535) { run_case({65600, 64, 64, 2000, true, Kernel::Sm90, 25}); }
+TEST(SparseMlaSm90, H128TAbove65535) { run_case({65540, 128, 128, 3000, false, Kernel::Sm90, 26}); }
