@@ -13,7 +13,13 @@
 namespace dsa::ref {
 
 // ---- linear algebra -------------------------------------------------------
-// y[M, N] = x[M, K] @ w[N, K]^T, fp32 in, fp64 (or compensated fp32) accumulate.
+// C[M, N] (+)= A[M, K] @ op(B), op(B)[k][n] = b_trans ? B[n * ldb + k] : B[k * ldb + n].
+// fp32 products summed in fp32 over 256-long K slices, slices summed in fp64;
+// the summation order is fixed, so results do not depend on the thread count.
+// parallel: use OpenMP threads (ignored inside an enclosing parallel region).
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, bool b_trans, float* C,
+          int64_t ldc, bool accumulate = false, bool parallel = true);
+// y[M, N] = x[M, K] @ w[N, K]^T (gemm above).
 void linear(const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K);
 
 // ---- norms ----------------------------------------------------------------
