@@ -1,0 +1,581 @@
+// The layer's orchestration on the GPU: buffers, stage launches in spec
+// order, per-stage events and NVTX ranges, trace download.
+#include <cuda_bf16.h>
+#include <fmt/format.h>
+#include <nvtx3/nvToolsExt.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "check.cuh"
+#include "dsa/cuda.h"
+#include "dsa/cuda_layer.h"
+#include "dsa/error.h"
+#include "gemm.h"
+#include "indexer.h"
+#include "layer_kernels.h"
+#include "sparse_mla.h"
+
+namespace dsa::cuda {
+
+namespace {
+
+constexpr std::array<const char*, static_cast<size_t>(Stage::kCount)> kStageNames = {
+    "q_a_proj",      "kv_a_proj",      "norms",          "q_b_proj",  "rope",     "cache_append",
+    "indexer_q_proj", "indexer_k_proj", "indexer_weights_proj", "indexer_quant", "indexer_logits", "topk",
+    "q_absorb",      "sparse_mla",     "v_up_proj",      "o_proj"};
+
+// A GPU buffer that only grows; contents are not kept across growth.
+struct DevBuf {
+  void* p = nullptr;
+  size_t bytes = 0;
+  DevBuf() = default;
+  DevBuf(const DevBuf&) = delete;
+  DevBuf& operator=(const DevBuf&) = delete;
+  ~DevBuf() {
+    if (p) cudaFree(p);
+  }
+  void ensure(size_t n) {
+    n = std::max<size_t>(n, 16);
+    if (n <= bytes) return;
+    if (p) DSA_CUDA_CHECK(cudaFree(p));
+    p = nullptr;
+    bytes = 0;
+    const cudaError_t e = cudaMalloc(&p, n);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      p = nullptr;
+      throw CudaError(fmt::format("cudaMalloc of {} bytes for a layer buffer failed ({}); the step is too large for this GPU's "
+                                  "memory: use fewer tokens (--new, --batch) or a shorter context",
+                                  n, cudaGetErrorString(e)));
+    }
+    bytes = n;
+  }
+  template <class T>
+  T* as() const {
+    return static_cast<T*>(p);
+  }
+};
+
+template <class T>
+void upload(DevBuf& b, const std::vector<T>& v) {
+  b.ensure(v.size() * sizeof(T));
+  if (!v.empty()) DSA_CUDA_CHECK(cudaMemcpy(b.p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+template <class T>
+std::vector<T> download(const void* src, size_t n, cudaStream_t s) {
+  std::vector<T> v(n);
+  if (n) DSA_CUDA_CHECK(cudaMemcpyAsync(v.data(), src, n * sizeof(T), cudaMemcpyDeviceToHost, s));
+  DSA_CUDA_CHECK(cudaStreamSynchronize(s));
+  return v;
+}
+
+std::vector<float> widen(const std::vector<uint16_t>& v) {
+  std::vector<float> f(v.size());
+  for (size_t i = 0; i < v.size(); ++i) f[i] = ::dsa::bf16_to_float(v[i]);
+  return f;
+}
+
+// Columns [c0, c0 + n) of every row of a [rows, ld] bf16 matrix, as fp32.
+std::vector<float> bf16_cols(const void* src, int64_t rows, int64_t ld, int64_t c0, int64_t n, cudaStream_t s) {
+  const std::vector<uint16_t> all = download<uint16_t>(src, static_cast<size_t>(rows * ld), s);
+  std::vector<float> out(static_cast<size_t>(rows * n));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < n; ++c) out[r * n + c] = ::dsa::bf16_to_float(all[r * ld + c0 + c]);
+  return out;
+}
+
+}  // namespace
+
+const char* stage_name(Stage s) {
+  const int i = static_cast<int>(s);
+  return i >= 0 && i < static_cast<int>(Stage::kCount) ? kStageNames[i] : "?";
+}
+
+Stage parse_stage(const std::string& name) {
+  std::string all;
+  for (int i = 0; i < static_cast<int>(Stage::kCount); ++i) {
+    if (name == kStageNames[i]) return static_cast<Stage>(i);
+    all += (i ? ", " : "") + std::string(kStageNames[i]);
+  }
+  throw ConfigError(fmt::format("--stage '{}' is not a stage of the layer; use one of: {}", name, all));
+}
+
+std::vector<Stage> layer_stages(const LayerConfig& cfg) {
+  std::vector<Stage> v;
+  for (int i = 0; i < static_cast<int>(Stage::kCount); ++i) {
+    const Stage s = static_cast<Stage>(i);
+    if (s == Stage::o_proj && !cfg.o_proj) continue;
+    v.push_back(s);
+  }
+  return v;
+}
+
+std::vector<double> rope_inv_freq(const LayerConfig& cfg) {
+  const int64_t dim = cfg.qk_rope_head_dim;
+  std::vector<double> f(static_cast<size_t>(dim / 2));
+  for (int64_t i = 0; i < dim / 2; ++i) f[i] = 1.0 / std::pow(cfg.rope_theta, static_cast<double>(2 * i) / dim);
+  const RopeScaling& y = cfg.rope_scaling;
+  if (y.type != "yarn") return f;
+  const double two_pi = 2.0 * std::acos(-1.0);
+  auto corr_dim = [&](double r) {
+    return dim * std::log(static_cast<double>(y.original_max_position_embeddings) / (r * two_pi)) /
+           (2.0 * std::log(cfg.rope_theta));
+  };
+  const double low = std::max(std::floor(corr_dim(y.beta_fast)), 0.0);
+  const double high = std::min(std::ceil(corr_dim(y.beta_slow)), static_cast<double>(dim - 1));
+  const double span = high == low ? high - low + 0.001 : high - low;
+  for (int64_t i = 0; i < dim / 2; ++i) {
+    const double ramp = std::clamp((static_cast<double>(i) - low) / span, 0.0, 1.0);
+    f[i] = f[i] / y.factor * ramp + f[i] * (1.0 - ramp);
+  }
+  return f;
+}
+
+struct CudaLayer::Impl {
+  LayerConfig cfg;
+  Gemm gemm;
+  // Weights (bf16).
+  DevBuf w_q_a, w_q_a_norm, w_q_b, w_kv_a, w_kv_a_norm, w_kv_b, w_o, w_idx_q, w_idx_k, w_idx_kn_w, w_idx_kn_b, w_idx_w;
+  DevBuf inv_freq;
+  // Step metadata.
+  BatchMetadata md;
+  DeviceCacheView cache;
+  int64_t T = 0, logits_stride = 0;
+  DevBuf positions, token_request, visible_end, block_table, slot_mapping, k_off, k_scale_off, valid_len;
+  // Activations.
+  DevBuf hidden, qa, q_lat, kv, c_kv, k_pe, q, q_cat, qi, kx, wraw, qi8, q_scale, weights, logits, topk_local, topk_global,
+      topk_ws, attn_out, lse, row_max, v, out;
+  DevBuf dbg_q, dbg_k, dbg_k8, dbg_ks;
+  bool trace_mode = false;
+  const void* x = nullptr;  // hidden of the last enqueue
+  // Timing.
+  std::array<cudaEvent_t, 2 * static_cast<size_t>(Stage::kCount)> ev{};
+  cudaEvent_t ev_layer[2]{};
+  std::vector<Stage> timed;
+  bool have_times = false;
+
+  Impl(const LayerConfig& c) : cfg(c) {
+    for (auto& e : ev) DSA_CUDA_CHECK(cudaEventCreate(&e));
+    DSA_CUDA_CHECK(cudaEventCreate(&ev_layer[0]));
+    DSA_CUDA_CHECK(cudaEventCreate(&ev_layer[1]));
+  }
+  ~Impl() {
+    for (auto& e : ev) cudaEventDestroy(e);
+    cudaEventDestroy(ev_layer[0]);
+    cudaEventDestroy(ev_layer[1]);
+  }
+
+  int64_t H() const { return cfg.num_heads; }
+  int64_t HI() const { return cfg.index_n_heads; }
+  int64_t qk() const { return cfg.qk_head_dim(); }
+  int64_t lat() const { return cfg.latent_dim(); }
+
+  void launch(Stage s, cudaStream_t st);
+};
+
+void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
+  const LayerConfig& c = cfg;
+  const int64_t hid = c.hidden_size, ql = c.q_lora_rank, kvl = c.kv_lora_rank, rope = c.qk_rope_head_dim;
+  const int64_t nope = c.qk_nope_head_dim, vd = c.v_head_dim, DI = c.index_head_dim;
+  auto linear = [&](const void* xin, int64_t ldx, const DevBuf& w, void* y, int64_t N, int64_t K, GemmOut o) {
+    GemmParams g;
+    g.x = xin, g.ldx = ldx, g.w = w.p, g.ldw = K, g.w_is_nk = true, g.y = y, g.ldy = N, g.out = o;
+    g.M = T, g.N = N, g.K = K;
+    gemm.run(g, st);
+  };
+  switch (s) {
+    case Stage::q_a_proj:
+      linear(x, hid, w_q_a, qa.p, ql, hid, GemmOut::BF16);
+      break;
+    case Stage::kv_a_proj:
+      linear(x, hid, w_kv_a, kv.p, lat(), hid, GemmOut::BF16);
+      break;
+    case Stage::norms: {
+      NormsParams p;
+      p.qa = qa.as<__nv_bfloat16>(), p.wq = w_q_a_norm.as<__nv_bfloat16>(), p.q_lat = q_lat.as<__nv_bfloat16>();
+      p.kv = kv.as<__nv_bfloat16>(), p.wkv = w_kv_a_norm.as<__nv_bfloat16>(), p.c_kv = c_kv.as<__nv_bfloat16>();
+      p.T = T, p.ld_qa = ql, p.ld_kv = lat(), p.dq = static_cast<int>(ql), p.dkv = static_cast<int>(kvl);
+      p.eps = static_cast<float>(c.rms_norm_eps), p.stream = st;
+      rms_norms(p);
+      break;
+    }
+    case Stage::q_b_proj:
+      linear(q_lat.p, ql, w_q_b, q.p, H() * qk(), ql, GemmOut::BF16);
+      break;
+    case Stage::rope: {
+      MlaRopeParams p;
+      p.q = q.as<__nv_bfloat16>(), p.ld_q = H() * qk(), p.q_head_stride = qk(), p.q_rope_col = nope;
+      p.q_out = q_cat.as<__nv_bfloat16>(), p.ld_q_out = H() * lat(), p.q_out_head_stride = lat(), p.q_out_col = kvl;
+      p.kv = kv.as<__nv_bfloat16>(), p.ld_kv = lat(), p.k_rope_col = kvl, p.k_out = k_pe.as<__nv_bfloat16>();
+      p.positions = positions.as<int32_t>(), p.inv_freq = inv_freq.as<float>();
+      p.T = T, p.num_heads = static_cast<int>(H()), p.rope_dim = static_cast<int>(rope), p.stream = st;
+      mla_rope(p);
+      break;
+    }
+    case Stage::cache_append: {
+      CacheAppendParams p;
+      p.c_kv = c_kv.as<__nv_bfloat16>(), p.k_pe = k_pe.as<__nv_bfloat16>(), p.slot_mapping = slot_mapping.as<int64_t>();
+      p.latent_pool = cache.latent, p.T = T, p.num_slots = cache.num_slots(), p.dkv = static_cast<int>(kvl);
+      p.rope = static_cast<int>(rope), p.fp8 = cache.latent_dtype == LatentCacheDType::FP8, p.stream = st;
+      cache_append(p);
+      break;
+    }
+    case Stage::indexer_q_proj:
+      linear(q_lat.p, ql, w_idx_q, qi.p, HI() * DI, ql, GemmOut::BF16);
+      break;
+    case Stage::indexer_k_proj:
+      linear(x, hid, w_idx_k, kx.p, DI, hid, GemmOut::FP32);
+      break;
+    case Stage::indexer_weights_proj:
+      linear(x, hid, w_idx_w, wraw.p, HI(), hid, GemmOut::FP32);
+      break;
+    case Stage::indexer_quant: {
+      IndexerQuantParams p;
+      p.qi = qi.as<__nv_bfloat16>(), p.kx = kx.as<float>(), p.wraw = wraw.as<float>();
+      p.k_norm_w = w_idx_kn_w.as<__nv_bfloat16>(), p.k_norm_b = w_idx_kn_b.as<__nv_bfloat16>();
+      p.positions = positions.as<int32_t>(), p.inv_freq = inv_freq.as<float>();
+      p.q_fp8 = qi8.as<uint8_t>(), p.q_scale = q_scale.as<float>(), p.weights = weights.as<float>();
+      p.k_pool = cache.indexer, p.k_offset = k_off.as<int64_t>(), p.k_scale_offset = k_scale_off.as<int64_t>();
+      if (trace_mode && dbg_q.bytes >= static_cast<size_t>(T * HI() * DI * 4) && dbg_ks.bytes >= static_cast<size_t>(T * 4)) {
+        p.dbg_q = dbg_q.as<float>(), p.dbg_k = dbg_k.as<float>(), p.dbg_k_fp8 = dbg_k8.as<uint8_t>();
+        p.dbg_k_scale = dbg_ks.as<float>();
+      }
+      p.T = T, p.num_heads = static_cast<int>(HI()), p.rope_dim = static_cast<int>(rope), p.hadamard = c.indexer_hadamard;
+      p.eps = static_cast<float>(c.rms_norm_eps), p.stream = st;
+      indexer_quant(p);
+      break;
+    }
+    case Stage::indexer_logits: {
+      IndexerLogitsParams p;
+      p.q_fp8 = qi8.as<uint8_t>(), p.weights = weights.as<float>(), p.k_cache = cache.indexer;
+      p.block_table = block_table.as<int32_t>(), p.token_request = token_request.as<int32_t>();
+      p.visible_end = visible_end.as<int32_t>(), p.logits = logits.as<float>(), p.T = T, p.logits_stride = logits_stride;
+      p.max_blocks_per_request = md.max_blocks_per_request, p.num_heads = static_cast<int>(HI());
+      p.tokens_per_block = static_cast<int>(c.tokens_per_block), p.stream = st;
+      indexer_logits(p);
+      break;
+    }
+    case Stage::topk: {
+      TopkParams p;
+      p.logits = logits.as<float>(), p.visible_end = visible_end.as<int32_t>(), p.out = topk_local.as<int32_t>();
+      p.T = T, p.logits_stride = logits_stride, p.k = static_cast<int>(c.index_topk);
+      p.workspace = topk_ws.bytes > 16 ? topk_ws.p : nullptr, p.stream = st;
+      topk(p);
+      LocalToGlobalParams g;
+      g.local = topk_local.as<int32_t>(), g.global = topk_global.as<int32_t>(), g.block_table = block_table.as<int32_t>();
+      g.token_request = token_request.as<int32_t>(), g.visible_end = visible_end.as<int32_t>(), g.T = T;
+      g.max_blocks = md.max_blocks_per_request, g.k = static_cast<int>(c.index_topk);
+      g.tokens_per_block = static_cast<int>(c.tokens_per_block), g.stream = st;
+      local_to_global(g);
+      break;
+    }
+    case Stage::q_absorb: {
+      // q_abs[t,h] = q_nope[t,h] @ W_UK[h]: W_UK[h] is rows [h*(nope+v), h*(nope+v)+nope) of kv_b_proj, [nope, kvl].
+      GemmParams g;
+      g.x = q.p, g.ldx = H() * qk(), g.batch_stride_x = qk();
+      g.w = w_kv_b.p, g.ldw = kvl, g.batch_stride_w = (nope + vd) * kvl, g.w_is_nk = false;
+      g.y = q_cat.p, g.ldy = H() * lat(), g.batch_stride_y = lat(), g.out = GemmOut::BF16;
+      g.M = T, g.N = kvl, g.K = nope, g.batch = static_cast<int>(H());
+      gemm.run(g, st);
+      break;
+    }
+    case Stage::sparse_mla: {
+      SparseMlaParams p;
+      p.q = q_cat.as<__nv_bfloat16>(), p.kv = reinterpret_cast<const __nv_bfloat16*>(cache.latent);
+      p.indices = topk_global.as<int32_t>(), p.valid_len = valid_len.as<int32_t>();
+      p.out = attn_out.as<__nv_bfloat16>(), p.lse = lse.as<float>(), p.row_max = row_max.as<float>();
+      p.T = T, p.num_slots = cache.num_slots(), p.stride_q_t = H() * lat(), p.num_heads = static_cast<int>(H());
+      p.topk = static_cast<int>(c.index_topk), p.d_qk = static_cast<int>(lat()), p.d_v = static_cast<int>(kvl);
+      p.softmax_scale = static_cast<float>(c.softmax_scale()), p.stream = st;
+      sparse_mla(p);
+      break;
+    }
+    case Stage::v_up_proj: {
+      // v[t,h] = o[t,h] @ W_UV[h]^T: W_UV[h] is rows [h*(nope+v)+nope, (h+1)*(nope+v)) of kv_b_proj, [v, kvl].
+      GemmParams g;
+      g.x = attn_out.p, g.ldx = H() * kvl, g.batch_stride_x = kvl;
+      g.w = w_kv_b.as<uint16_t>() + nope * kvl, g.ldw = kvl, g.batch_stride_w = (nope + vd) * kvl, g.w_is_nk = true;
+      g.y = v.p, g.ldy = H() * vd, g.batch_stride_y = vd, g.out = GemmOut::BF16;
+      g.M = T, g.N = vd, g.K = kvl, g.batch = static_cast<int>(H());
+      gemm.run(g, st);
+      break;
+    }
+    case Stage::o_proj:
+      linear(v.p, H() * vd, w_o, out.p, hid, H() * vd, GemmOut::BF16);
+      break;
+    case Stage::kCount:
+      break;
+  }
+}
+
+CudaLayer::CudaLayer(const LayerConfig& cfg, const LayerWeights& w) {
+  validate(cfg);
+  const DeviceInfo dev = current_device();
+  validate_for_gpu(cfg, dev.sm_major, dev.sm_minor);
+  check_weights(cfg, w);
+  if (cfg.index_head_dim != 128) {
+    throw ConfigError(fmt::format("index_head_dim = {}: the CUDA indexer quantizes 128-wide vectors (one warp, one fp8 scale "
+                                  "each); use 128 (the DeepSeek-V3.2 value)",
+                                  cfg.index_head_dim));
+  }
+  if (cfg.qk_rope_head_dim > 64 || cfg.qk_rope_head_dim % 8 != 0) {
+    throw ConfigError(fmt::format("qk_rope_head_dim = {}: the CUDA RoPE kernels take a multiple of 8 up to 64; use 64",
+                                  cfg.qk_rope_head_dim));
+  }
+  if (cfg.kv_lora_rank % 128 != 0 || cfg.q_lora_rank % 8 != 0 || cfg.hidden_size % 8 != 0) {
+    throw ConfigError(fmt::format("kv_lora_rank = {}, q_lora_rank = {}, hidden_size = {}: the CUDA kernels need kv_lora_rank a "
+                                  "multiple of 128 and the others multiples of 8",
+                                  cfg.kv_lora_rank, cfg.q_lora_rank, cfg.hidden_size));
+  }
+  impl_ = std::make_unique<Impl>(cfg);
+  Impl& m = *impl_;
+  upload(m.w_q_a, w.q_a_proj);
+  upload(m.w_q_a_norm, w.q_a_layernorm);
+  upload(m.w_q_b, w.q_b_proj);
+  upload(m.w_kv_a, w.kv_a_proj_with_mqa);
+  upload(m.w_kv_a_norm, w.kv_a_layernorm);
+  upload(m.w_kv_b, w.kv_b_proj);
+  upload(m.w_o, w.o_proj);
+  upload(m.w_idx_q, w.idx_wq_b);
+  upload(m.w_idx_k, w.idx_wk);
+  upload(m.w_idx_kn_w, w.idx_k_norm_weight);
+  upload(m.w_idx_kn_b, w.idx_k_norm_bias);
+  upload(m.w_idx_w, w.idx_weights_proj);
+  const std::vector<double> f64 = rope_inv_freq(cfg);
+  std::vector<float> f32(f64.begin(), f64.end());
+  upload(m.inv_freq, f32);
+}
+
+CudaLayer::~CudaLayer() = default;
+
+const LayerConfig& CudaLayer::config() const { return impl_->cfg; }
+
+void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, const DeviceCacheView& cache) {
+  Impl& m = *impl_;
+  const LayerConfig& c = m.cfg;
+  if (md.tokens_per_block != c.tokens_per_block || cache.tokens_per_block != c.tokens_per_block) {
+    throw ShapeError(fmt::format("tokens_per_block differs: layer {}, batch metadata {}, cache {}; build the cache and the "
+                                 "metadata from the same configuration",
+                                 c.tokens_per_block, md.tokens_per_block, cache.tokens_per_block));
+  }
+  if (cache.latent_dtype != c.kv_cache_dtype) {
+    throw ShapeError(fmt::format("the latent cache holds {} but the layer is configured for {}; build the cache with "
+                                 "CacheConfig::for_layer(cfg)",
+                                 to_string(cache.latent_dtype), to_string(c.kv_cache_dtype)));
+  }
+  if (cache.latent_dtype != LatentCacheDType::BF16) {
+    throw ShapeError("the CUDA sparse attention reads the bf16 latent cache only (the fp8 656-byte form is written by "
+                     "cache_append but has no sparse decode kernel yet); use --kv-cache-dtype bf16");
+  }
+  if (!cache.latent || !cache.indexer) throw ShapeError("the device cache view has no pools; pass device_view(cache, layer)");
+  if (md.num_slots != cache.num_slots()) {
+    throw ShapeError(fmt::format("batch metadata was built for {} slots but the cache has {}; build both from the same cache",
+                                 md.num_slots, cache.num_slots()));
+  }
+  if (md.index_head_dim != c.index_head_dim) {
+    throw ShapeError(fmt::format("batch metadata has index_head_dim {} but the layer {}", md.index_head_dim, c.index_head_dim));
+  }
+  check_positions(md, position_ids, md.num_tokens);
+  for (int64_t t = 0; t < md.num_tokens; ++t) {
+    if (md.slot_mapping[t] < 0 || md.slot_mapping[t] >= cache.num_slots()) {
+      throw ShapeError(fmt::format("token {} maps to slot {} outside the cache's {} slots; rebuild the metadata from this cache", t,
+                                   md.slot_mapping[t], cache.num_slots()));
+    }
+  }
+  for (int32_t b : md.block_table) {
+    if (b >= cache.num_blocks) {
+      throw ShapeError(fmt::format("block table entry {} is outside the cache's {} blocks; rebuild the metadata from this cache",
+                                   b, cache.num_blocks));
+    }
+  }
+  m.md = md;
+  m.cache = cache;
+  const int64_t T = md.num_tokens;
+  m.T = T;
+  const int64_t max_vis = std::max<int64_t>(1, md.max_seq_len());
+  m.logits_stride = (max_vis + 7) / 8 * 8;  // 32-byte rows for vector stores
+  const int64_t H = c.num_heads, HI = c.index_n_heads, DI = c.index_head_dim, k = c.index_topk;
+  upload(m.positions, md.positions);
+  upload(m.token_request, md.token_request);
+  upload(m.visible_end, md.visible_end);
+  upload(m.block_table, md.block_table);
+  upload(m.slot_mapping, md.slot_mapping);
+  upload(m.k_off, md.indexer_k_offset);
+  upload(m.k_scale_off, md.indexer_scale_offset);
+  std::vector<int32_t> vl(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) vl[t] = static_cast<int32_t>(std::min<int64_t>(k, md.visible_end[t]));
+  upload(m.valid_len, vl);
+
+  const size_t bf = 2, f4 = 4;
+  m.qa.ensure(T * c.q_lora_rank * bf);
+  m.q_lat.ensure(T * c.q_lora_rank * bf);
+  m.kv.ensure(T * c.latent_dim() * bf);
+  m.c_kv.ensure(T * c.kv_lora_rank * bf);
+  m.k_pe.ensure(T * c.qk_rope_head_dim * bf);
+  m.q.ensure(T * H * c.qk_head_dim() * bf);
+  m.q_cat.ensure(T * H * c.latent_dim() * bf);
+  m.qi.ensure(T * HI * DI * bf);
+  m.kx.ensure(T * DI * f4);
+  m.wraw.ensure(T * HI * f4);
+  m.qi8.ensure(T * HI * DI);
+  m.q_scale.ensure(T * HI * f4);
+  m.weights.ensure(T * HI * f4);
+  m.logits.ensure(static_cast<size_t>(T) * m.logits_stride * f4);
+  m.topk_local.ensure(T * k * f4);
+  m.topk_global.ensure(T * k * f4);
+  m.topk_ws.ensure(topk_workspace_bytes(T, m.logits_stride, static_cast<int>(k)));
+  m.attn_out.ensure(T * H * c.kv_lora_rank * bf);
+  m.lse.ensure(T * H * f4);
+  m.row_max.ensure(T * H * f4);
+  m.v.ensure(T * H * c.v_head_dim * bf);
+  if (c.o_proj) m.out.ensure(T * c.hidden_size * bf);
+  if (m.trace_mode) {
+    m.dbg_q.ensure(T * HI * DI * f4);
+    m.dbg_k.ensure(T * DI * f4);
+    m.dbg_k8.ensure(T * DI);
+    m.dbg_ks.ensure(T * f4);
+  }
+}
+
+void CudaLayer::enqueue(const void* hidden_device, CUstream_st* stream, bool timing) {
+  Impl& m = *impl_;
+  m.x = hidden_device;
+  const std::vector<Stage> stages = layer_stages(m.cfg);
+  if (timing) DSA_CUDA_CHECK(cudaEventRecord(m.ev_layer[0], stream));
+  for (Stage s : stages) {
+    nvtxRangePushA(stage_name(s));
+    const size_t i = static_cast<size_t>(s);
+    if (timing) DSA_CUDA_CHECK(cudaEventRecord(m.ev[2 * i], stream));
+    m.launch(s, stream);
+    if (timing) DSA_CUDA_CHECK(cudaEventRecord(m.ev[2 * i + 1], stream));
+    nvtxRangePop();
+  }
+  if (timing) {
+    DSA_CUDA_CHECK(cudaEventRecord(m.ev_layer[1], stream));
+    m.timed = stages;
+    m.have_times = true;
+  }
+}
+
+void CudaLayer::run_stage(Stage s, CUstream_st* stream) {
+  Impl& m = *impl_;
+  if (!m.x) throw Error("run_stage: enqueue one whole step first so that every stage has its inputs");
+  if (s == Stage::o_proj && !m.cfg.o_proj) {
+    throw ConfigError("--stage o_proj needs the o_proj projection switched on (--o-proj)");
+  }
+  nvtxRangePushA(stage_name(s));
+  m.launch(s, stream);
+  nvtxRangePop();
+}
+
+std::vector<StageTime> CudaLayer::stage_times() const {
+  const Impl& m = *impl_;
+  if (!m.have_times) throw Error("stage_times: no timed enqueue has run; call enqueue(..., timing = true) first");
+  DSA_CUDA_CHECK(cudaEventSynchronize(m.ev_layer[1]));
+  std::vector<StageTime> v;
+  for (Stage s : m.timed) {
+    const size_t i = static_cast<size_t>(s);
+    StageTime st{s, 0.f};
+    DSA_CUDA_CHECK(cudaEventElapsedTime(&st.ms, m.ev[2 * i], m.ev[2 * i + 1]));
+    v.push_back(st);
+  }
+  return v;
+}
+
+float CudaLayer::last_layer_ms() const {
+  const Impl& m = *impl_;
+  if (!m.have_times) throw Error("last_layer_ms: no timed enqueue has run");
+  DSA_CUDA_CHECK(cudaEventSynchronize(m.ev_layer[1]));
+  float ms = 0;
+  DSA_CUDA_CHECK(cudaEventElapsedTime(&ms, m.ev_layer[0], m.ev_layer[1]));
+  return ms;
+}
+
+void CudaLayer::set_trace_mode(bool on) { impl_->trace_mode = on; }
+
+const void* CudaLayer::output_device() const { return impl_->cfg.o_proj ? impl_->out.p : impl_->v.p; }
+
+std::vector<int64_t> CudaLayer::output_shape() const {
+  const LayerConfig& c = impl_->cfg;
+  return {impl_->T, c.o_proj ? c.hidden_size : c.num_heads * c.v_head_dim};
+}
+
+void* CudaLayer::hidden_buffer(int64_t tokens) {
+  impl_->hidden.ensure(static_cast<size_t>(tokens * impl_->cfg.hidden_size) * 2);
+  return impl_->hidden.p;
+}
+
+std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const int32_t* position_ids, const BatchMetadata& md,
+                                       const DeviceCacheView& cache, CUstream_st* stream, LayerTrace* trace,
+                                       const TraceOptions& topt) {
+  Impl& m = *impl_;
+  const int64_t T = md.num_tokens;
+  if (static_cast<int64_t>(hidden.size()) != T * m.cfg.hidden_size) {
+    throw ShapeError(fmt::format("hidden has {} values but the step has {} tokens x hidden_size {} = {}", hidden.size(), T,
+                                 m.cfg.hidden_size, T * m.cfg.hidden_size));
+  }
+  const bool old_mode = m.trace_mode;
+  m.trace_mode = trace != nullptr && topt.intermediates;
+  try {
+    prepare(md, position_ids, cache);
+    void* x = hidden_buffer(T);
+    if (T) DSA_CUDA_CHECK(cudaMemcpyAsync(x, hidden.data(), hidden.size() * 2, cudaMemcpyHostToDevice, stream));
+    enqueue(x, stream, false);
+    const std::vector<int64_t> shape = output_shape();
+    std::vector<bf16_t> out = download<uint16_t>(output_device(), static_cast<size_t>(shape[0] * shape[1]), stream);
+    if (trace) download_trace(*trace, topt, stream);
+    m.trace_mode = old_mode;
+    return out;
+  } catch (...) {
+    m.trace_mode = old_mode;
+    throw;
+  }
+}
+
+void CudaLayer::download_trace(LayerTrace& tr, const TraceOptions& opt, CUstream_st* stream) const {
+  const Impl& m = *impl_;
+  const LayerConfig& c = m.cfg;
+  const int64_t T = m.T, H = c.num_heads, HI = c.index_n_heads, DI = c.index_head_dim, k = c.index_topk;
+  tr = LayerTrace{};
+  const std::vector<int64_t> shape = output_shape();
+  tr.output = widen(download<uint16_t>(output_device(), static_cast<size_t>(shape[0] * shape[1]), stream));
+  if (!opt.intermediates) return;
+  tr.q_lat = widen(download<uint16_t>(m.q_lat.p, T * c.q_lora_rank, stream));
+  tr.c_kv = widen(download<uint16_t>(m.c_kv.p, T * c.kv_lora_rank, stream));
+  tr.k_pe = widen(download<uint16_t>(m.k_pe.p, T * c.qk_rope_head_dim, stream));
+  tr.q_nope = bf16_cols(m.q.p, T * H, c.qk_head_dim(), 0, c.qk_nope_head_dim, stream);
+  tr.q_pe = bf16_cols(m.q_cat.p, T * H, c.latent_dim(), c.kv_lora_rank, c.qk_rope_head_dim, stream);
+  tr.q_cat = widen(download<uint16_t>(m.q_cat.p, T * H * c.latent_dim(), stream));
+  if (m.trace_mode) {
+    tr.idx_q = download<float>(m.dbg_q.p, T * HI * DI, stream);
+    tr.idx_k = download<float>(m.dbg_k.p, T * DI, stream);
+    const std::vector<uint8_t> k8 = download<uint8_t>(m.dbg_k8.p, T * DI, stream);
+    tr.idx_k_fp8.resize(k8.size());
+    for (size_t i = 0; i < k8.size(); ++i) tr.idx_k_fp8[i] = fp8_e4m3_to_float(k8[i]);
+    tr.idx_k_scale = download<float>(m.dbg_ks.p, T, stream);
+  }
+  const std::vector<uint8_t> q8 = download<uint8_t>(m.qi8.p, T * HI * DI, stream);
+  tr.idx_q_fp8.resize(q8.size());
+  for (size_t i = 0; i < q8.size(); ++i) tr.idx_q_fp8[i] = fp8_e4m3_to_float(q8[i]);
+  tr.idx_q_scale = download<float>(m.q_scale.p, T * HI, stream);
+  tr.idx_weights = download<float>(m.weights.p, T * HI, stream);
+  if (opt.logits) {
+    const int64_t S = m.md.max_seq_len();
+    const std::vector<float> all = download<float>(m.logits.p, static_cast<size_t>(T) * m.logits_stride, stream);
+    tr.idx_logits.assign(static_cast<size_t>(T * S), -std::numeric_limits<float>::infinity());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t s = 0; s < m.md.visible_end[t]; ++s) tr.idx_logits[t * S + s] = all[t * m.logits_stride + s];
+  }
+  tr.topk_local = download<int32_t>(m.topk_local.p, T * k, stream);
+  tr.topk_global = download<int32_t>(m.topk_global.p, T * k, stream);
+  tr.attn_out = widen(download<uint16_t>(m.attn_out.p, T * H * c.kv_lora_rank, stream));
+  tr.attn_lse = download<float>(m.lse.p, T * H, stream);
+  tr.attn_max = download<float>(m.row_max.p, T * H, stream);
+}
+
+}  // namespace dsa::cuda

@@ -1,0 +1,336 @@
+// Elementwise stages of the layer. Rounding points: docs/numerics.md.
+#include <cuda_fp8.h>
+#include <fmt/format.h>
+
+#include <cmath>
+
+#include "check.cuh"
+#include "dsa/error.h"
+#include "layer_kernels.h"
+
+namespace dsa::cuda {
+
+namespace {
+
+constexpr unsigned kFull = 0xffffffffu;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(kFull, v, m);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, m));
+  return v;
+}
+
+// Same arithmetic as dsa::ue8m0_scale on the host: one IEEE fp32 division,
+// then the exponent, so both sides pick the same power of two.
+__device__ __forceinline__ float ue8m0(float amax) {
+  const float x = fmaxf(amax, 1e-4f) / 448.0f;
+  int e;
+  const float m = frexpf(x, &e);
+  return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
+}
+
+__device__ __forceinline__ uint8_t to_e4m3(float v) {
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
+}
+
+// Fixed-order block reduction (deterministic); blockDim.x a multiple of 32, <= 1024.
+__device__ float block_sum(float v, float* sh) {
+  v = warp_sum(v);
+  const int w = threadIdx.x / 32, l = threadIdx.x % 32;
+  if (l == 0) sh[w] = v;
+  __syncthreads();
+  if (w == 0) {
+    float r = l < static_cast<int>(blockDim.x / 32) ? sh[l] : 0.0f;
+    r = warp_sum(r);
+    if (l == 0) sh[32] = r;
+  }
+  __syncthreads();
+  return sh[32];
+}
+
+// ---- norms ------------------------------------------------------------------
+constexpr int kNormThreads = 256;
+
+__global__ void __launch_bounds__(kNormThreads) rms_norms_kernel(NormsParams p) {
+  __shared__ float sh[33];
+  const int64_t t = blockIdx.x;
+  const bool is_q = blockIdx.y == 0;
+  const int D = is_q ? p.dq : p.dkv;
+  const __nv_bfloat16* x = is_q ? p.qa + t * p.ld_qa : p.kv + t * p.ld_kv;
+  const __nv_bfloat16* w = is_q ? p.wq : p.wkv;
+  __nv_bfloat16* y = is_q ? p.q_lat + t * p.dq : p.c_kv + t * p.dkv;
+  const int chunks = D / 8;
+  float ss = 0.0f;
+  for (int c = threadIdx.x; c < chunks; c += kNormThreads) {
+    const uint4 u = reinterpret_cast<const uint4*>(x)[c];
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(h[j]);
+      ss += f.x * f.x + f.y * f.y;
+    }
+  }
+  ss = block_sum(ss, sh);
+  const float inv = 1.0f / sqrtf(ss / static_cast<float>(D) + p.eps);
+  for (int c = threadIdx.x; c < chunks; c += kNormThreads) {
+    const uint4 u = reinterpret_cast<const uint4*>(x)[c];
+    const uint4 wu = reinterpret_cast<const uint4*>(w)[c];
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wu);
+    uint4 o;
+    __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = __bfloat1622float2(h[j]);
+      const float2 g = __bfloat1622float2(wh[j]);
+      oh[j] = __floats2bfloat162_rn(f.x * inv * g.x, f.y * inv * g.y);
+    }
+    reinterpret_cast<uint4*>(y)[c] = o;
+  }
+}
+
+// ---- MLA RoPE -----------------------------------------------------------------
+__global__ void mla_rope_kernel(MlaRopeParams p) {
+  const int64_t t = blockIdx.x;
+  const int i = threadIdx.x;  // pair index
+  if (i >= p.rope_dim / 2) return;
+  // Angle from the fp32 product float(p) * f_i' (docs/numerics.md).
+  const float ang = static_cast<float>(p.positions[t]) * p.inv_freq[i];
+  float s, c;
+  sincosf(ang, &s, &c);
+  for (int h = threadIdx.y; h < p.num_heads; h += blockDim.y) {
+    const __nv_bfloat162 v =
+        *reinterpret_cast<const __nv_bfloat162*>(p.q + t * p.ld_q + h * p.q_head_stride + p.q_rope_col + 2 * i);
+    const float2 f = __bfloat1622float2(v);
+    *reinterpret_cast<__nv_bfloat162*>(p.q_out + t * p.ld_q_out + h * p.q_out_head_stride + p.q_out_col + 2 * i) =
+        __floats2bfloat162_rn(f.x * c - f.y * s, f.x * s + f.y * c);
+  }
+  if (threadIdx.y == 0) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.kv + t * p.ld_kv + p.k_rope_col + 2 * i));
+    *reinterpret_cast<__nv_bfloat162*>(p.k_out + t * p.rope_dim + 2 * i) =
+        __floats2bfloat162_rn(f.x * c - f.y * s, f.x * s + f.y * c);
+  }
+}
+
+// ---- latent cache append ------------------------------------------------------
+__global__ void cache_append_bf16_kernel(CacheAppendParams p) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = p.slot_mapping[t];
+  if (slot < 0 || slot >= p.num_slots) return;  // validated on the host; never write out of the pool
+  const int row_bytes = 2 * (p.dkv + p.rope);
+  uint4* dst = reinterpret_cast<uint4*>(p.latent_pool + slot * row_bytes);
+  const int nk = p.dkv / 8, nr = p.rope / 8;
+  for (int c = threadIdx.x; c < nk + nr; c += blockDim.x) {
+    dst[c] = c < nk ? reinterpret_cast<const uint4*>(p.c_kv + t * p.dkv)[c]
+                    : reinterpret_cast<const uint4*>(p.k_pe + t * p.rope)[c - nk];
+  }
+}
+
+// One warp per 128-value group of c_kv; the rope part stays bf16.
+__global__ void cache_append_fp8_kernel(CacheAppendParams p) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = p.slot_mapping[t];
+  if (slot < 0 || slot >= p.num_slots) return;
+  const int groups = p.dkv / 128;
+  uint8_t* dst = p.latent_pool + slot * (p.dkv + 4 * groups + 2 * p.rope);  // 656 bytes at V3.2 sizes
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int g = warp; g < groups; g += blockDim.x / 32) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p.c_kv + t * p.dkv + g * 128 + 4 * lane);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    const float amax = warp_max(fmaxf(fmaxf(fabsf(a.x), fabsf(a.y)), fmaxf(fabsf(b.x), fabsf(b.y))));
+    const float s = ue8m0(amax);
+    const uint32_t q = to_e4m3(a.x / s) | (to_e4m3(a.y / s) << 8) | (to_e4m3(b.x / s) << 16) |
+                       (static_cast<uint32_t>(to_e4m3(b.y / s)) << 24);
+    *reinterpret_cast<uint32_t*>(dst + g * 128 + 4 * lane) = q;
+    if (lane == 0) reinterpret_cast<float*>(dst + p.dkv)[g] = s;
+  }
+  uint32_t* rope_dst = reinterpret_cast<uint32_t*>(dst + p.dkv + 4 * groups);
+  const uint32_t* rope_src = reinterpret_cast<const uint32_t*>(p.k_pe + t * p.rope);
+  for (int c = threadIdx.x; c < p.rope / 2; c += blockDim.x) rope_dst[c] = rope_src[c];
+}
+
+// ---- indexer RoPE + Hadamard + fp8 --------------------------------------------
+constexpr int kQuantWarps = 8;
+
+struct FoldConsts {
+  float inv_sqrt_hi, inv_sqrt_di;
+};
+
+__global__ void __launch_bounds__(kQuantWarps * 32) indexer_quant_kernel(IndexerQuantParams p, FoldConsts fc) {
+  const int64_t t = blockIdx.x;
+  const int warp = blockIdx.y * kQuantWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (warp > p.num_heads) return;
+  const bool is_k = warp == p.num_heads;
+  const int HI = p.num_heads;
+  float v[4];
+  if (!is_k) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p.qi + (t * HI + warp) * 128 + 4 * lane);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
+    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+  } else {
+    const float4 f = *reinterpret_cast<const float4*>(p.kx + t * 128 + 4 * lane);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+    // LayerNorm in fp32 (two passes: mean, then centred variance).
+    const float mean = warp_sum(v[0] + v[1] + v[2] + v[3]) / 128.0f;
+    float d2 = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) d2 += (v[j] - mean) * (v[j] - mean);
+    const float var = warp_sum(d2) / 128.0f;
+    const float inv = 1.0f / sqrtf(var + p.eps);
+    const uint2 wu = *reinterpret_cast<const uint2*>(p.k_norm_w + 4 * lane);
+    const uint2 bu = *reinterpret_cast<const uint2*>(p.k_norm_b + 4 * lane);
+    const __nv_bfloat16* w = reinterpret_cast<const __nv_bfloat16*>(&wu);
+    const __nv_bfloat16* b = reinterpret_cast<const __nv_bfloat16*>(&bu);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = (v[j] - mean) * inv * __bfloat162float(w[j]) + __bfloat162float(b[j]);
+  }
+
+  // Half-split RoPE on dims [0, rope_dim): pairs (i, i + half).
+  {
+    const int half = p.rope_dim / 2, lanes_half = half / 4;
+    const float pos = static_cast<float>(p.positions[t]);
+    const bool lower = lane < lanes_half, upper = lane >= lanes_half && lane < 2 * lanes_half;
+    const int src = lower ? lane + lanes_half : (upper ? lane - lanes_half : lane);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float other = __shfl_sync(kFull, v[j], src);
+      if (lower || upper) {
+        const int i = 4 * (lower ? lane : lane - lanes_half) + j;
+        float s, c;
+        sincosf(pos * p.inv_freq[i], &s, &c);
+        v[j] = lower ? v[j] * c - other * s : v[j] * c + other * s;
+      }
+    }
+  }
+
+  if (p.hadamard) {
+    // Sylvester-ordered fast Walsh-Hadamard transform: element e = 4 * lane + j;
+    // bits 0-1 of e live in j, bits 2-6 in the lane.
+    float a0 = v[0] + v[1], a1 = v[0] - v[1], a2 = v[2] + v[3], a3 = v[2] - v[3];
+    v[0] = a0 + a2, v[1] = a1 + a3, v[2] = a0 - a2, v[3] = a1 - a3;
+#pragma unroll
+    for (int m = 1; m < 32; m <<= 1) {
+      const bool hi = lane & m;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float o = __shfl_xor_sync(kFull, v[j], m);
+        v[j] = hi ? o - v[j] : v[j] + o;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] *= fc.inv_sqrt_di;
+  }
+
+  const float amax = warp_max(fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
+  const float s = ue8m0(amax);
+  const uint32_t q = to_e4m3(v[0] / s) | (to_e4m3(v[1] / s) << 8) | (to_e4m3(v[2] / s) << 16) |
+                     (static_cast<uint32_t>(to_e4m3(v[3] / s)) << 24);
+  if (!is_k) {
+    const int64_t row = t * HI + warp;
+    *reinterpret_cast<uint32_t*>(p.q_fp8 + row * 128 + 4 * lane) = q;
+    if (p.dbg_q) *reinterpret_cast<float4*>(p.dbg_q + row * 128 + 4 * lane) = make_float4(v[0], v[1], v[2], v[3]);
+    if (lane == 0) {
+      p.q_scale[row] = s;
+      p.weights[row] = p.wraw[row] * fc.inv_sqrt_hi * s * fc.inv_sqrt_di;
+    }
+  } else {
+    *reinterpret_cast<uint32_t*>(p.k_pool + p.k_offset[t] + 4 * lane) = q;
+    if (lane == 0) *reinterpret_cast<float*>(p.k_pool + p.k_scale_offset[t]) = s;
+    if (p.dbg_k) *reinterpret_cast<float4*>(p.dbg_k + t * 128 + 4 * lane) = make_float4(v[0], v[1], v[2], v[3]);
+    if (p.dbg_k_fp8) *reinterpret_cast<uint32_t*>(p.dbg_k_fp8 + t * 128 + 4 * lane) = q;
+    if (p.dbg_k_scale && lane == 0) p.dbg_k_scale[t] = s;
+  }
+}
+
+// ---- local -> global indices --------------------------------------------------
+__global__ void local_to_global_kernel(LocalToGlobalParams p) {
+  const int64_t n = p.T * p.k;
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = e / p.k;
+    const int32_t loc = p.local[e];
+    int32_t g = -1;
+    if (loc >= 0 && loc < p.visible_end[t]) {
+      const int32_t blk = p.block_table[p.token_request[t] * p.max_blocks + loc / p.tokens_per_block];
+      if (blk >= 0) g = blk * p.tokens_per_block + loc % p.tokens_per_block;
+    }
+    p.global[e] = g;
+  }
+}
+
+__global__ void fill_u32_kernel(uint32_t* ptr, uint32_t value, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) ptr[i] = value;
+}
+
+void require(bool ok, const char* what) {
+  if (!ok) throw ShapeError(what);
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+}  // namespace
+
+void rms_norms(const NormsParams& p) {
+  if (p.T == 0) return;
+  require(p.dq % 8 == 0 && p.dkv % 8 == 0 && p.ld_qa % 8 == 0 && p.ld_kv % 8 == 0,
+          "rms_norms: widths and row strides must be multiples of 8 bf16 (16-byte rows); pad the projection output");
+  require(aligned16(p.qa) && aligned16(p.kv) && aligned16(p.q_lat) && aligned16(p.c_kv) && aligned16(p.wq) &&
+              aligned16(p.wkv),
+          "rms_norms: every tensor must be 16-byte aligned");
+  rms_norms_kernel<<<dim3(static_cast<unsigned>(p.T), 2), kNormThreads, 0, p.stream>>>(p);
+  DSA_CHECK_LAUNCH("rms_norms");
+}
+
+void mla_rope(const MlaRopeParams& p) {
+  if (p.T == 0) return;
+  require(p.rope_dim % 2 == 0 && p.rope_dim <= 64, "mla_rope: rope_dim must be even and at most 64 (one thread per pair)");
+  mla_rope_kernel<<<static_cast<unsigned>(p.T), dim3(p.rope_dim / 2, 8), 0, p.stream>>>(p);
+  DSA_CHECK_LAUNCH("mla_rope");
+}
+
+void cache_append(const CacheAppendParams& p) {
+  if (p.T == 0) return;
+  require(p.dkv % 128 == 0 && p.rope % 8 == 0,
+          "cache_append: kv_lora_rank must be a multiple of 128 (fp8 scale groups) and rope a multiple of 8");
+  if (p.fp8) {
+    cache_append_fp8_kernel<<<static_cast<unsigned>(p.T), 128, 0, p.stream>>>(p);
+  } else {
+    cache_append_bf16_kernel<<<static_cast<unsigned>(p.T), 128, 0, p.stream>>>(p);
+  }
+  DSA_CHECK_LAUNCH("cache_append");
+}
+
+void indexer_quant(const IndexerQuantParams& p) {
+  if (p.T == 0) return;
+  require(p.rope_dim % 8 == 0 && p.rope_dim <= 128,
+          "indexer_quant: the indexer rope width must be a multiple of 8 and at most the head width 128");
+  const FoldConsts fc{static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.num_heads))),
+                      static_cast<float>(1.0 / std::sqrt(128.0))};
+  const unsigned gy = static_cast<unsigned>((p.num_heads + 1 + kQuantWarps - 1) / kQuantWarps);
+  indexer_quant_kernel<<<dim3(static_cast<unsigned>(p.T), gy), kQuantWarps * 32, 0, p.stream>>>(p, fc);
+  DSA_CHECK_LAUNCH("indexer_quant");
+}
+
+void local_to_global(const LocalToGlobalParams& p) {
+  const int64_t n = p.T * p.k;
+  if (n == 0) return;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
+  local_to_global_kernel<<<blocks, 256, 0, p.stream>>>(p);
+  DSA_CHECK_LAUNCH("local_to_global");
+}
+
+void fill_u32(void* ptr, uint32_t value, size_t n_words, cudaStream_t stream) {
+  if (n_words == 0) return;
+  const unsigned blocks = static_cast<unsigned>(std::min<size_t>((n_words + 255) / 256, 8192));
+  fill_u32_kernel<<<blocks, 256, 0, stream>>>(static_cast<uint32_t*>(ptr), value, n_words);
+  DSA_CHECK_LAUNCH("fill_u32");
+}
+
+}  // namespace dsa::cuda
