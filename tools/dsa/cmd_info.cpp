@@ -1,10 +1,12 @@
 // dsa info: the configuration and what follows from it.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <memory>
 
 #include "cli_common.h"
 #include "commands.h"
+#include "dsa/cache.h"
 #include "dsa/config.h"
 #include "dsa/error.h"
 
@@ -17,10 +19,13 @@ struct InfoOptions {
   int64_t tokens = 0;        // cache bytes for this many tokens
   double memory_gib = 0.0;   // tokens that fit in this much memory
   int64_t num_layers = 1;
+  BatchOptions batch;
 };
 
-void run_info(const InfoOptions& o) {
+void run_info(const InfoOptions& o, bool batch_given) {
   const LayerConfig c = resolve_config(o.cfg);
+  // Resolved before printing anything so that a bad batch fails cleanly.
+  const std::vector<StepRequest> reqs = batch_given ? resolve_requests(o.batch) : std::vector<StepRequest>{};
   fmt::print("DSA layer configuration{}\n", o.cfg.config_path.empty() ? " (DeepSeek-V3.2 defaults)" : fmt::format(" (from {})", o.cfg.config_path));
   fmt::print("  hidden_size          {}\n", c.hidden_size);
   fmt::print("  num_heads (H)        {}\n", c.num_heads);
@@ -50,22 +55,40 @@ void run_info(const InfoOptions& o) {
   const int64_t nw = weight_count(c);
   fmt::print("\nWeights\n  {} elements, {} in bf16 ({} bytes)\n", nw, human_bytes(2.0 * nw), 2 * nw);
 
-  const int64_t lat = c.latent_cache_bytes_per_token(), idx = c.indexer_cache_bytes_per_token();
+  // Every number below comes from CacheConfig, the type the cache manager allocates with.
+  const CacheConfig cc = CacheConfig::for_layer(c, o.num_layers);
+  const int64_t lat = cc.latent_bytes_per_token(), idx = cc.indexer_bytes_per_token();
   fmt::print("\nCaches (per layer)\n");
-  fmt::print("  latent cache         {} bytes per token, {} bytes per {}-token block ({})\n", lat, lat * c.tokens_per_block,
-             c.tokens_per_block, to_string(c.kv_cache_dtype));
+  fmt::print("  latent cache         {} bytes per token, {} bytes per {}-token block ({})\n", lat, cc.latent_bytes_per_block(),
+             cc.tokens_per_block, to_string(cc.latent_dtype));
   fmt::print("  indexer K cache      {} bytes per token, {} bytes per {}-token block ({} fp8 vectors then {} fp32 scales)\n", idx,
-             c.indexer_cache_bytes_per_block(), c.tokens_per_block, c.tokens_per_block, c.tokens_per_block);
-  const int64_t per_block = (lat + idx) * c.tokens_per_block * o.num_layers;
+             cc.indexer_bytes_per_block(), cc.tokens_per_block, cc.tokens_per_block, cc.tokens_per_block);
+  const int64_t per_block = cc.bytes_per_block();
   fmt::print("  {:<20} {} bytes per block\n", fmt::format("both, {} layer{}", o.num_layers, o.num_layers == 1 ? "" : "s"), per_block);
   if (o.tokens > 0) {
-    const int64_t blocks = (o.tokens + c.tokens_per_block - 1) / c.tokens_per_block;
-    fmt::print("  {} tokens need {} blocks = {} ({} bytes)\n", o.tokens, blocks, human_bytes(double(blocks) * per_block), blocks * per_block);
+    CacheConfig t = cc;
+    t.with_tokens(o.tokens);
+    fmt::print("  {} tokens need {} blocks = {} ({} bytes)\n", o.tokens, t.num_blocks, human_bytes(double(t.total_bytes())), t.total_bytes());
   }
   if (o.memory_gib > 0.0) {
     const double bytes = o.memory_gib * 1024.0 * 1024.0 * 1024.0;
-    const int64_t blocks = static_cast<int64_t>(bytes / per_block);
-    fmt::print("  {:g} GiB holds {} blocks = {} tokens\n", o.memory_gib, blocks, blocks * c.tokens_per_block);
+    if (bytes < double(per_block)) {
+      fmt::print("  {:g} GiB holds no block (one block takes {})\n", o.memory_gib, human_bytes(double(per_block)));
+    } else {
+      CacheConfig m = cc;
+      m.with_bytes(static_cast<int64_t>(bytes));
+      fmt::print("  {:g} GiB holds {} blocks = {} tokens\n", o.memory_gib, m.num_blocks, m.capacity_tokens());
+    }
+  }
+  if (batch_given) {
+    int64_t blocks = 0, new_tokens = 0, max_seq = 0;
+    for (const StepRequest& r : reqs) {
+      blocks += cc.blocks_for(r.cached + r.num_new);  // each request rounds up to whole blocks on its own
+      new_tokens += r.num_new;
+      max_seq = std::max(max_seq, r.cached + r.num_new);
+    }
+    fmt::print("  batch of {} request{} ({} new tokens, longest {} tokens) needs {} blocks = {} ({} bytes)\n", reqs.size(),
+               reqs.size() == 1 ? "" : "s", new_tokens, max_seq, blocks, human_bytes(double(blocks) * per_block), blocks * per_block);
   }
 
   fmt::print("\nFLOPs per token (spec section 8)\n");
@@ -89,7 +112,11 @@ void register_info(CLI::App& app) {
   sub->add_option("--tokens", o->tokens, "also print the cache bytes this many tokens need");
   sub->add_option("--memory-gib", o->memory_gib, "also print how many tokens fit in this much memory (GiB)");
   sub->add_option("--num-layers", o->num_layers, "layers sharing the cache pool")->check(CLI::PositiveNumber);
-  sub->callback([o] { run_info(*o); });
+  add_batch_options(sub, o->batch, 1);
+  sub->callback([o, sub] {
+    const bool batch_given = sub->count("--batch") + sub->count("--cached") + sub->count("--new") + sub->count("--requests") > 0;
+    run_info(*o, batch_given);
+  });
 }
 
 }  // namespace dsa::cli
