@@ -4,11 +4,15 @@
 // already gone through round_bf16 / round_fp8_e4m3, so that a fast path and
 // the reference see the same numbers. All tensors are row-major, dense.
 #include <cstdint>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "dsa/batch.h"
+#include "dsa/cache.h"
 #include "dsa/config.h"
 #include "dsa/dtypes.h"
+#include "dsa/layer.h"
 
 namespace dsa::ref {
 
@@ -65,5 +69,29 @@ void topk(const float* logits, int64_t T, int64_t S, const int32_t* visible_end,
 // rowmax: [T, H] max scaled score (-inf for no valid index).
 void sparse_mla(const float* q, const float* kv, int64_t num_slots, const int32_t* indices, int64_t T, int64_t H,
                 int64_t topk, int64_t Dqk, int64_t Dv, double softmax_scale, float* out, float* lse, float* rowmax);
+
+// ---- the layer (spec section 3) ---------------------------------------------
+// One latent cache row at a global slot of one layer's pool: bf16 [c_kv | k_pe]
+// (2 * 576 bytes), or with cfg.kv_cache_dtype FP8 the 656-byte form: c_kv as
+// e4m3 in groups of 128 with one ue8m0 fp32 scale each, then the scales, then
+// k_pe bf16. read_latent_row dequantizes into row[576] fp32.
+void write_latent_row(const LayerConfig& cfg, uint8_t* pool, int64_t slot, const float* c_kv, const float* k_pe);
+void read_latent_row(const LayerConfig& cfg, const uint8_t* pool, int64_t slot, float* row);
+
+// The forward step of spec section 3 for the T = md.num_tokens new tokens:
+// hidden [T, hidden_size] bf16 in md's token order, position_ids [T] (checked
+// against md). Writes each new token's latent row and indexer key into layer
+// `layer` of `cache` (Storage::Host) at md's slots, then reads every key and
+// latent row back from the paged cache. Returns the bf16-rounded output
+// [T, H * v_head_dim], or [T, hidden_size] with cfg.o_proj. trace (may be null)
+// receives the intermediates opt asks for; stage_ms (may be null) receives
+// (stage name, wall ms) in run order, names as the CUDA backend's stages:
+// q_a_proj, kv_a_proj, norms, q_b_proj, rope, cache_append, indexer_q_proj,
+// indexer_k_proj, indexer_weights_proj, indexer_quant, indexer_logits, topk,
+// q_absorb, sparse_mla, v_up_proj, o_proj.
+std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, const std::vector<bf16_t>& hidden,
+                                 const std::vector<int32_t>& position_ids, const BatchMetadata& md, CacheManager& cache,
+                                 int64_t layer, const TraceOptions& opt, LayerTrace* trace,
+                                 std::vector<std::pair<std::string, double>>* stage_ms);
 
 }  // namespace dsa::ref
