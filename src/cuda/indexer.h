@@ -42,4 +42,22 @@ struct TopkParams {
 size_t topk_workspace_bytes(int64_t T, int64_t logits_stride, int k);
 void topk(const TopkParams& p);
 
+// Microbenchmarks for `dsa bench` and docs/performance.md: inputs are made on
+// the device from `seed` (random, never zeros), the op is timed with CUDA
+// events after `warmup` runs, and the median of `iters` runs is reported with
+// the work it did, counted as spec section 8 counts it.
+struct KernelTiming {
+  double median_ms = 0, min_ms = 0, max_ms = 0;
+  double flops = 0;  // indexer: 2 * 64 * 128 * sum_t visible_end[t]; top-k: 0
+  double bytes = 0;  // inputs read once + outputs written once
+};
+// `requests` requests, each with `cached` tokens in the paged cache and
+// `num_new` new query tokens (prefill: cached 0, num_new 4096; decode:
+// num_new 1). Causal: new token i sees cached + i + 1 keys.
+KernelTiming bench_indexer_logits(int64_t requests, int64_t cached, int64_t num_new, int warmup, int iters,
+                                  uint64_t seed);
+// Top-k of k over [T, S] fp32 logits. causal = false: every row sees all S
+// columns (the torch.topk comparison); causal = true: row t sees S - T + t + 1.
+KernelTiming bench_topk(int64_t T, int64_t S, int k, bool causal, int warmup, int iters, uint64_t seed);
+
 }  // namespace dsa::cuda

@@ -1,0 +1,113 @@
+// Host launcher of the lightning-indexer logits (spec 3.5): checks the
+// contract, picks the tile shape, launches the sm_89+/sm_90 fp8 kernel.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/check.cuh"
+#include "cuda/indexer.h"
+#include "cuda/sm90/indexer/sm90_fp8_indexer_logits.cuh"
+
+namespace dsa::cuda {
+namespace {
+
+bool aligned(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+void check_params(const IndexerLogitsParams& p) {
+  auto need = [](const void* ptr, const char* name) {
+    if (ptr == nullptr) throw ShapeError(fmt::format("indexer_logits: {} is null; pass a device pointer", name));
+  };
+  if (p.T < 0) throw ShapeError(fmt::format("indexer_logits: T = {} is negative; pass the number of query tokens", p.T));
+  need(p.q_fp8, "q_fp8");
+  need(p.weights, "weights");
+  need(p.k_cache, "k_cache");
+  need(p.block_table, "block_table");
+  need(p.token_request, "token_request");
+  need(p.visible_end, "visible_end");
+  need(p.logits, "logits");
+  if (p.num_heads != sm90::kIdxHeads) {
+    throw ShapeError(fmt::format("indexer_logits: num_heads = {}, but the kernel is built for {} indexer heads "
+                                 "(index_n_heads of DeepSeek-V3.2); use the reference for other head counts",
+                                 p.num_heads, sm90::kIdxHeads));
+  }
+  if (p.tokens_per_block != sm90::kIdxBlockTokens) {
+    throw ShapeError(fmt::format("indexer_logits: tokens_per_block = {}, but the kernel reads {}-token cache blocks "
+                                 "(spec section 4); build the cache with tokens_per_block = {}",
+                                 p.tokens_per_block, sm90::kIdxBlockTokens, sm90::kIdxBlockTokens));
+  }
+  if (p.logits_stride < 1 || p.max_blocks_per_request < 1) {
+    throw ShapeError(fmt::format("indexer_logits: logits_stride = {} and max_blocks_per_request = {} must both be >= 1",
+                                 p.logits_stride, p.max_blocks_per_request));
+  }
+  if (!aligned(p.q_fp8, 4) || !aligned(p.weights, 4) || !aligned(p.logits, 4)) {
+    throw ShapeError("indexer_logits: q_fp8, weights and logits must be 4-byte aligned; pass cudaMalloc'd buffers");
+  }
+  if (!aligned(p.k_cache, 16)) {
+    throw ShapeError("indexer_logits: k_cache must be 16-byte aligned (blocks are copied in 16-byte pieces); "
+                     "pass the start of the indexer pool");
+  }
+}
+
+struct Device {
+  int sms = 0;
+  int major = 0, minor = 0;
+};
+
+Device current() {
+  Device d;
+  int dev = 0;
+  DSA_CUDA_CHECK(cudaGetDevice(&dev));
+  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
+  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev));
+  return d;
+}
+
+template <int kBT, int kKB, int kStages>
+void launch(const IndexerLogitsParams& p, const Device& dev) {
+  using Plan = sm90::IndexerSmemPlan<kKB, kStages>;
+  auto kernel = sm90::indexer_logits_fp8_kernel<kBT, kKB, kStages>;
+  // Above 48 KB a kernel's dynamic shared memory must be opted in; setting it
+  // every call is cheap and stays right when the device changes.
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Plan::kBytes));
+  const int64_t token_tiles = (p.T + kBT - 1) / kBT;
+  const int64_t key_tiles = (p.logits_stride + Plan::kTileKeys - 1) / Plan::kTileKeys;
+  // Few token tiles (decode) cannot fill the GPU: split the keys too, aiming
+  // at a few CTAs per SM, but keep several tiles per split so the cp.async
+  // pipeline has something to overlap.
+  const int64_t target = 4LL * dev.sms;
+  int64_t splits = std::clamp<int64_t>((target + token_tiles - 1) / token_tiles, 1, std::max<int64_t>(1, key_tiles / 4));
+  splits = std::min<int64_t>(splits, 65535);
+  const int64_t tiles_per_split = (key_tiles + splits - 1) / splits;
+  splits = (key_tiles + tiles_per_split - 1) / tiles_per_split;
+  if (token_tiles > 0x7fffffffLL) {
+    throw ShapeError(fmt::format("indexer_logits: T = {} needs more than 2^31 - 1 CTAs; split the batch", p.T));
+  }
+  dim3 grid(static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
+  kernel<<<grid, sm90::kIdxThreads, Plan::kBytes, p.stream>>>(p, tiles_per_split);
+  DSA_CHECK_LAUNCH("indexer_logits_fp8_kernel");
+}
+
+}  // namespace
+
+void indexer_logits(const IndexerLogitsParams& p) {
+  check_params(p);
+  if (p.T == 0) return;
+  const Device dev = current();
+  if (dev.major * 10 + dev.minor < 89) {
+    throw CudaError(fmt::format("indexer_logits: the fp8 tensor-core kernel needs sm_89 or newer, this device is sm_{}{}; "
+                                "use the reference backend",
+                                dev.major, dev.minor));
+  }
+  // Decode-like batches (few tokens per request) share nothing between
+  // tokens: one token per CTA, 256-key tiles. Prefill: 8 tokens of one
+  // request share every 64-key tile they load.
+  if (p.T < 512) {
+    launch<1, 4, 3>(p, dev);
+  } else {
+    launch<8, 1, 4>(p, dev);
+  }
+}
+
+}  // namespace dsa::cuda

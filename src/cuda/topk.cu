@@ -1,0 +1,40 @@
+// Host launcher of the causal top-k (spec 3.5).
+#include <fmt/format.h>
+
+#include <cstdint>
+
+#include "cuda/check.cuh"
+#include "cuda/indexer.h"
+#include "cuda/topk/topk_radix.cuh"
+
+namespace dsa::cuda {
+
+size_t topk_workspace_bytes(int64_t, int64_t, int) { return 0; }  // everything lives in shared memory
+
+void topk(const TopkParams& p) {
+  if (p.T < 0 || p.k < 0) {
+    throw ShapeError(fmt::format("topk: T = {} and k = {} must be >= 0", p.T, p.k));
+  }
+  if (p.T == 0 || p.k == 0) return;
+  if (p.logits == nullptr || p.visible_end == nullptr || p.out == nullptr) {
+    throw ShapeError("topk: logits, visible_end and out must be device pointers, not null");
+  }
+  // Positions are int32 in the output, and the per-row counters are 32-bit.
+  if (p.logits_stride < 1 || p.logits_stride > 0x7fffffffLL) {
+    throw ShapeError(fmt::format("topk: logits_stride = {} must be in [1, 2^31 - 1] (positions are int32)",
+                                 p.logits_stride));
+  }
+  if (p.T > 0x7fffffffLL) {
+    throw ShapeError(fmt::format("topk: T = {} rows exceed the 2^31 - 1 CTAs of one launch; split the batch", p.T));
+  }
+  if (reinterpret_cast<uintptr_t>(p.logits) % 4 != 0) {
+    throw ShapeError("topk: logits must be 4-byte aligned (fp32); pass a cudaMalloc'd buffer");
+  }
+  const bool vec = p.logits_stride % 4 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
+  constexpr int kSmem = sizeof(topk_impl::Smem);
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(topk_impl::topk_radix_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  topk_impl::topk_radix_kernel<<<static_cast<unsigned>(p.T), topk_impl::kThreads, kSmem, p.stream>>>(p, vec);
+  DSA_CHECK_LAUNCH("topk_radix_kernel");
+}
+
+}  // namespace dsa::cuda

@@ -1,0 +1,231 @@
+// Indexer logits on the GPU (src/cuda/indexer.h) against dsa::ref::indexer_logits
+// on the same fp8 inputs, spec 3.5 / 7: rel L2 <= 1e-3 over the visible
+// entries, -inf exactly where the reference has it, no NaN; logits poisoned
+// with NaN before each run; two runs bitwise identical. The paged cache is
+// built by hand: shuffled block ids, and every slot no request owns (whole
+// unused blocks and the tail of each request's last block) holds NaN, so a
+// stray read shows up as NaN in the output.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "cuda/indexer.h"
+#include "dsa/cuda.h"
+#include "dsa/dtypes.h"
+#include "dsa/error.h"
+#include "dsa/reference.h"
+
+namespace {
+
+#define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
+
+constexpr int64_t kHeads = 64, kDim = 128, kTpb = 64, kBlockBytes = kTpb * (kDim + 4);
+
+template <typename T>
+struct DevBuf {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit DevBuf(size_t count) : n(count) {
+    if (cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
+  }
+  ~DevBuf() { cudaFree(p); }
+  size_t bytes() const { return n * sizeof(T); }
+};
+
+struct Req {
+  int64_t cached, num_new;
+};
+
+struct Problem {
+  int64_t T = 0, R = 0, max_blocks = 0, stride = 0, num_blocks = 0;
+  std::vector<dsa::fp8_t> q;
+  std::vector<float> w;
+  std::vector<uint8_t> cache;
+  std::vector<int32_t> block_table, token_request, visible_end;
+};
+
+// extra_stride: logits columns beyond the longest context (must be -inf).
+Problem make_problem(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  std::uniform_real_distribution<float> uni(-1.f, 1.f);
+  std::uniform_int_distribution<int> exp2(-3, 3);
+  Problem pb;
+  pb.R = static_cast<int64_t>(reqs.size());
+  int64_t max_seq = 0, used_blocks = 0;
+  for (const Req& r : reqs) {
+    max_seq = std::max(max_seq, r.cached + r.num_new);
+    pb.max_blocks = std::max(pb.max_blocks, (r.cached + r.num_new + kTpb - 1) / kTpb);
+    used_blocks += (r.cached + r.num_new + kTpb - 1) / kTpb;
+    pb.T += r.num_new;
+  }
+  pb.stride = max_seq + extra_stride;
+  pb.num_blocks = used_blocks + 3;  // a few blocks nobody owns
+  std::vector<int32_t> ids(static_cast<size_t>(pb.num_blocks));
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), gen);
+
+  // NaN everywhere first: e4m3fn 0x7f is NaN, and 0xffffffff is an fp32 NaN scale.
+  pb.cache.assign(static_cast<size_t>(pb.num_blocks * kBlockBytes), 0x7f);
+  for (int64_t b = 0; b < pb.num_blocks; ++b) {
+    std::memset(pb.cache.data() + b * kBlockBytes + kTpb * kDim, 0xff, kTpb * 4);
+  }
+  pb.block_table.assign(static_cast<size_t>(pb.R * pb.max_blocks), -1);
+  size_t next = 0;
+  for (int64_t r = 0; r < pb.R; ++r) {
+    const int64_t seq = reqs[r].cached + reqs[r].num_new;
+    for (int64_t b = 0; b < (seq + kTpb - 1) / kTpb; ++b) pb.block_table[r * pb.max_blocks + b] = ids[next++];
+    for (int64_t s = 0; s < seq; ++s) {
+      uint8_t* blk = pb.cache.data() + static_cast<int64_t>(pb.block_table[r * pb.max_blocks + s / kTpb]) * kBlockBytes;
+      for (int64_t i = 0; i < kDim; ++i) blk[(s % kTpb) * kDim + i] = dsa::float_to_fp8_e4m3(2.f * normal(gen));
+      const float scale = std::ldexp(1.f, exp2(gen));
+      std::memcpy(blk + kTpb * kDim + (s % kTpb) * 4, &scale, 4);
+    }
+    for (int64_t i = 0; i < reqs[r].num_new; ++i) {
+      pb.token_request.push_back(static_cast<int32_t>(r));
+      pb.visible_end.push_back(static_cast<int32_t>(reqs[r].cached + i + 1));
+    }
+  }
+  pb.q.resize(static_cast<size_t>(pb.T * kHeads * kDim));
+  for (auto& v : pb.q) v = dsa::float_to_fp8_e4m3(2.f * normal(gen));
+  pb.w.resize(static_cast<size_t>(pb.T * kHeads));
+  for (auto& v : pb.w) v = uni(gen);
+  return pb;
+}
+
+struct Compare {
+  double rel = 0;
+  int64_t inf_mismatch = 0, nan = 0, worst = -1;
+};
+
+Compare compare(const std::vector<float>& out, const std::vector<float>& ref) {
+  Compare c;
+  double num = 0, den = 0, worst = -1;
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (std::isnan(out[i])) {
+      ++c.nan;
+      continue;
+    }
+    if (std::isinf(ref[i]) || std::isinf(out[i])) {
+      if (out[i] != ref[i]) ++c.inf_mismatch;
+      continue;
+    }
+    const double d = static_cast<double>(out[i]) - ref[i];
+    num += d * d;
+    den += static_cast<double>(ref[i]) * ref[i];
+    if (std::fabs(d) > worst) {
+      worst = std::fabs(d);
+      c.worst = static_cast<int64_t>(i);
+    }
+  }
+  c.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  return c;
+}
+
+void run_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed) {
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const Problem pb = make_problem(reqs, extra_stride, seed);
+  std::vector<float> ref(static_cast<size_t>(pb.T * pb.stride));
+  dsa::ref::indexer_logits(pb.q.data(), pb.w.data(), pb.cache.data(), pb.block_table.data(), pb.token_request.data(),
+                           pb.visible_end.data(), pb.T, kHeads, pb.max_blocks, kTpb, pb.stride, ref.data());
+
+  DevBuf<uint8_t> q(pb.q.size()), cache(pb.cache.size());
+  DevBuf<float> w(pb.w.size()), logits(ref.size());
+  DevBuf<int32_t> bt(pb.block_table.size()), treq(pb.token_request.size()), vend(pb.visible_end.size());
+  ASSERT_TRUE(q.p && cache.p && w.p && logits.p && bt.p && treq.p && vend.p);
+  CK(cudaMemcpy(q.p, pb.q.data(), q.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(cache.p, pb.cache.data(), cache.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(w.p, pb.w.data(), w.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(bt.p, pb.block_table.data(), bt.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(treq.p, pb.token_request.data(), treq.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(vend.p, pb.visible_end.data(), vend.bytes(), cudaMemcpyHostToDevice));
+
+  dsa::cuda::IndexerLogitsParams p;
+  p.q_fp8 = q.p;
+  p.weights = w.p;
+  p.k_cache = cache.p;
+  p.block_table = bt.p;
+  p.token_request = treq.p;
+  p.visible_end = vend.p;
+  p.logits = logits.p;
+  p.T = pb.T;
+  p.logits_stride = pb.stride;
+  p.max_blocks_per_request = pb.max_blocks;
+
+  std::vector<float> out1(ref.size()), out2(ref.size());
+  for (std::vector<float>* out : {&out1, &out2}) {
+    CK(cudaMemset(logits.p, 0xff, logits.bytes()));  // NaN poison
+    ASSERT_NO_THROW(dsa::cuda::indexer_logits(p));
+    CK(cudaDeviceSynchronize());
+    CK(cudaMemcpy(out->data(), logits.p, logits.bytes(), cudaMemcpyDeviceToHost));
+  }
+  const Compare c = compare(out1, ref);
+  EXPECT_EQ(c.nan, 0) << "NaN in the output (poison left or stray read)";
+  EXPECT_EQ(c.inf_mismatch, 0) << "-inf positions differ from the reference";
+  EXPECT_LE(c.rel, 1e-3) << "worst at token " << c.worst / pb.stride << " key " << c.worst % pb.stride << ": "
+                         << out1[c.worst] << " vs " << ref[c.worst];
+  EXPECT_EQ(std::memcmp(out1.data(), out2.data(), out1.size() * 4), 0) << "two runs differ";
+}
+
+// T < 512: one token per CTA. Ragged: contexts shorter and longer than top-k's 2048.
+TEST(GpuIndexerLogits, RaggedBatchOfThree) { run_case({{100, 37}, {0, 300}, {2500, 40}}, 0, 11); }
+
+// T >= 512: 8 tokens per CTA; tiles straddle requests of different lengths.
+TEST(GpuIndexerLogits, RaggedPrefillTilesStraddleRequests) { run_case({{0, 517}, {1000, 3}, {64, 200}}, 0, 12); }
+
+TEST(GpuIndexerLogits, PrefillChunkWithCachedPrefix) { run_case({{3000, 1100}}, 0, 13); }
+
+TEST(GpuIndexerLogits, Decode) { run_case({{10, 1}, {2100, 1}, {4000, 1}, {63, 1}, {64, 1}, {0, 1}}, 0, 14); }
+
+TEST(GpuIndexerLogits, SpeculativeNextN2) { run_case({{2047, 2}, {5000, 2}, {0, 2}, {130, 2}}, 0, 15); }
+
+// Columns past every visible_end (stride not a multiple of 4 or of 64) are -inf.
+TEST(GpuIndexerLogits, WideOddStride) { run_case({{700, 5}, {20, 9}}, 333, 16); }
+
+TEST(GpuIndexerLogits, RejectsShapesTheKernelIsNotBuiltFor) {
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  dsa::cuda::IndexerLogitsParams p;
+  int dummy_i = 0;
+  float dummy_f = 0;
+  alignas(16) uint8_t dummy_b[16] = {};
+  p.q_fp8 = dummy_b;
+  p.weights = &dummy_f;
+  p.k_cache = dummy_b;
+  p.block_table = p.token_request = p.visible_end = &dummy_i;
+  p.logits = &dummy_f;
+  p.T = 1;
+  p.logits_stride = 64;
+  p.max_blocks_per_request = 1;
+  p.num_heads = 32;
+  EXPECT_THROW(dsa::cuda::indexer_logits(p), dsa::ShapeError);
+  p.num_heads = 64;
+  p.tokens_per_block = 32;
+  EXPECT_THROW(dsa::cuda::indexer_logits(p), dsa::ShapeError);
+  p.tokens_per_block = 64;
+  p.k_cache = dummy_b + 1;
+  EXPECT_THROW(dsa::cuda::indexer_logits(p), dsa::ShapeError);
+}
+
+// Timing for docs/performance.md; run with --gtest_also_run_disabled_tests.
+TEST(GpuIndexerLogits, DISABLED_Bench) {
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  struct Shape {
+    const char* name;
+    int64_t requests, cached, num_new;
+  };
+  for (const Shape& s : {Shape{"prefill T=4096 ctx 4096", 1, 0, 4096}, Shape{"T=4096 at end of 65536", 1, 61440, 4096},
+                         Shape{"decode 64 x 1 x 32768", 64, 32767, 1}, Shape{"decode 64 x next_n 2 x 32768", 64, 32766, 2}}) {
+    const dsa::cuda::KernelTiming t = dsa::cuda::bench_indexer_logits(s.requests, s.cached, s.num_new, 3, 20, 1);
+    std::printf("BENCH indexer_logits %-32s median %.4f ms (min %.4f max %.4f)  %.1f TFLOP/s  %.0f GB/s\n", s.name,
+                t.median_ms, t.min_ms, t.max_ms, t.flops / t.median_ms * 1e-9, t.bytes / t.median_ms * 1e-6);
+  }
+}
+
+}  // namespace
