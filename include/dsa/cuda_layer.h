@@ -103,6 +103,9 @@ class CudaLayer {
   // Downloads every intermediate of the last enqueue (synchronizes `stream`).
   void download_trace(LayerTrace& trace, const TraceOptions& options, CUstream_st* stream) const;
 
+  // The attention's indices of the last enqueue: [T, topk] global slots, -1 padded.
+  std::vector<int32_t> download_topk_global(CUstream_st* stream) const;
+
   const void* output_device() const;  // bf16
   std::vector<int64_t> output_shape() const;
   void* hidden_buffer(int64_t tokens);  // a GPU buffer for [tokens, hidden] bf16 owned by the layer

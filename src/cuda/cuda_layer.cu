@@ -498,6 +498,10 @@ float CudaLayer::last_layer_ms() const {
 
 void CudaLayer::set_trace_mode(bool on) { impl_->trace_mode = on; }
 
+std::vector<int32_t> CudaLayer::download_topk_global(CUstream_st* stream) const {
+  return download<int32_t>(impl_->topk_global.p, static_cast<size_t>(impl_->T * impl_->cfg.index_topk), stream);
+}
+
 const void* CudaLayer::output_device() const { return impl_->cfg.o_proj ? impl_->out.p : impl_->v.p; }
 
 std::vector<int64_t> CudaLayer::output_shape() const {
