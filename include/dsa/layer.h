@@ -70,4 +70,18 @@ std::vector<bf16_t> generate_hidden(const LayerConfig& cfg, int64_t T, uint64_t 
 // Checks every tensor's size against the configuration; throws ShapeError naming the tensor.
 void check_weights(const LayerConfig& cfg, const LayerWeights& w);
 
+// ---- weights files (src/core/weights_io.cpp) --------------------------------
+// "model.layers.{layer}.self_attn."
+std::string weight_prefix(int64_t layer);
+// Loads one layer's attention weights by their Hugging Face names (spec
+// section 2) from a .safetensors file, or from a sharded checkpoint's
+// model.safetensors.index.json (each tensor read from the shard its
+// weight_map names). Accepts BF16, F16, F32 (rounded to bf16), and F8_E4M3
+// with a `<name>_scale_inv` tensor of fp32 scales per 128x128 block
+// ([ceil(out/128), ceil(in/128)]; value = fp8 * scale, rounded to bf16).
+// Shapes are checked against cfg. Throws FileError naming the tensor.
+LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64_t layer = 0);
+// Writes the weights as bf16 under the same names (a file load_weights reads back bit for bit).
+void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer = 0);
+
 }  // namespace dsa

@@ -1,0 +1,149 @@
+// One layer's attention weights to and from safetensors, under the Hugging
+// Face names of spec section 2.
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "dsa/error.h"
+#include "dsa/layer.h"
+#include "dsa/safetensors.h"
+
+namespace dsa {
+
+namespace {
+
+struct WeightSlot {
+  const char* name;  // after the prefix
+  std::vector<bf16_t> LayerWeights::*member;
+  int64_t rows, cols;  // cols 0: a vector [rows]
+};
+
+std::vector<WeightSlot> weight_slots(const LayerConfig& c) {
+  const int64_t h = c.hidden_size, H = c.num_heads, HI = c.index_n_heads, DI = c.index_head_dim;
+  return {
+      {"q_a_proj.weight", &LayerWeights::q_a_proj, c.q_lora_rank, h},
+      {"q_a_layernorm.weight", &LayerWeights::q_a_layernorm, c.q_lora_rank, 0},
+      {"q_b_proj.weight", &LayerWeights::q_b_proj, H * c.qk_head_dim(), c.q_lora_rank},
+      {"kv_a_proj_with_mqa.weight", &LayerWeights::kv_a_proj_with_mqa, c.latent_dim(), h},
+      {"kv_a_layernorm.weight", &LayerWeights::kv_a_layernorm, c.kv_lora_rank, 0},
+      {"kv_b_proj.weight", &LayerWeights::kv_b_proj, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank},
+      {"o_proj.weight", &LayerWeights::o_proj, h, H * c.v_head_dim},
+      {"indexer.wq_b.weight", &LayerWeights::idx_wq_b, HI * DI, c.q_lora_rank},
+      {"indexer.wk.weight", &LayerWeights::idx_wk, DI, h},
+      {"indexer.k_norm.weight", &LayerWeights::idx_k_norm_weight, DI, 0},
+      {"indexer.k_norm.bias", &LayerWeights::idx_k_norm_bias, DI, 0},
+      {"indexer.weights_proj.weight", &LayerWeights::idx_weights_proj, HI, h},
+  };
+}
+
+// Where each tensor lives: one file, or the shards of an index.json.
+class Source {
+ public:
+  explicit Source(const std::string& path) : path_(path) {
+    if (path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0) {
+      std::ifstream f(path);
+      if (!f) throw FileError(fmt::format("cannot open checkpoint index '{}'; check the path", path));
+      nlohmann::json j;
+      try {
+        j = nlohmann::json::parse(f);
+      } catch (const nlohmann::json::exception& e) {
+        throw FileError(fmt::format("'{}' is not valid JSON ({}); expected a model.safetensors.index.json", path, e.what()));
+      }
+      if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object()) {
+        throw FileError(fmt::format("'{}' has no 'weight_map' object; expected a model.safetensors.index.json", path));
+      }
+      const auto dir = std::filesystem::path(path).parent_path();
+      for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+        if (!it.value().is_string()) throw FileError(fmt::format("'{}': weight_map entry '{}' is not a file name", path, it.key()));
+        shard_of_[it.key()] = (dir / it.value().get<std::string>()).string();
+      }
+    } else {
+      single_ = std::make_unique<st::Reader>(path);
+    }
+  }
+  bool has(const std::string& name) const { return single_ ? single_->has(name) : shard_of_.count(name) != 0; }
+  const st::Reader& reader(const std::string& name) {
+    if (single_) return *single_;
+    auto it = shard_of_.find(name);
+    if (it == shard_of_.end()) throw FileError(fmt::format("checkpoint index '{}' lists no tensor '{}'; check the layer index", path_, name));
+    auto& r = shards_[it->second];
+    if (!r) r = std::make_unique<st::Reader>(it->second);
+    return *r;
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  std::unique_ptr<st::Reader> single_;
+  std::map<std::string, std::string> shard_of_;
+  std::map<std::string, std::unique_ptr<st::Reader>> shards_;
+};
+
+}  // namespace
+
+std::string weight_prefix(int64_t layer) { return fmt::format("model.layers.{}.self_attn.", layer); }
+
+LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64_t layer) {
+  validate(cfg);
+  if (layer < 0) throw ConfigError(fmt::format("layer index {} is invalid: it must be >= 0", layer));
+  Source src(path);
+  const std::string prefix = weight_prefix(layer);
+  LayerWeights w;
+  for (const auto& s : weight_slots(cfg)) {
+    const std::string name = prefix + s.name;
+    if (!src.has(name)) {
+      throw FileError(fmt::format("'{}' has no tensor '{}'; the file must hold layer {}'s attention weights under their Hugging Face "
+                                  "names (write one with dsa run --save-weights, or pick the layer with --layer)",
+                                  path, name, layer));
+    }
+    const st::Reader& r = src.reader(name);
+    const std::vector<int64_t> shape = s.cols ? std::vector<int64_t>{s.rows, s.cols} : std::vector<int64_t>{s.rows};
+    r.expect_shape(name, shape, "the checkpoint and the layer configuration (--config, --num-heads, ...) disagree");
+    const st::TensorInfo& info = r.info(name);
+    std::vector<bf16_t>& dst = w.*s.member;
+    if (info.dtype == st::DType::F8_E4M3) {
+      const std::string sname = name + "_scale_inv";
+      if (!s.cols) throw FileError(fmt::format("'{}': tensor '{}' is F8_E4M3 but vectors must be BF16 or F32", path, name));
+      if (!src.has(sname)) {
+        throw FileError(fmt::format("'{}': tensor '{}' is F8_E4M3 but '{}' (fp32 scales per 128x128 block) is missing", path, name, sname));
+      }
+      const st::Reader& rs = src.reader(sname);
+      const int64_t br = (s.rows + 127) / 128, bc = (s.cols + 127) / 128;
+      rs.expect_shape(sname, {br, bc}, "fp8 weights carry one scale per 128x128 block");
+      const auto scale = rs.read_f32(sname);
+      const auto q = r.bytes(name);
+      dst.resize(static_cast<size_t>(s.rows * s.cols));
+      for (int64_t i = 0; i < s.rows; ++i) {
+        for (int64_t j = 0; j < s.cols; ++j) {
+          dst[i * s.cols + j] = float_to_bf16(fp8_e4m3_to_float(q[i * s.cols + j]) * scale[(i / 128) * bc + j / 128]);
+        }
+      }
+    } else if (info.dtype == st::DType::BF16 || info.dtype == st::DType::F16 || info.dtype == st::DType::F32) {
+      dst = r.read_bf16(name);
+    } else {
+      throw FileError(fmt::format("'{}': tensor '{}' is {}; weights must be BF16, F16, F32 or F8_E4M3 with _scale_inv", path, name,
+                                  st::dtype_name(info.dtype)));
+    }
+  }
+  check_weights(cfg, w);
+  return w;
+}
+
+void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer) {
+  check_weights(cfg, w);
+  st::Writer out;
+  const std::string prefix = weight_prefix(layer);
+  for (const auto& s : weight_slots(cfg)) {
+    const std::vector<int64_t> shape = s.cols ? std::vector<int64_t>{s.rows, s.cols} : std::vector<int64_t>{s.rows};
+    out.add_bf16(prefix + s.name, shape, w.*s.member);
+  }
+  out.set_metadata("format", "pt");
+  out.set_metadata("producer", "dsalab");
+  out.write(path);
+}
+
+}  // namespace dsa
