@@ -8,6 +8,7 @@
 #include "cuda/check.cuh"
 #include "cuda/indexer.h"
 #include "cuda/sm90/indexer/sm90_fp8_indexer_logits.cuh"
+#include "cuda/sm90/indexer/sm90_fp8_indexer_logits_wgmma.cuh"
 
 namespace dsa::cuda {
 namespace {
@@ -64,49 +65,93 @@ Device current() {
   return d;
 }
 
+// Few token tiles (decode) cannot fill the GPU: split the keys too, aiming
+// at several CTAs per SM, but keep several tiles per split so the cp.async
+// pipeline has something to overlap.
+dim3 make_grid(const IndexerLogitsParams& p, const Device& dev, int tokens_per_cta, int tile_keys, int ctas_per_sm,
+               int64_t& tiles_per_split) {
+  const int64_t token_tiles = (p.T + tokens_per_cta - 1) / tokens_per_cta;
+  const int64_t key_tiles = (p.logits_stride + tile_keys - 1) / tile_keys;
+  if (token_tiles > 0x7fffffffLL) {
+    throw ShapeError(fmt::format("indexer_logits: T = {} needs more than 2^31 - 1 CTAs; split the batch", p.T));
+  }
+  const int64_t target = 2LL * ctas_per_sm * dev.sms;
+  int64_t splits = std::clamp<int64_t>((target + token_tiles - 1) / token_tiles, 1, std::max<int64_t>(1, key_tiles / 4));
+  splits = std::min<int64_t>(splits, 65535);
+  tiles_per_split = (key_tiles + splits - 1) / splits;
+  splits = (key_tiles + tiles_per_split - 1) / tiles_per_split;
+  return dim3(static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
+}
+
 template <int kBT, int kKB, int kStages>
-void launch(const IndexerLogitsParams& p, const Device& dev) {
+void launch_mma(const IndexerLogitsParams& p, const Device& dev) {
   using Plan = sm90::IndexerSmemPlan<kKB, kStages>;
   auto kernel = sm90::indexer_logits_fp8_kernel<kBT, kKB, kStages>;
   // Above 48 KB a kernel's dynamic shared memory must be opted in; setting it
   // every call is cheap and stays right when the device changes.
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Plan::kBytes));
-  const int64_t token_tiles = (p.T + kBT - 1) / kBT;
-  const int64_t key_tiles = (p.logits_stride + Plan::kTileKeys - 1) / Plan::kTileKeys;
-  // Few token tiles (decode) cannot fill the GPU: split the keys too, aiming
-  // at a few CTAs per SM, but keep several tiles per split so the cp.async
-  // pipeline has something to overlap.
-  const int64_t target = 4LL * dev.sms;
-  int64_t splits = std::clamp<int64_t>((target + token_tiles - 1) / token_tiles, 1, std::max<int64_t>(1, key_tiles / 4));
-  splits = std::min<int64_t>(splits, 65535);
-  const int64_t tiles_per_split = (key_tiles + splits - 1) / splits;
-  splits = (key_tiles + tiles_per_split - 1) / tiles_per_split;
-  if (token_tiles > 0x7fffffffLL) {
-    throw ShapeError(fmt::format("indexer_logits: T = {} needs more than 2^31 - 1 CTAs; split the batch", p.T));
-  }
-  dim3 grid(static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
+  int64_t tiles_per_split = 0;
+  const dim3 grid = make_grid(p, dev, kBT, Plan::kTileKeys, 1, tiles_per_split);
   kernel<<<grid, sm90::kIdxThreads, Plan::kBytes, p.stream>>>(p, tiles_per_split);
   DSA_CHECK_LAUNCH("indexer_logits_fp8_kernel");
 }
 
+template <int kBT, int kKB, int kStages>
+void launch_wgmma(const IndexerLogitsParams& p, const Device& dev) {
+  using Plan = sm90::WgmmaSmemPlan<kBT, kKB, kStages>;
+  auto kernel = sm90::indexer_logits_wgmma_kernel<kBT, kKB, kStages>;
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Plan::kBytes));
+  int64_t tiles_per_split = 0;
+  const dim3 grid = make_grid(p, dev, kBT, Plan::kTileKeys, 3, tiles_per_split);
+  kernel<<<grid, sm90::kWgThreads, Plan::kBytes, p.stream>>>(p, tiles_per_split);
+  DSA_CHECK_LAUNCH("indexer_logits_wgmma_kernel");
+}
+
+Device checked_device(int min_cc, const char* what) {
+  const Device dev = current();
+  if (dev.major * 10 + dev.minor < min_cc) {
+    throw CudaError(fmt::format("indexer_logits: the {} kernel needs sm_{} or newer, this device is sm_{}{}; "
+                                "use the reference backend",
+                                what, min_cc, dev.major, dev.minor));
+  }
+  return dev;
+}
+
 }  // namespace
+
+// Decode-like batches (few tokens per request) share nothing between
+// tokens: one token per CTA and longer key tiles. Prefill: the tokens of a
+// CTA share every key tile they load.
+void indexer_logits_mma(const IndexerLogitsParams& p) {
+  check_params(p);
+  if (p.T == 0) return;
+  const Device dev = checked_device(89, "fp8 mma.sync");
+  if (p.T < 512) {
+    launch_mma<1, 4, 3>(p, dev);
+  } else {
+    launch_mma<8, 1, 4>(p, dev);
+  }
+}
+
+void indexer_logits_sm90(const IndexerLogitsParams& p) {
+  check_params(p);
+  if (p.T == 0) return;
+  const Device dev = checked_device(90, "wgmma");
+  if (p.T < 512) {
+    launch_wgmma<1, 2, 3>(p, dev);
+  } else {
+    launch_wgmma<2, 1, 4>(p, dev);
+  }
+}
 
 void indexer_logits(const IndexerLogitsParams& p) {
   check_params(p);
   if (p.T == 0) return;
   const Device dev = current();
-  if (dev.major * 10 + dev.minor < 89) {
-    throw CudaError(fmt::format("indexer_logits: the fp8 tensor-core kernel needs sm_89 or newer, this device is sm_{}{}; "
-                                "use the reference backend",
-                                dev.major, dev.minor));
-  }
-  // Decode-like batches (few tokens per request) share nothing between
-  // tokens: one token per CTA, 256-key tiles. Prefill: 8 tokens of one
-  // request share every 64-key tile they load.
-  if (p.T < 512) {
-    launch<1, 4, 3>(p, dev);
+  if (dev.major == 9 && dev.minor == 0) {
+    indexer_logits_sm90(p);
   } else {
-    launch<8, 1, 4>(p, dev);
+    indexer_logits_mma(p);
   }
 }
 

@@ -24,7 +24,14 @@ struct IndexerLogitsParams {
   cudaStream_t stream = nullptr;
 };
 
+// Picks the fastest kernel for the device (wgmma on sm_90, else mma.sync).
+// Throws ShapeError for inputs outside the contract, CudaError below sm_89.
 void indexer_logits(const IndexerLogitsParams& p);
+// The two kernels, callable on their own (tests, benchmarks):
+// sm_90a warpgroup MMA (QGMMA), and fp8 mma.sync (sm_89+; on sm_90 the
+// compiler lowers it to fp8->f16 conversions plus HMMA).
+void indexer_logits_sm90(const IndexerLogitsParams& p);
+void indexer_logits_mma(const IndexerLogitsParams& p);
 
 struct TopkParams {
   const float* logits = nullptr;        // [T, logits_stride] fp32
@@ -54,8 +61,9 @@ struct KernelTiming {
 // `requests` requests, each with `cached` tokens in the paged cache and
 // `num_new` new query tokens (prefill: cached 0, num_new 4096; decode:
 // num_new 1). Causal: new token i sees cached + i + 1 keys.
+enum class IndexerKernel { Auto, Sm90Wgmma, MmaSync };
 KernelTiming bench_indexer_logits(int64_t requests, int64_t cached, int64_t num_new, int warmup, int iters,
-                                  uint64_t seed);
+                                  uint64_t seed, IndexerKernel kernel = IndexerKernel::Auto);
 // Top-k of k over [T, S] fp32 logits. causal = false: every row sees all S
 // columns (the torch.topk comparison); causal = true: row t sees S - T + t + 1.
 KernelTiming bench_topk(int64_t T, int64_t S, int k, bool causal, int warmup, int iters, uint64_t seed);

@@ -105,7 +105,7 @@ void launch_fill(uint8_t* x, int64_t n, uint64_t seed) {
 }  // namespace
 
 KernelTiming bench_indexer_logits(int64_t requests, int64_t cached, int64_t num_new, int warmup, int iters,
-                                  uint64_t seed) {
+                                  uint64_t seed, IndexerKernel kernel) {
   if (requests < 1 || cached < 0 || num_new < 1) {
     throw ShapeError("bench_indexer_logits: needs requests >= 1, cached >= 0, num_new >= 1");
   }
@@ -153,7 +153,10 @@ KernelTiming bench_indexer_logits(int64_t requests, int64_t cached, int64_t num_
   p.T = T;
   p.logits_stride = seq;
   p.max_blocks_per_request = blocks_per_req;
-  KernelTiming r = time_it([&] { indexer_logits(p); }, warmup, iters);
+  auto fn = kernel == IndexerKernel::Sm90Wgmma ? indexer_logits_sm90
+            : kernel == IndexerKernel::MmaSync  ? indexer_logits_mma
+                                                : indexer_logits;
+  KernelTiming r = time_it([&] { fn(p); }, warmup, iters);
   r.flops = 2.0 * kHeads * kDim * visible;
   r.bytes = cache_bytes + static_cast<double>(T) * (kHeads * kDim + kHeads * 4) + static_cast<double>(T) * seq * 4;
   return r;

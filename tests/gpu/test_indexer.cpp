@@ -159,19 +159,27 @@ void run_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed)
   p.logits_stride = pb.stride;
   p.max_blocks_per_request = pb.max_blocks;
 
-  std::vector<float> out1(ref.size()), out2(ref.size());
-  for (std::vector<float>* out : {&out1, &out2}) {
-    CK(cudaMemset(logits.p, 0xff, logits.bytes()));  // NaN poison
-    ASSERT_NO_THROW(dsa::cuda::indexer_logits(p));
-    CK(cudaDeviceSynchronize());
-    CK(cudaMemcpy(out->data(), logits.p, logits.bytes(), cudaMemcpyDeviceToHost));
+  struct Kernel {
+    const char* name;
+    void (*fn)(const dsa::cuda::IndexerLogitsParams&);
+  };
+  for (const Kernel& k : {Kernel{"wgmma", dsa::cuda::indexer_logits_sm90}, Kernel{"mma.sync", dsa::cuda::indexer_logits_mma},
+                          Kernel{"dispatch", dsa::cuda::indexer_logits}}) {
+    SCOPED_TRACE(k.name);
+    std::vector<float> out1(ref.size()), out2(ref.size());
+    for (std::vector<float>* out : {&out1, &out2}) {
+      CK(cudaMemset(logits.p, 0xff, logits.bytes()));  // NaN poison
+      ASSERT_NO_THROW(k.fn(p));
+      CK(cudaDeviceSynchronize());
+      CK(cudaMemcpy(out->data(), logits.p, logits.bytes(), cudaMemcpyDeviceToHost));
+    }
+    const Compare c = compare(out1, ref);
+    EXPECT_EQ(c.nan, 0) << "NaN in the output (poison left or stray read)";
+    EXPECT_EQ(c.inf_mismatch, 0) << "-inf positions differ from the reference";
+    EXPECT_LE(c.rel, 1e-3) << "worst at token " << c.worst / pb.stride << " key " << c.worst % pb.stride << ": "
+                           << out1[c.worst] << " vs " << ref[c.worst];
+    EXPECT_EQ(std::memcmp(out1.data(), out2.data(), out1.size() * 4), 0) << "two runs differ";
   }
-  const Compare c = compare(out1, ref);
-  EXPECT_EQ(c.nan, 0) << "NaN in the output (poison left or stray read)";
-  EXPECT_EQ(c.inf_mismatch, 0) << "-inf positions differ from the reference";
-  EXPECT_LE(c.rel, 1e-3) << "worst at token " << c.worst / pb.stride << " key " << c.worst % pb.stride << ": "
-                         << out1[c.worst] << " vs " << ref[c.worst];
-  EXPECT_EQ(std::memcmp(out1.data(), out2.data(), out1.size() * 4), 0) << "two runs differ";
 }
 
 // T < 512: one token per CTA. Ragged: contexts shorter and longer than top-k's 2048.
@@ -222,9 +230,12 @@ TEST(GpuIndexerLogits, DISABLED_Bench) {
   };
   for (const Shape& s : {Shape{"prefill T=4096 ctx 4096", 1, 0, 4096}, Shape{"T=4096 at end of 65536", 1, 61440, 4096},
                          Shape{"decode 64 x 1 x 32768", 64, 32767, 1}, Shape{"decode 64 x next_n 2 x 32768", 64, 32766, 2}}) {
-    const dsa::cuda::KernelTiming t = dsa::cuda::bench_indexer_logits(s.requests, s.cached, s.num_new, 3, 20, 1);
-    std::printf("BENCH indexer_logits %-32s median %.4f ms (min %.4f max %.4f)  %.1f TFLOP/s  %.0f GB/s\n", s.name,
-                t.median_ms, t.min_ms, t.max_ms, t.flops / t.median_ms * 1e-9, t.bytes / t.median_ms * 1e-6);
+    for (auto k : {dsa::cuda::IndexerKernel::Sm90Wgmma, dsa::cuda::IndexerKernel::MmaSync}) {
+      const dsa::cuda::KernelTiming t = dsa::cuda::bench_indexer_logits(s.requests, s.cached, s.num_new, 3, 20, 1, k);
+      std::printf("BENCH indexer_logits %-8s %-30s median %.4f ms (min %.4f max %.4f)  %.1f TFLOP/s  %.0f GB/s\n",
+                  k == dsa::cuda::IndexerKernel::Sm90Wgmma ? "wgmma" : "mma.sync", s.name, t.median_ms, t.min_ms,
+                  t.max_ms, t.flops / t.median_ms * 1e-9, t.bytes / t.median_ms * 1e-6);
+    }
   }
 }
 
