@@ -21,7 +21,8 @@ namespace dsa::cuda::topk_impl {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kChunk = kThreads * 4;  // elements per ordered-compaction step (counts fit 16 bits)
+constexpr int kPerThread = 8;                 // consecutive elements per thread in an ordered-compaction step
+constexpr int kChunk = kThreads * kPerThread;  // 4096 per step: counts fit the 16-bit halves of one scan word
 constexpr int kHistBins = 4096;
 constexpr int kCandCap = 8192;  // candidates gathered in shared memory
 
@@ -161,40 +162,54 @@ __device__ __forceinline__ Digit find_digit(const uint32_t* hist, int bins, uint
 
 // In position order, selects every key > thr and the first `need` keys == thr,
 // calling emit(j, position, key) for the j-th selected; stops after `limit`.
+// Each thread takes kPerThread consecutive elements per step (one block scan
+// per step), and the next step's loads are issued before this step's scan so
+// that the pass streams instead of waiting on memory once per barrier.
 template <class Src, class Emit>
 __device__ __forceinline__ void ordered_compact(const Src& src, uint32_t thr, uint32_t need, uint32_t limit, Scan& scan,
                                                 Emit emit) {
   uint32_t gt_run = 0, eq_run = 0;
+  uint32_t cur[kPerThread], nxt[kPerThread];
+  const int first = static_cast<int>(threadIdx.x) * kPerThread;
+#pragma unroll
+  for (int q = 0; q < kPerThread / 4; ++q) src.load4(first + 4 * q, *reinterpret_cast<uint32_t(*)[4]>(cur + 4 * q));
   for (int base = 0; base < src.n; base += kChunk) {
-    const int i0 = base + static_cast<int>(threadIdx.x) * 4;
-    uint32_t k[4];
-    src.load4(i0, k);
+    const int i0 = base + first;
+    if (base + kChunk < src.n) {
+#pragma unroll
+      for (int q = 0; q < kPerThread / 4; ++q)
+        src.load4(i0 + kChunk + 4 * q, *reinterpret_cast<uint32_t(*)[4]>(nxt + 4 * q));
+    }
     uint32_t cg = 0, ce = 0;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < kPerThread; ++j) {
       if (i0 + j < src.n) {
-        cg += k[j] > thr;
-        ce += k[j] == thr;
+        cg += cur[j] > thr;
+        ce += cur[j] == thr;
       }
     }
     uint32_t tot;
     const uint32_t ex = scan.exclusive(cg | (ce << 16), tot);
-    uint32_t gb = gt_run + (ex & 0xffffu), eb = eq_run + (ex >> 16);
+    if (cg + ce != 0) {
+      uint32_t gb = gt_run + (ex & 0xffffu), eb = eq_run + (ex >> 16);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (i0 + j < src.n) {
-        if (k[j] > thr) {
-          emit(gb + min(eb, need), src.pos(i0 + j), k[j]);
-          ++gb;
-        } else if (k[j] == thr) {
-          if (eb < need) emit(gb + eb, src.pos(i0 + j), k[j]);
-          ++eb;
+      for (int j = 0; j < kPerThread; ++j) {
+        if (i0 + j < src.n) {
+          if (cur[j] > thr) {
+            emit(gb + min(eb, need), src.pos(i0 + j), cur[j]);
+            ++gb;
+          } else if (cur[j] == thr) {
+            if (eb < need) emit(gb + eb, src.pos(i0 + j), cur[j]);
+            ++eb;
+          }
         }
       }
     }
     gt_run += tot & 0xffffu;
     eq_run += tot >> 16;
     if (gt_run + min(eq_run, need) >= limit) break;  // uniform: every thread has the same totals
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) cur[j] = nxt[j];
   }
 }
 
