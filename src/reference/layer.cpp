@@ -21,13 +21,13 @@ namespace {
 
 std::vector<float> to_float(const std::vector<bf16_t>& v) {
   std::vector<float> f(v.size());
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (v.size() >= 65536)
   for (int64_t i = 0; i < static_cast<int64_t>(v.size()); ++i) f[i] = bf16_to_float(v[i]);
   return f;
 }
 
 void round_bf16_inplace(std::vector<float>& v) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (v.size() >= 65536)
   for (int64_t i = 0; i < static_cast<int64_t>(v.size()); ++i) v[i] = round_bf16(v[i]);
 }
 
@@ -182,7 +182,7 @@ std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, 
   const std::vector<double> inv_freq = rope_inv_freq(cfg);
   apply_rope(q.data(), T * H, dqk, nope, H, position_ids.data(), inv_freq, RopeStyle::Interleaved);
   apply_rope(k_pe.data(), T, rope, 0, 1, position_ids.data(), inv_freq, RopeStyle::Interleaved);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T * H >= 4096)
   for (int64_t r = 0; r < T * H; ++r) {
     for (int64_t i = nope; i < dqk; ++i) q[r * dqk + i] = round_bf16(q[r * dqk + i]);
   }
@@ -259,7 +259,7 @@ std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, 
     std::vector<float> qabs(static_cast<size_t>(T * dkv));
     for (int64_t h = 0; h < H; ++h) {
       gemm(T, dkv, nope, q.data() + h * dqk, H * dqk, wkvb.data() + h * (nope + dv) * dkv, dkv, /*b_trans=*/false, qabs.data(), dkv);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T >= 256)
       for (int64_t t = 0; t < T; ++t) {
         bf16_t* dst = q_cat.data() + (t * H + h) * lat;
         for (int64_t i = 0; i < dkv; ++i) dst[i] = float_to_bf16(qabs[t * dkv + i]);
@@ -283,7 +283,7 @@ std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, 
       }
     }
     std::vector<float> rows(static_cast<size_t>(nrows * lat));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (md.num_slots >= 4096)
     for (int64_t s = 0; s < md.num_slots; ++s) {
       if (slot_row[s] >= 0) read_latent_row(cfg, latent_pool, s, rows.data() + slot_row[s] * lat);
     }
@@ -313,7 +313,7 @@ std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, 
   {
     std::vector<float> oh(static_cast<size_t>(T * dkv));
     for (int64_t h = 0; h < H; ++h) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (T >= 256)
       for (int64_t t = 0; t < T; ++t) {
         for (int64_t i = 0; i < dkv; ++i) oh[t * dkv + i] = bf16_to_float(attn_out[(t * H + h) * dkv + i]);
       }

@@ -116,61 +116,78 @@ void pack_b(const float* B, int64_t ldb, bool b_trans, int64_t n0, int64_t cols,
 
 }  // namespace
 
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, bool b_trans, float* C,
-          int64_t ldc, bool accumulate, bool parallel) {
-  if (M <= 0 || N <= 0) return;
-  const int64_t mtiles = (M + kMR - 1) / kMR;
-  std::vector<double> cd(static_cast<size_t>(M * std::min(N, kNC)));
-  std::vector<float> bpack(static_cast<size_t>(kKC * kNC));
-  const bool par = parallel && omp_get_max_threads() > 1 && !omp_in_parallel();
-#pragma omp parallel if (par)
-  {
-    std::vector<float> apack(static_cast<size_t>(kKC * kMR));
-    float tile[kMR * kNR];
-    for (int64_t n0 = 0; n0 < N; n0 += kNC) {
-      const int64_t nb = std::min(kNC, N - n0);
-      const int64_t npanels = (nb + kNR - 1) / kNR;
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < M * nb; ++i) cd[i] = 0.0;
-      for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kKC) {
-        const int64_t kb = std::min(kKC, K - k0);
-#pragma omp for schedule(static)
+namespace {
+
+// C[m0:m1, n0:n1] of the product, packing its own B slices: no state shared
+// between threads, so no barriers (which cost whole scheduler time slices on
+// an oversubscribed machine).
+void gemm_part(int64_t m0, int64_t m1, int64_t n_begin, int64_t n_end, int64_t K, const float* A, int64_t lda, const float* B,
+               int64_t ldb, bool b_trans, float* C, int64_t ldc, bool accumulate) {
+  if (m1 <= m0 || n_end <= n_begin) return;
+  const int64_t rows_total = m1 - m0;
+  thread_local std::vector<float> apack, bpack;
+  thread_local std::vector<double> cd;
+  apack.resize(static_cast<size_t>(kKC * kMR));
+  bpack.resize(static_cast<size_t>(kKC * kNC));
+  cd.resize(static_cast<size_t>(rows_total * kNC));
+  float tile[kMR * kNR];
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kNC) {
+    const int64_t nb = std::min(kNC, n_end - n0);
+    const int64_t npanels = (nb + kNR - 1) / kNR;
+    std::fill(cd.begin(), cd.begin() + rows_total * nb, 0.0);
+    for (int64_t k0 = 0; k0 < std::max<int64_t>(K, 1); k0 += kKC) {
+      const int64_t kb = std::min(kKC, K - k0);
+      for (int64_t p = 0; p < npanels; ++p) {
+        pack_b(B, ldb, b_trans, n0 + p * kNR, std::min(kNR, nb - p * kNR), k0, kb, bpack.data() + p * kb * kNR);
+      }
+      for (int64_t mt = m0; mt < m1; mt += kMR) {
+        const int64_t rows = std::min(kMR, m1 - mt);
+        pack_a(A, lda, mt, rows, k0, kb, apack.data());
         for (int64_t p = 0; p < npanels; ++p) {
-          pack_b(B, ldb, b_trans, n0 + p * kNR, std::min(kNR, nb - p * kNR), k0, kb, bpack.data() + p * kb * kNR);
-        }
-        // Parallel over row tiles (each packs its A slice once); with fewer
-        // row tiles than threads (decode), over column panels instead.
-        const bool by_rows = mtiles >= 2 * omp_get_num_threads();
-#pragma omp for schedule(dynamic, 1) collapse(2)
-        for (int64_t mt = 0; mt < (by_rows ? mtiles : 1); ++mt) {
-          for (int64_t q = 0; q < (by_rows ? 1 : npanels); ++q) {
-            const int64_t mt_begin = by_rows ? mt : 0, mt_end = by_rows ? mt + 1 : mtiles;
-            const int64_t p_begin = by_rows ? 0 : q, p_end = by_rows ? npanels : q + 1;
-            for (int64_t t = mt_begin; t < mt_end; ++t) {
-              const int64_t m0 = t * kMR, rows = std::min(kMR, M - m0);
-              pack_a(A, lda, m0, rows, k0, kb, apack.data());
-              for (int64_t p = p_begin; p < p_end; ++p) {
-                const int64_t cols = std::min(kNR, nb - p * kNR);
-                kMicro(kb, apack.data(), bpack.data() + p * kb * kNR, tile);
-                for (int64_t i = 0; i < rows; ++i) {
-                  double* dst = cd.data() + (m0 + i) * nb + p * kNR;
-                  for (int64_t j = 0; j < cols; ++j) dst[j] += tile[i * kNR + j];
-                }
-              }
-            }
+          const int64_t cols = std::min(kNR, nb - p * kNR);
+          kMicro(kb, apack.data(), bpack.data() + p * kb * kNR, tile);
+          for (int64_t i = 0; i < rows; ++i) {
+            double* dst = cd.data() + (mt - m0 + i) * nb + p * kNR;
+            for (int64_t j = 0; j < cols; ++j) dst[j] += tile[i * kNR + j];
           }
         }
       }
-#pragma omp for schedule(static)
-      for (int64_t m = 0; m < M; ++m) {
-        float* dst = C + m * ldc + n0;
-        const double* src = cd.data() + m * nb;
-        if (accumulate) {
-          for (int64_t j = 0; j < nb; ++j) dst[j] = static_cast<float>(dst[j] + src[j]);
-        } else {
-          for (int64_t j = 0; j < nb; ++j) dst[j] = static_cast<float>(src[j]);
-        }
+    }
+    for (int64_t m = m0; m < m1; ++m) {
+      float* dst = C + m * ldc + n0;
+      const double* src = cd.data() + (m - m0) * nb;
+      if (accumulate) {
+        for (int64_t j = 0; j < nb; ++j) dst[j] = static_cast<float>(dst[j] + src[j]);
+      } else {
+        for (int64_t j = 0; j < nb; ++j) dst[j] = static_cast<float>(src[j]);
       }
+    }
+  }
+}
+
+}  // namespace
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, bool b_trans, float* C,
+          int64_t ldc, bool accumulate, bool parallel) {
+  if (M <= 0 || N <= 0) return;
+  // Small products are not worth waking threads for.
+  const bool par = parallel && omp_get_max_threads() > 1 && !omp_in_parallel() && double(M) * N * std::max<int64_t>(K, 1) >= 4e6;
+  if (!par) {
+    gemm_part(0, M, 0, N, K, A, lda, B, ldb, b_trans, C, ldc, accumulate);
+    return;
+  }
+  const int64_t mtiles = (M + kMR - 1) / kMR;
+#pragma omp parallel
+  {
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    if (mtiles >= 2 * nt) {
+      // Contiguous row-tile ranges: each thread streams B once.
+      const int64_t t0 = mtiles * id / nt, t1 = mtiles * (id + 1) / nt;
+      gemm_part(t0 * kMR, std::min(M, t1 * kMR), 0, N, K, A, lda, B, ldb, b_trans, C, ldc, accumulate);
+    } else {
+      const int64_t panels = (N + kNR - 1) / kNR;
+      const int64_t p0 = panels * id / nt, p1 = panels * (id + 1) / nt;
+      gemm_part(0, M, p0 * kNR, std::min(N, p1 * kNR), K, A, lda, B, ldb, b_trans, C, ldc, accumulate);
     }
   }
 }
@@ -180,7 +197,7 @@ void linear(const float* x, const float* w, float* y, int64_t M, int64_t N, int6
 }
 
 void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64_t D, double eps) {
-#pragma omp parallel for
+#pragma omp parallel for if (rows * D >= 65536)
   for (int64_t r = 0; r < rows; ++r) {
     double ss = 0.0;
     for (int64_t i = 0; i < D; ++i) ss += static_cast<double>(x[r * D + i]) * x[r * D + i];
@@ -190,7 +207,7 @@ void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64
 }
 
 void layer_norm(const float* x, const float* weight, const float* bias, float* y, int64_t rows, int64_t D, double eps) {
-#pragma omp parallel for
+#pragma omp parallel for if (rows * D >= 65536)
   for (int64_t r = 0; r < rows; ++r) {
     double mean = 0.0;
     for (int64_t i = 0; i < D; ++i) mean += x[r * D + i];

@@ -99,7 +99,7 @@ void apply_rope(float* x, int64_t rows, int64_t stride, int64_t col0, int64_t ro
                 const std::vector<double>& inv_freq, RopeStyle style) {
   const int64_t half = static_cast<int64_t>(inv_freq.size());
   std::vector<float> f(inv_freq.begin(), inv_freq.end());  // kernels receive fp32 f_i' (docs/numerics.md)
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows >= 1024)
   for (int64_t r = 0; r < rows; ++r) {
     float* v = x + r * stride + col0;
     const float p = static_cast<float>(pos[r / rows_per_pos]);
@@ -118,7 +118,7 @@ void apply_rope(float* x, int64_t rows, int64_t stride, int64_t col0, int64_t ro
 void hadamard128(float* x, int64_t vectors) {
   constexpr int64_t n = 128;
   const double norm = 1.0 / std::sqrt(static_cast<double>(n));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (vectors >= 512)
   for (int64_t v = 0; v < vectors; ++v) {
     double t[n];
     for (int64_t i = 0; i < n; ++i) t[i] = x[v * n + i];
@@ -137,7 +137,7 @@ void hadamard128(float* x, int64_t vectors) {
 }
 
 void quantize_fp8_blocks(const float* x, int64_t vectors, int64_t block, fp8_t* q8, float* scale) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (vectors >= 512)
   for (int64_t v = 0; v < vectors; ++v) {
     const float* src = x + v * block;
     float amax = 0.0f;
@@ -213,7 +213,7 @@ void topk(const float* logits, int64_t T, int64_t S, const int32_t* visible_end,
       throw ShapeError(fmt::format("topk: token {} has visible_end {}, outside the logits row [0, {}]", t, visible_end[t], S));
     }
   }
-#pragma omp parallel
+#pragma omp parallel if (T >= 64)
   {
     std::vector<int32_t> cand;
 #pragma omp for schedule(dynamic, 16)

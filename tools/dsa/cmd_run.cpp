@@ -1,10 +1,310 @@
-// dsa run: registered here; filled in by its issue.
+// dsa run: replays one forward step on the CPU reference from files (or from
+// seeds) and dumps the output and the intermediates, so that the layer can be
+// compared with another implementation tensor by tensor. File formats:
+// docs/run-format.md.
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cstring>
+#include <cmath>
+#include <memory>
+#include <numeric>
+
+#include "cli_common.h"
 #include "commands.h"
+#include "dsa/cache.h"
 #include "dsa/error.h"
+#include "dsa/layer.h"
+#include "dsa/reference.h"
+#include "dsa/safetensors.h"
 
 namespace dsa::cli {
-void register_run(CLI::App& app) {
-  CLI::App* sub = app.add_subcommand("run", "run (not built yet)");
-  sub->callback([] { throw Error("dsa run is not available in this build yet"); });
+
+namespace {
+
+struct RunOptions {
+  ConfigOptions cfg;
+  BatchOptions batch;
+  std::string weights, inputs, dump, save_weights, save_inputs;
+  uint64_t seed = 1;
+  int64_t layer = 0;
+  bool logits = false;
+  bool no_intermediates = false;
+};
+
+// Everything a step needs besides the weights.
+struct StepInputs {
+  std::vector<StepRequest> requests;
+  std::vector<bf16_t> hidden;          // [T, hidden]
+  std::vector<int32_t> position_ids;   // [T]
+  std::vector<bf16_t> prefix_hidden;   // [sum cached, hidden] or empty
+};
+
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
 }
+
+// Uniform in [-sqrt(3), sqrt(3)) (unit RMS), a function of its arguments only.
+float synth(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) {
+  const uint64_t h = mix(mix(mix(seed ^ 0x5eed) + a) + b * 0x100000001b3ull + c);
+  return static_cast<float>(((h >> 40) * (1.0 / 16777216.0) * 2.0 - 1.0) * std::sqrt(3.0));
+}
+
+// Cached positions without their hidden states: latent rows and indexer keys
+// of unit RMS derived from (seed, request id, position, element), written in
+// the layer's own formats.
+void fill_synthetic_prefix(const LayerConfig& cfg, CacheManager& cache, const StepRequest& r, uint64_t seed) {
+  const int64_t dkv = cfg.kv_lora_rank, rope = cfg.qk_rope_head_dim, DI = cfg.index_head_dim;
+  const int64_t tpb = cfg.tokens_per_block, ibb = cache.config().indexer_bytes_per_block();
+  std::vector<float> c(dkv), k(rope), key(DI);
+  std::vector<fp8_t> k8(DI);
+  for (int64_t p = 0; p < r.cached; ++p) {
+    const int64_t slot = cache.slot(r.id, p);
+    for (int64_t i = 0; i < dkv; ++i) c[i] = round_bf16(synth(seed, r.id, p, i));
+    for (int64_t i = 0; i < rope; ++i) k[i] = round_bf16(synth(seed, r.id, p, dkv + i));
+    ref::write_latent_row(cfg, cache.latent_pool(0), slot, c.data(), k.data());
+    for (int64_t i = 0; i < DI; ++i) key[i] = synth(seed + 1, r.id, p, i);
+    float s;
+    ref::quantize_fp8_blocks(key.data(), 1, DI, k8.data(), &s);
+    uint8_t* blk = cache.indexer_pool(0) + (slot / tpb) * ibb;
+    std::memcpy(blk + (slot % tpb) * DI, k8.data(), DI);
+    std::memcpy(blk + tpb * DI + (slot % tpb) * 4, &s, 4);
+  }
+}
+
+StepInputs read_inputs(const LayerConfig& cfg, const std::string& path) {
+  st::Reader r(path);
+  StepInputs in;
+  if (!r.has("hidden")) throw FileError(fmt::format("inputs '{}' has no tensor 'hidden' [T, hidden_size]; see docs/run-format.md", path));
+  const auto& hi = r.info("hidden");
+  if (hi.shape.size() != 2 || hi.shape[1] != cfg.hidden_size) {
+    throw FileError(fmt::format("inputs '{}': 'hidden' has shape {} but [T, {}] is needed (hidden_size); check --hidden-size / --config",
+                                path, st::shape_string(hi.shape), cfg.hidden_size));
+  }
+  const int64_t T = hi.shape[0];
+  in.hidden = r.read_bf16("hidden");
+  if (r.has("request_new")) {
+    const auto nw = r.read_i64("request_new");
+    const auto cached = r.has("request_cached") ? r.read_i64("request_cached") : std::vector<int64_t>(nw.size(), 0);
+    const auto ids = r.has("request_ids") ? r.read_i64("request_ids") : [&] {
+      std::vector<int64_t> v(nw.size());
+      std::iota(v.begin(), v.end(), 0);
+      return v;
+    }();
+    if (cached.size() != nw.size() || ids.size() != nw.size()) {
+      throw FileError(fmt::format("inputs '{}': request_new, request_cached and request_ids must have one entry per request ({}, {}, {})",
+                                  path, nw.size(), cached.size(), ids.size()));
+    }
+    for (size_t i = 0; i < nw.size(); ++i) in.requests.push_back(StepRequest{ids[i], cached[i], nw[i]});
+  } else {
+    if (r.has("request_cached")) throw FileError(fmt::format("inputs '{}' has request_cached but no request_new", path));
+    in.requests.push_back(StepRequest{0, 0, T});
+  }
+  int64_t total_new = 0, total_cached = 0;
+  for (const auto& q : in.requests) {
+    if (q.num_new <= 0 || q.cached < 0) {
+      throw FileError(fmt::format("inputs '{}': request {} has cached {} and new {}; need cached >= 0 and new >= 1", path, q.id, q.cached, q.num_new));
+    }
+    total_new += q.num_new;
+    total_cached += q.cached;
+  }
+  if (total_new != T) {
+    throw FileError(fmt::format("inputs '{}': the requests' new tokens add up to {} but 'hidden' has {} rows", path, total_new, T));
+  }
+  if (r.has("position_ids")) {
+    r.expect_shape("position_ids", {T}, "one position per row of hidden");
+    for (int64_t v : r.read_i64("position_ids")) in.position_ids.push_back(static_cast<int32_t>(v));
+  } else {
+    for (const auto& q : in.requests)
+      for (int64_t i = 0; i < q.num_new; ++i) in.position_ids.push_back(static_cast<int32_t>(q.cached + i));
+  }
+  if (r.has("prefix_hidden")) {
+    r.expect_shape("prefix_hidden", {total_cached, cfg.hidden_size}, "the cached tokens of every request, in request order");
+    in.prefix_hidden = r.read_bf16("prefix_hidden");
+  }
+  return in;
+}
+
+void write_inputs(const LayerConfig& cfg, const StepInputs& in, const std::string& path) {
+  st::Writer w;
+  const int64_t T = static_cast<int64_t>(in.position_ids.size()), R = static_cast<int64_t>(in.requests.size());
+  w.add_bf16("hidden", {T, cfg.hidden_size}, in.hidden);
+  w.add_i32("position_ids", {T}, in.position_ids);
+  std::vector<int64_t> ids, cached, nw;
+  for (const auto& q : in.requests) {
+    ids.push_back(q.id);
+    cached.push_back(q.cached);
+    nw.push_back(q.num_new);
+  }
+  w.add_i64("request_ids", {R}, ids);
+  w.add_i64("request_cached", {R}, cached);
+  w.add_i64("request_new", {R}, nw);
+  if (!in.prefix_hidden.empty()) {
+    w.add_bf16("prefix_hidden", {static_cast<int64_t>(in.prefix_hidden.size()) / cfg.hidden_size, cfg.hidden_size}, in.prefix_hidden);
+  }
+  w.set_metadata("producer", "dsa run");
+  w.write(path);
+}
+
+template <class T>
+std::vector<T> take(std::vector<T>& v) {
+  std::vector<T> out;
+  out.swap(v);
+  return out;
+}
+
+std::vector<uint8_t> to_fp8(const std::vector<float>& v) {
+  std::vector<uint8_t> b(v.size());
+  for (size_t i = 0; i < v.size(); ++i) b[i] = float_to_fp8_e4m3(v[i]);
+  return b;
+}
+
+void run(const RunOptions& o) {
+  const auto wall0 = std::chrono::steady_clock::now();
+  const LayerConfig cfg = resolve_config(o.cfg);
+  if (o.layer < 0) throw ConfigError(fmt::format("--layer {} is invalid: layer indices start at 0", o.layer));
+  const LayerWeights w = o.weights.empty() ? generate_weights(cfg, o.seed) : load_weights(cfg, o.weights, o.layer);
+  fmt::print("weights: {}\n", o.weights.empty() ? fmt::format("generated from seed {}", o.seed)
+                                                   : fmt::format("{} (layer {})", o.weights, o.layer));
+  if (!o.save_weights.empty()) {
+    save_weights(cfg, w, o.save_weights, o.layer);
+    fmt::print("wrote weights to {} (bf16, prefix {})\n", o.save_weights, weight_prefix(o.layer));
+  }
+
+  StepInputs in;
+  if (!o.inputs.empty()) {
+    in = read_inputs(cfg, o.inputs);
+  } else {
+    in.requests = resolve_requests(o.batch);
+    int64_t T = 0;
+    for (const auto& q : in.requests) {
+      for (int64_t i = 0; i < q.num_new; ++i) in.position_ids.push_back(static_cast<int32_t>(q.cached + i));
+      T += q.num_new;
+    }
+    in.hidden = generate_hidden(cfg, T, o.seed + 1000);
+  }
+  if (!o.save_inputs.empty()) {
+    write_inputs(cfg, in, o.save_inputs);
+    fmt::print("wrote inputs to {}\n", o.save_inputs);
+  }
+
+  CacheConfig cc = CacheConfig::for_layer(cfg);
+  int64_t blocks = 0;
+  for (const auto& q : in.requests) blocks += cc.blocks_for(q.cached + q.num_new);
+  cc.with_tokens(std::max<int64_t>(blocks, 1) * cc.tokens_per_block);
+  CacheManager cache(cc);
+  cache.fill(0xFF);  // NaN in every slot nobody writes: a stray read shows in the output
+
+  // The cached part of each request: the layer over prefix_hidden, or synthetic rows.
+  std::vector<StepRequest> prefix;
+  for (const auto& q : in.requests)
+    if (q.cached > 0) prefix.push_back(StepRequest{q.id, 0, q.cached});
+  if (!prefix.empty()) {
+    reserve_step(cache, prefix);
+    if (!in.prefix_hidden.empty()) {
+      const BatchMetadata pmd = build_batch_metadata(cache, prefix);
+      TraceOptions none;
+      none.intermediates = false;
+      ref::layer_forward(cfg, w, in.prefix_hidden, pmd.positions, pmd, cache, 0, none, nullptr, nullptr);
+      fmt::print("prefix: ran the layer over {} cached tokens (prefix_hidden)\n", in.prefix_hidden.size() / cfg.hidden_size);
+    } else {
+      for (const auto& q : in.requests)
+        if (q.cached > 0) fill_synthetic_prefix(cfg, cache, q, o.seed);
+      fmt::print("prefix: synthetic cache rows for the cached tokens (seed {}; give prefix_hidden for real ones)\n", o.seed);
+    }
+  }
+  reserve_step(cache, in.requests);
+  const BatchMetadata md = build_batch_metadata(cache, in.requests);
+
+  TraceOptions topt;
+  topt.intermediates = !o.no_intermediates;
+  topt.logits = o.logits;
+  LayerTrace tr;
+  std::vector<std::pair<std::string, double>> ms;
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<float> out = ref::layer_forward(cfg, w, in.hidden, in.position_ids, md, cache, 0, topt, &tr, &ms);
+  const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  const int64_t T = md.num_tokens, H = cfg.num_heads, HI = cfg.index_n_heads, DI = cfg.index_head_dim, K = cfg.index_topk;
+  const int64_t width = cfg.o_proj ? cfg.hidden_size : H * cfg.v_head_dim;
+  fmt::print("step: {} requests, {} new tokens, {} cached; output [{}, {}]\n", md.num_requests, T,
+             std::accumulate(in.requests.begin(), in.requests.end(), int64_t{0}, [](int64_t a, const StepRequest& q) { return a + q.cached; }),
+             T, width);
+  double ss = 0;
+  for (float v : out) ss += double(v) * v;
+  fmt::print("output rms {:.6g}\n", std::sqrt(ss / std::max<size_t>(out.size(), 1)));
+  for (const auto& [name, t] : ms) fmt::print("  {:<22} {:>10.1f} ms\n", name, t);
+  fmt::print("  {:<22} {:>10.1f} ms\n", "layer", step_s * 1e3);
+
+  if (!o.dump.empty()) {
+    st::Writer d;
+    d.add_bf16_from_f32("output", {T, width}, take(out));
+    d.add_i32("position_ids", {T}, in.position_ids);
+    {
+      std::vector<int64_t> ids, cached, nw;
+      for (const auto& q : in.requests) ids.push_back(q.id), cached.push_back(q.cached), nw.push_back(q.num_new);
+      const int64_t R = static_cast<int64_t>(in.requests.size());
+      d.add_i64("request_ids", {R}, ids);
+      d.add_i64("request_cached", {R}, cached);
+      d.add_i64("request_new", {R}, nw);
+    }
+    if (topt.intermediates) {
+      const int64_t nope = cfg.qk_nope_head_dim, rope = cfg.qk_rope_head_dim, dkv = cfg.kv_lora_rank;
+      d.add_bf16_from_f32("q_lat", {T, cfg.q_lora_rank}, take(tr.q_lat));
+      d.add_bf16_from_f32("c_kv", {T, dkv}, take(tr.c_kv));
+      d.add_bf16_from_f32("k_pe", {T, rope}, take(tr.k_pe));
+      d.add_bf16_from_f32("q_nope", {T, H, nope}, take(tr.q_nope));
+      d.add_bf16_from_f32("q_pe", {T, H, rope}, take(tr.q_pe));
+      d.add_f32("idx_q", {T, HI, DI}, take(tr.idx_q));
+      d.add_u8("idx_q_fp8", st::DType::F8_E4M3, {T, HI, DI}, to_fp8(take(tr.idx_q_fp8)));
+      d.add_f32("idx_q_scale", {T, HI}, take(tr.idx_q_scale));
+      d.add_f32("idx_k", {T, DI}, take(tr.idx_k));
+      d.add_u8("idx_k_fp8", st::DType::F8_E4M3, {T, DI}, to_fp8(take(tr.idx_k_fp8)));
+      d.add_f32("idx_k_scale", {T}, take(tr.idx_k_scale));
+      d.add_f32("idx_weights", {T, HI}, take(tr.idx_weights));
+      d.add_i32("topk_local", {T, K}, take(tr.topk_local));
+      d.add_i32("topk_global", {T, K}, take(tr.topk_global));
+      d.add_bf16_from_f32("q_cat", {T, H, cfg.latent_dim()}, take(tr.q_cat));
+      d.add_bf16_from_f32("attn_out", {T, H, dkv}, take(tr.attn_out));
+      d.add_f32("attn_lse", {T, H}, take(tr.attn_lse));
+      d.add_f32("attn_max", {T, H}, take(tr.attn_max));
+    }
+    if (o.logits) {
+      const int64_t S = static_cast<int64_t>(tr.idx_logits.size()) / std::max<int64_t>(T, 1);
+      d.add_f32("idx_logits", {T, S}, take(tr.idx_logits));
+    }
+    d.set_metadata("producer", "dsa run (CPU reference)");
+    d.set_metadata("weights", o.weights.empty() ? fmt::format("seed {}", o.seed) : o.weights);
+    d.write(o.dump);
+    fmt::print("wrote {}\n", o.dump);
+  }
+  fmt::print("wall {:.1f} s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count());
+}
+
+}  // namespace
+
+void register_run(CLI::App& app) {
+  auto o = std::make_shared<RunOptions>();
+  CLI::App* sub = app.add_subcommand("run",
+                                     "run one forward step on the CPU reference and dump the output and intermediates "
+                                     "(file formats: docs/run-format.md)");
+  add_config_options(sub, o->cfg);
+  add_batch_options(sub, o->batch, 16);
+  sub->add_option("--weights", o->weights, "weights: .safetensors (bf16, or fp8 with weight_scale_inv) or a model.safetensors.index.json; "
+                                           "omitted: generated from --seed");
+  sub->add_option("--layer", o->layer, "layer index L of the weight names model.layers.L.self_attn.* (0)");
+  sub->add_option("--seed", o->seed, "seed for generated weights, inputs and synthetic cache rows (1)");
+  sub->add_option("--inputs", o->inputs, "inputs .safetensors: hidden, position_ids, request_cached/request_new[, request_ids, prefix_hidden]; "
+                                         "omitted: generated from --seed and --batch/--cached/--new/--requests");
+  sub->add_option("--dump", o->dump, "write the output and the intermediates to this .safetensors file");
+  sub->add_flag("--logits", o->logits, "also dump the indexer logits [T, max_seq_len] fp32 (large)");
+  sub->add_flag("--no-intermediates", o->no_intermediates, "dump only the output (and the step's shape)");
+  sub->add_option("--save-weights", o->save_weights, "also write the weights (bf16, Hugging Face names) to this file");
+  sub->add_option("--save-inputs", o->save_inputs, "also write the step's inputs to this file (replayable with --inputs)");
+  sub->callback([o] { run(*o); });
+}
+
 }  // namespace dsa::cli
