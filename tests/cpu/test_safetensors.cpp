@@ -21,13 +21,19 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// A fresh folder per process, removed at exit.
+struct TmpDir {
+  fs::path path = fs::temp_directory_path() / ("dsa_st_test_" + std::to_string(::getpid()));
+  TmpDir() { fs::create_directories(path); }
+  ~TmpDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
 fs::path tmp_dir() {
-  static const fs::path d = [] {
-    fs::path p = fs::temp_directory_path() / ("dsa_st_test_" + std::to_string(::getpid()));
-    fs::create_directories(p);
-    return p;
-  }();
-  return d;
+  static const TmpDir d;
+  return d.path;
 }
 
 std::string tmp(const std::string& name) { return (tmp_dir() / name).string(); }
