@@ -98,6 +98,10 @@ class CudaLayer {
   std::vector<StageTime> stage_times() const;
   float last_layer_ms() const;
 
+  // Makes forward() fill every GPU buffer with 0xFF bytes (NaN in bf16 and
+  // fp32) after prepare and before launching: tests and dsa check.
+  void set_poison(bool on);
+
   // Makes the next enqueue write the fp32 values the indexer quantizes (trace only).
   void set_trace_mode(bool on);
   // Downloads every intermediate of the last enqueue (synchronizes `stream`).

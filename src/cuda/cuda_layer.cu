@@ -152,6 +152,7 @@ struct CudaLayer::Impl {
       topk_ws, attn_out, lse, row_max, v, out;
   DevBuf dbg_q, dbg_k, dbg_k8, dbg_ks;
   bool trace_mode = false;
+  bool poison = false;
   const void* x = nullptr;  // hidden of the last enqueue
   // Timing.
   std::array<cudaEvent_t, 2 * static_cast<size_t>(Stage::kCount)> ev{};
@@ -498,6 +499,8 @@ float CudaLayer::last_layer_ms() const {
 
 void CudaLayer::set_trace_mode(bool on) { impl_->trace_mode = on; }
 
+void CudaLayer::set_poison(bool on) { impl_->poison = on; }
+
 std::vector<int32_t> CudaLayer::download_topk_global(CUstream_st* stream) const {
   return download<int32_t>(impl_->topk_global.p, static_cast<size_t>(impl_->T * impl_->cfg.index_topk), stream);
 }
@@ -529,6 +532,13 @@ std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const 
     prepare(md, position_ids, cache);
     void* x = hidden_buffer(T);
     if (T) DSA_CUDA_CHECK(cudaMemcpyAsync(x, hidden.data(), hidden.size() * 2, cudaMemcpyHostToDevice, stream));
+    if (m.poison) {
+      for (DevBuf* b : {&m.qa, &m.q_lat, &m.kv, &m.c_kv, &m.k_pe, &m.q, &m.q_cat, &m.qi, &m.kx, &m.wraw, &m.qi8, &m.q_scale,
+                        &m.weights, &m.logits, &m.topk_local, &m.topk_global, &m.attn_out, &m.lse, &m.row_max, &m.v, &m.out,
+                        &m.dbg_q, &m.dbg_k, &m.dbg_k8, &m.dbg_ks}) {
+        if (b->p) fill_u32(b->p, 0xffffffffu, b->bytes / 4, stream);
+      }
+    }
     enqueue(x, stream, false);
     const std::vector<int64_t> shape = output_shape();
     std::vector<bf16_t> out = download<uint16_t>(output_device(), static_cast<size_t>(shape[0] * shape[1]), stream);

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Builds on the GPU machine and checks the CUDA backend end to end, within 10
+# minutes: GPU tests, `dsa check` at the seed's shape (T=4096, H=128, batch 1)
+# and at decode (64 requests x 32768 cached), the `dsa bench` table for both.
+# Logs are written to $LOGS (default /tmp/gpu-check-logs) and packed into
+# $OUT/gpu-check-logs.tgz (the device tool brings back at most 8 files);
+# $OUT/summary.txt and the bench tables come back as files too. A short
+# summary is printed last. Every step has a time limit (seconds, override
+# with the variables below) so the whole run stays inside 10 minutes.
+#
+# Usage: scripts/gpu-check.sh [--sanitize] [--quick] [--no-build]
+#   --sanitize  also run compute-sanitizer --tool memcheck on the GPU tests
+#   --quick     GPU tests and the bench tables only (no dsa check)
+#   --no-build  reuse build-dev from an earlier run on the same machine
+# On the device tool: run with carry [".device-deps"], e.g.
+#   command: scripts/gpu-check.sh --sanitize      timeout_s: 600
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+LOGS=${LOGS:-/tmp/gpu-check-logs}
+TL_BUILD=${TL_BUILD:-300} TL_TESTS=${TL_TESTS:-240} TL_SAN=${TL_SAN:-300} TL_CHECK=${TL_CHECK:-240} TL_BENCH=${TL_BENCH:-120}
+rm -rf "$LOGS"; mkdir -p "$OUT" "$LOGS"
+SANITIZE=0 QUICK=0 BUILD=1
+for a in "$@"; do
+  case "$a" in
+    --sanitize) SANITIZE=1 ;;
+    --quick) QUICK=1 ;;
+    --no-build) BUILD=0 ;;
+    *) echo "unknown option $a (see the header of $0)"; exit 2 ;;
+  esac
+done
+
+declare -a SUMMARY
+FAILED=0
+T0=$(date +%s)
+step() {  # name, log file, time limit (s), command...
+  local name=$1 log=$2 limit=$3
+  shift 3
+  local t=$(date +%s)
+  echo "=== $name: $*" | tee -a "$LOGS/gpu-check.log"
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t ))
+  tail -n 40 "$LOGS/$log" >>"$LOGS/gpu-check.log"
+  local why="rc $rc"
+  [ $rc -eq 124 ] && why="timed out after ${limit}s"
+  if [ $rc -eq 0 ]; then SUMMARY+=("pass  ${dt}s  $name  ($log)"); else SUMMARY+=("FAIL  ${dt}s  $name  ($why, $log)"); FAILED=1; fi
+  return $rc
+}
+finish() {
+  cp "$LOGS"/bench-*.txt "$OUT/" 2>/dev/null
+  tar czf "$OUT/gpu-check-logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")" 2>/dev/null
+  {
+    echo "==== gpu-check summary ($GPU; $(( $(date +%s) - T0 ))s; logs in $OUT/gpu-check-logs.tgz) ===="
+    grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$LOGS/gpu-tests.log" 2>/dev/null | sed 's/^/tests: /'
+    grep -E "^\[  FAILED  \] [A-Za-z]" "$LOGS/gpu-tests.log" 2>/dev/null | sort -u | sed 's/^/tests: /'
+    grep -E "ERROR SUMMARY" "$LOGS/memcheck.log" 2>/dev/null | tail -1 | sed 's/^/memcheck: /'
+    printf '%s\n' "${SUMMARY[@]}"
+  } >"$OUT/summary.txt"
+  echo
+  cat "$OUT/summary.txt"
+  exit $FAILED
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$LOGS/gpu.txt" 2>&1
+GPU=$(head -2 "$LOGS/gpu.txt" | tail -1)
+B=build-dev
+if [ $BUILD -eq 1 ]; then
+  DEPS=()
+  [ -d .device-deps ] && DEPS=(-DDSA_DEPS_DIR="$PWD/.device-deps")
+  step configure configure.log 120 cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release "${DEPS[@]}" || finish
+  step build build.log "$TL_BUILD" cmake --build $B --target dsa dsa_gpu_tests -j"$(nproc)" || { grep -E "error|FAILED" "$LOGS/build.log" | head -30; finish; }
+  grep -E "spill|Local memory" "$LOGS/build.log" | sort -u >"$LOGS/ptxas-spills.txt"
+fi
+DSA=$B/tools/dsa/dsa
+TESTS=$B/tests/dsa_gpu_tests
+
+step "GPU tests" gpu-tests.log "$TL_TESTS" $TESTS --gtest_color=no
+if [ $SANITIZE -eq 1 ]; then
+  # memcheck slows kernels ~10-100x: the tests at small shapes, not the full-width ones.
+  step "memcheck on GPU tests" memcheck.log "$TL_SAN" compute-sanitizer --tool memcheck --error-exitcode 1 \
+    $TESTS --gtest_color=no --gtest_filter='-*FullWidth*:*Bench*:*Large*'
+fi
+if [ $QUICK -eq 0 ]; then
+  step "dsa check seed shape (T=4096 H=128 b=1)" check-seed.log "$TL_CHECK" $DSA check --batch 1 --cached 0 --new 4096
+  step "dsa check decode (64 x 32768 cached)" check-decode.log "$TL_CHECK" $DSA check --batch 64 --cached 32768 --new 1
+fi
+step "dsa bench seed shape" bench-seed.txt "$TL_BENCH" $DSA bench --backend cuda --batch 1 --cached 0 --new 4096
+step "dsa bench decode (graph replay)" bench-decode.txt "$TL_BENCH" $DSA bench --backend cuda --batch 64 --cached 32768 --new 1 --graph
+echo
+echo "---- bench, seed shape ----"; cat "$LOGS/bench-seed.txt"
+echo "---- bench, decode 64 x 32768 ----"; cat "$LOGS/bench-decode.txt"
+for f in check-seed.log check-decode.log; do
+  [ -f "$LOGS/$f" ] && { echo "---- $f (table) ----"; grep -E "^dsa check|^stage|^[a-z_+]+ +[a-zA-Z]|passed|failed|error" "$LOGS/$f" | head -45; }
+done
+finish

@@ -1,0 +1,172 @@
+// The whole CUDA layer against the CPU reference: every stage on the GPU's
+// own inputs and the whole layer against ref::layer_forward, at prefill,
+// decode, speculative (next_n 2) and ragged mixed batches, H 64 and 128,
+// contexts shorter and longer than topk. Unused cache slots and all GPU
+// buffers are NaN-poisoned before each run; each step runs twice and must
+// give the same bits (check_step does all of this and reports per stage).
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+#include "cuda/layer_kernels.h"
+#include "dsa/cuda.h"
+#include "dsa/cuda_layer.h"
+#include "dsa/layer_check.h"
+#include "dsa/reference.h"
+
+namespace {
+
+using dsa::StepRequest;
+
+#define SKIP_WITHOUT_GPU() \
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
+
+// Smaller hidden and q_lora widths keep the CPU reference quick; every width
+// the kernels specialize on (latent 512 + 64, heads 64 / 128, indexer 64 x 128) is real.
+dsa::LayerConfig small_config(int64_t heads, int64_t topk) {
+  dsa::LayerConfig c;
+  c.hidden_size = 1024;
+  c.q_lora_rank = 512;
+  c.num_heads = heads;
+  c.index_topk = topk;
+  dsa::validate(c);
+  return c;
+}
+
+struct Case {
+  const char* name;
+  int64_t heads, topk;
+  std::vector<StepRequest> requests;
+  bool o_proj = false;
+};
+
+std::vector<StepRequest> reqs(std::initializer_list<std::pair<int64_t, int64_t>> cn) {
+  std::vector<StepRequest> v;
+  int64_t id = 0;
+  for (auto [c, n] : cn) v.push_back(StepRequest{id++, c, n});
+  return v;
+}
+
+class LayerStep : public ::testing::TestWithParam<Case> {};
+
+TEST_P(LayerStep, EveryStageAndTheLayerMatchTheReference) {
+  SKIP_WITHOUT_GPU();
+  const Case& c = GetParam();
+  dsa::LayerConfig cfg = small_config(c.heads, c.topk);
+  cfg.o_proj = c.o_proj;
+  dsa::check::CheckOptions o;
+  o.seed = 11;
+  o.sample = 100000;  // every token
+  const dsa::check::StepCheck r = dsa::check::check_step(cfg, c.requests, o);
+  EXPECT_EQ(r.table.failures(), 0) << r.header << "\n" << r.table.format();
+  EXPECT_GE(r.table.rows().size(), 20u) << r.table.format();  // every stage reported
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, LayerStep,
+    ::testing::Values(Case{"prefill_b1_h128_context_above_topk", 128, 64, reqs({{0, 150}})},
+                      Case{"prefill_b1_h64_context_below_topk", 64, 256, reqs({{0, 100}})},
+                      Case{"chunked_prefill_h64", 64, 128, reqs({{96, 64}})},
+                      Case{"ragged3_prefill_decode_next2_h64", 64, 128, reqs({{0, 70}, {300, 1}, {150, 2}})},
+                      Case{"decode_b3_h128", 128, 128, reqs({{500, 1}, {64, 1}, {1000, 1}})},
+                      Case{"next_n2_b2_h128_o_proj", 128, 64, reqs({{200, 2}, {31, 2}}), true}),
+    [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
+
+// DeepSeek-V3.2's own widths (hidden 7168, q_lora 1536, H 128, topk 2048) on
+// a small mixed step whose decode request sees more keys than topk.
+TEST(LayerGpu, FullWidthsMixedStep) {
+  SKIP_WITHOUT_GPU();
+  dsa::LayerConfig cfg;
+  dsa::check::CheckOptions o;
+  o.seed = 5;
+  o.sample = 100000;
+  const dsa::check::StepCheck r = dsa::check::check_step(cfg, reqs({{0, 24}, {3000, 1}, {2100, 2}}), o);
+  EXPECT_EQ(r.table.failures(), 0) << r.header << "\n" << r.table.format();
+}
+
+TEST(LayerGpu, RopeFrequenciesAreTheReferences) {
+  for (const char* type : {"yarn", "none"}) {
+    dsa::LayerConfig cfg;
+    cfg.rope_scaling.type = type;
+    const std::vector<double> a = dsa::cuda::rope_inv_freq(cfg), b = dsa::ref::rope_inv_freq(cfg);
+    ASSERT_EQ(a.size(), b.size());
+    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(static_cast<float>(a[i]), static_cast<float>(b[i])) << type << " i=" << i;
+  }
+}
+
+// The fp8 latent form (656 bytes: e4m3 c_kv, ue8m0 scales, bf16 rope) and the
+// bf16 form, written by the GPU at scattered slots, byte for byte what the
+// reference writes; untouched slots keep their poison.
+TEST(LayerGpu, CacheAppendBothFormsMatchReference) {
+  SKIP_WITHOUT_GPU();
+  for (dsa::LatentCacheDType dt : {dsa::LatentCacheDType::BF16, dsa::LatentCacheDType::FP8}) {
+    dsa::LayerConfig cfg;
+    cfg.kv_cache_dtype = dt;
+    const int64_t T = 37, slots = 256, dkv = 512, rope = 64, row = cfg.latent_cache_bytes_per_token();
+    std::vector<float> ckv(T * dkv), kpe(T * rope);
+    std::vector<uint16_t> ckv_b(T * dkv), kpe_b(T * rope);
+    for (int64_t i = 0; i < T * dkv; ++i) {
+      ckv_b[i] = dsa::float_to_bf16(std::sin(0.37f * i + 1.f) * (1 + (i % 97) * 0.05f));
+      ckv[i] = dsa::bf16_to_float(ckv_b[i]);
+    }
+    for (int64_t i = 0; i < T * rope; ++i) {
+      kpe_b[i] = dsa::float_to_bf16(std::cos(0.11f * i) + 0.01f);
+      kpe[i] = dsa::bf16_to_float(kpe_b[i]);
+    }
+    std::vector<int64_t> slot(T);
+    for (int64_t t = 0; t < T; ++t) slot[t] = (t * 67 + 5) % slots;
+    void *d_ckv, *d_kpe, *d_slot, *d_pool;
+    ASSERT_EQ(cudaMalloc(&d_ckv, ckv_b.size() * 2), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_kpe, kpe_b.size() * 2), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_slot, T * 8), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(&d_pool, slots * row), cudaSuccess);
+    cudaMemcpy(d_ckv, ckv_b.data(), ckv_b.size() * 2, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_kpe, kpe_b.data(), kpe_b.size() * 2, cudaMemcpyHostToDevice);
+    cudaMemcpy(d_slot, slot.data(), T * 8, cudaMemcpyHostToDevice);
+    std::vector<uint8_t> expect(slots * row, 0xff);
+    for (int64_t t = 0; t < T; ++t) dsa::ref::write_latent_row(cfg, expect.data(), slot[t], &ckv[t * dkv], &kpe[t * rope]);
+    std::vector<uint8_t> first;
+    for (int run = 0; run < 2; ++run) {
+      cudaMemset(d_pool, 0xff, slots * row);
+      dsa::cuda::CacheAppendParams p;
+      p.c_kv = static_cast<const __nv_bfloat16*>(d_ckv), p.k_pe = static_cast<const __nv_bfloat16*>(d_kpe);
+      p.slot_mapping = static_cast<const int64_t*>(d_slot), p.latent_pool = static_cast<uint8_t*>(d_pool);
+      p.T = T, p.num_slots = slots, p.fp8 = dt == dsa::LatentCacheDType::FP8;
+      dsa::cuda::cache_append(p);
+      std::vector<uint8_t> got(slots * row);
+      ASSERT_EQ(cudaMemcpy(got.data(), d_pool, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+      int64_t bad = 0;
+      for (size_t i = 0; i < got.size(); ++i) bad += got[i] != expect[i];
+      EXPECT_EQ(bad, 0) << dsa::to_string(dt) << " run " << run;
+      if (run == 0) first = got;
+      else EXPECT_EQ(std::memcmp(first.data(), got.data(), got.size()), 0);
+    }
+    cudaFree(d_ckv), cudaFree(d_kpe), cudaFree(d_slot), cudaFree(d_pool);
+  }
+}
+
+TEST(LayerGpu, RejectsWhatItCannotRun) {
+  SKIP_WITHOUT_GPU();
+  dsa::LayerConfig cfg = small_config(64, 64);
+  const dsa::LayerWeights w = dsa::generate_weights(cfg, 3);
+  dsa::cuda::CudaLayer layer(cfg, w);
+  dsa::CacheConfig cc = dsa::CacheConfig::for_layer(cfg);
+  cc.with_tokens(256);
+  cc.storage = dsa::Storage::Device;
+  dsa::CacheManager cache(cc, dsa::cuda::device_allocator());
+  const std::vector<StepRequest> rq = reqs({{10, 2}});
+  dsa::reserve_step(cache, rq);
+  const dsa::BatchMetadata md = dsa::build_batch_metadata(cache, rq);
+  const std::vector<dsa::bf16_t> hidden = dsa::generate_hidden(cfg, 2, 4);
+  std::vector<int32_t> wrong_pos = {10, 12};
+  EXPECT_THROW(layer.forward(hidden, wrong_pos.data(), md, dsa::cuda::device_view(cache, 0)), dsa::ShapeError);
+  EXPECT_THROW(layer.forward(std::vector<dsa::bf16_t>(5), md.positions.data(), md, dsa::cuda::device_view(cache, 0)),
+               dsa::ShapeError);
+  EXPECT_THROW(dsa::cuda::parse_stage("attention"), dsa::ConfigError);
+  dsa::CacheConfig hc = dsa::CacheConfig::for_layer(cfg);
+  hc.with_tokens(64);
+  dsa::CacheManager host(hc);
+  EXPECT_THROW(dsa::cuda::device_view(host, 0), dsa::CacheError);
+}
+
+}  // namespace
