@@ -25,7 +25,12 @@ struct IndexerLogitsParams {
 };
 
 // Picks the fastest kernel for the device (wgmma on sm_90, else mma.sync).
-// Throws ShapeError for inputs outside the contract, CudaError below sm_89.
+// Throws ShapeError for inputs outside the contract (num_heads != 64,
+// tokens_per_block != 64, null or misaligned pointers), CudaError below
+// sm_89. Device-side values are not checked on the host (that would need a
+// sync): a visible_end outside [0, min(logits_stride, max_blocks * 64)] is
+// clamped into it, so a bad one gives wrong logits but never a stray access.
+// Deterministic: fixed reduction order, no atomics. No workspace.
 void indexer_logits(const IndexerLogitsParams& p);
 // The two kernels, callable on their own (tests, benchmarks):
 // sm_90a warpgroup MMA (QGMMA), and fp8 mma.sync (sm_89+; on sm_90 the
@@ -46,7 +51,12 @@ struct TopkParams {
   cudaStream_t stream = nullptr;
 };
 
+// Always 0: the radix select keeps everything in shared memory.
 size_t topk_workspace_bytes(int64_t T, int64_t logits_stride, int k);
+// Exact and deterministic; NaN ranks with -inf and -0.0 ties with +0.0 (as
+// dsa::ref::topk). visible_end is clamped into [0, logits_stride]. Throws
+// ShapeError for negative T or k, logits_stride outside [1, 2^31 - 1], null
+// or misaligned pointers.
 void topk(const TopkParams& p);
 
 // Microbenchmarks for `dsa bench` and docs/performance.md: inputs are made on

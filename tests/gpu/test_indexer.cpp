@@ -221,6 +221,41 @@ TEST(GpuIndexerLogits, RejectsShapesTheKernelIsNotBuiltFor) {
   EXPECT_THROW(dsa::cuda::indexer_logits(p), dsa::ShapeError);
 }
 
+TEST(GpuIndexerLogits, EmptyBatchIsANoOp) {
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  DevBuf<float> logits(4);
+  ASSERT_TRUE(logits.p);
+  CK(cudaMemset(logits.p, 0x7f, logits.bytes()));
+  alignas(16) uint8_t b[16] = {};
+  int i = 0;
+  float f = 0;
+  dsa::cuda::IndexerLogitsParams p;
+  p.q_fp8 = p.k_cache = b;
+  p.weights = &f;
+  p.block_table = p.token_request = p.visible_end = &i;
+  p.logits = logits.p;
+  p.T = 0;
+  p.logits_stride = 4;
+  p.max_blocks_per_request = 1;
+  EXPECT_NO_THROW(dsa::cuda::indexer_logits(p));
+  CK(cudaDeviceSynchronize());
+  std::vector<uint32_t> host(4);
+  CK(cudaMemcpy(host.data(), logits.p, 16, cudaMemcpyDeviceToHost));
+  for (uint32_t v : host) EXPECT_EQ(v, 0x7f7f7f7fu) << "T = 0 wrote to logits";
+}
+
+// The microbenchmark runs and counts work as spec section 8 does.
+TEST(GpuIndexerLogits, BenchCountsWorkPerSpec) {
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const dsa::cuda::KernelTiming t = dsa::cuda::bench_indexer_logits(2, 100, 3, 1, 3, 5);
+  const double visible = 2.0 * (101 + 102 + 103);
+  EXPECT_EQ(t.flops, 2.0 * 64 * 128 * visible);
+  EXPECT_EQ(t.bytes, 2.0 * 2 * 8448 + 6.0 * (64 * 128 + 64 * 4) + 6.0 * 103 * 4);
+  EXPECT_GT(t.median_ms, 0.0);
+  EXPECT_LE(t.min_ms, t.median_ms);
+  EXPECT_LE(t.median_ms, t.max_ms);
+}
+
 // Timing for docs/performance.md; run with --gtest_also_run_disabled_tests.
 TEST(GpuIndexerLogits, DISABLED_Bench) {
   if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";

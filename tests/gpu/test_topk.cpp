@@ -156,6 +156,15 @@ TEST(GpuTopk, RejectsBadShapes) {
   EXPECT_THROW(dsa::cuda::topk(p), dsa::ShapeError);
 }
 
+TEST(GpuTopk, BenchCountsBytesRead) {
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const dsa::cuda::KernelTiming t = dsa::cuda::bench_topk(8, 5000, 100, true, 1, 3, 7);
+  double read = 0;
+  for (int t8 = 0; t8 < 8; ++t8) read += 5000 - 8 + t8 + 1;
+  EXPECT_EQ(t.bytes, read * 4 + 8.0 * 100 * 4);
+  EXPECT_GT(t.median_ms, 0.0);
+}
+
 // Timing for docs/performance.md; run with --gtest_also_run_disabled_tests.
 TEST(GpuTopk, DISABLED_Bench) {
   if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
