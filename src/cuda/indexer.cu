@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 #include "cuda/check.cuh"
@@ -51,18 +52,30 @@ void check_params(const IndexerLogitsParams& p) {
 }
 
 struct Device {
+  int index = 0;
   int sms = 0;
   int major = 0, minor = 0;
 };
 
 Device current() {
   Device d;
-  int dev = 0;
-  DSA_CUDA_CHECK(cudaGetDevice(&dev));
+  DSA_CUDA_CHECK(cudaGetDevice(&d.index));
+  const int dev = d.index;
   DSA_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
   DSA_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
   DSA_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev));
   return d;
+}
+
+// Above 48 KB a kernel's dynamic shared memory must be opted in, once per
+// device; doing it once (not per launch) keeps launches legal inside CUDA
+// graph capture. `configured` is per kernel instantiation (a static of the caller).
+template <class Kernel>
+void opt_in_smem(Kernel kernel, int bytes, const Device& dev, std::atomic<uint64_t>& configured) {
+  const uint64_t bit = dev.index < 64 ? uint64_t{1} << dev.index : 0;
+  if (bit != 0 && (configured.load(std::memory_order_acquire) & bit)) return;
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  configured.fetch_or(bit, std::memory_order_release);
 }
 
 // Few token tiles (decode) cannot fill the GPU: split the keys too, aiming
@@ -87,9 +100,8 @@ template <int kBT, int kKB, int kStages>
 void launch_mma(const IndexerLogitsParams& p, const Device& dev) {
   using Plan = sm90::IndexerSmemPlan<kKB, kStages>;
   auto kernel = sm90::indexer_logits_fp8_kernel<kBT, kKB, kStages>;
-  // Above 48 KB a kernel's dynamic shared memory must be opted in; setting it
-  // every call is cheap and stays right when the device changes.
-  DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Plan::kBytes));
+  static std::atomic<uint64_t> configured{0};
+  opt_in_smem(kernel, Plan::kBytes, dev, configured);
   int64_t tiles_per_split = 0;
   const dim3 grid = make_grid(p, dev, kBT, Plan::kTileKeys, 1, tiles_per_split);
   kernel<<<grid, sm90::kIdxThreads, Plan::kBytes, p.stream>>>(p, tiles_per_split);
@@ -100,7 +112,8 @@ template <int kBT, int kKB, int kStages>
 void launch_wgmma(const IndexerLogitsParams& p, const Device& dev) {
   using Plan = sm90::WgmmaSmemPlan<kBT, kKB, kStages>;
   auto kernel = sm90::indexer_logits_wgmma_kernel<kBT, kKB, kStages>;
-  DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Plan::kBytes));
+  static std::atomic<uint64_t> configured{0};
+  opt_in_smem(kernel, Plan::kBytes, dev, configured);
   int64_t tiles_per_split = 0;
   const dim3 grid = make_grid(p, dev, kBT, Plan::kTileKeys, 3, tiles_per_split);
   kernel<<<grid, sm90::kWgThreads, Plan::kBytes, p.stream>>>(p, tiles_per_split);
@@ -119,14 +132,19 @@ Device checked_device(int min_cc, const char* what) {
 
 }  // namespace
 
-// Decode-like batches (few tokens per request) share nothing between
-// tokens: one token per CTA and longer key tiles. Prefill: the tokens of a
-// CTA share every key tile they load.
+// Decode-like batches (one new token per request) share nothing between
+// tokens: one token per CTA and longer key tiles. Prefill and speculative
+// steps: the tokens of a CTA (same request, neighbours) share every key tile
+// they load. Without the hint, a big T means prefill.
+static bool share_key_tiles(const IndexerLogitsParams& p) {
+  return p.max_tokens_per_request >= 2 || (p.max_tokens_per_request == 0 && p.T >= 512);
+}
+
 void indexer_logits_mma(const IndexerLogitsParams& p) {
   check_params(p);
   if (p.T == 0) return;
   const Device dev = checked_device(89, "fp8 mma.sync");
-  if (p.T < 512) {
+  if (!share_key_tiles(p)) {
     launch_mma<1, 4, 3>(p, dev);
   } else {
     launch_mma<8, 1, 4>(p, dev);
@@ -137,7 +155,7 @@ void indexer_logits_sm90(const IndexerLogitsParams& p) {
   check_params(p);
   if (p.T == 0) return;
   const Device dev = checked_device(90, "wgmma");
-  if (p.T < 512) {
+  if (!share_key_tiles(p)) {
     launch_wgmma<1, 2, 3>(p, dev);
   } else {
     launch_wgmma<2, 1, 4>(p, dev);

@@ -21,6 +21,10 @@ struct IndexerLogitsParams {
   int64_t max_blocks_per_request = 0;
   int num_heads = 64;                      // HI
   int tokens_per_block = 64;
+  // Optional hint, 0 = unknown: the most new tokens any request has in this
+  // step. With 2 or more (prefill, speculative next_n), neighbouring query
+  // tokens share key tiles; with 1 (plain decode) each token gets its own CTAs.
+  int max_tokens_per_request = 0;
   cudaStream_t stream = nullptr;
 };
 

@@ -153,6 +153,7 @@ KernelTiming bench_indexer_logits(int64_t requests, int64_t cached, int64_t num_
   p.T = T;
   p.logits_stride = seq;
   p.max_blocks_per_request = blocks_per_req;
+  p.max_tokens_per_request = static_cast<int>(num_new);
   auto fn = kernel == IndexerKernel::Sm90Wgmma ? indexer_logits_sm90
             : kernel == IndexerKernel::MmaSync  ? indexer_logits_mma
                                                 : indexer_logits;

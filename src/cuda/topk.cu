@@ -1,6 +1,7 @@
 // Host launcher of the causal top-k (spec 3.5).
 #include <fmt/format.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "cuda/check.cuh"
@@ -32,7 +33,15 @@ void topk(const TopkParams& p) {
   }
   const bool vec = p.logits_stride % 4 == 0 && reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
   constexpr int kSmem = sizeof(topk_impl::Smem);
-  DSA_CUDA_CHECK(cudaFuncSetAttribute(topk_impl::topk_radix_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+  // Opted in once per device (bit d), so that launches stay legal inside CUDA graph capture.
+  static std::atomic<uint64_t> configured{0};
+  int dev = 0;
+  DSA_CUDA_CHECK(cudaGetDevice(&dev));
+  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  if (bit == 0 || !(configured.load(std::memory_order_acquire) & bit)) {
+    DSA_CUDA_CHECK(cudaFuncSetAttribute(topk_impl::topk_radix_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
+    configured.fetch_or(bit, std::memory_order_release);
+  }
   topk_impl::topk_radix_kernel<<<static_cast<unsigned>(p.T), topk_impl::kThreads, kSmem, p.stream>>>(p, vec);
   DSA_CHECK_LAUNCH("topk_radix_kernel");
 }

@@ -158,6 +158,7 @@ void run_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed)
   p.T = pb.T;
   p.logits_stride = pb.stride;
   p.max_blocks_per_request = pb.max_blocks;
+  for (const Req& r : reqs) p.max_tokens_per_request = std::max<int>(p.max_tokens_per_request, static_cast<int>(r.num_new));
 
   struct Kernel {
     const char* name;
@@ -219,6 +220,83 @@ TEST(GpuIndexerLogits, RejectsShapesTheKernelIsNotBuiltFor) {
   p.tokens_per_block = 64;
   p.k_cache = dummy_b + 1;
   EXPECT_THROW(dsa::cuda::indexer_logits(p), dsa::ShapeError);
+}
+
+// The layer replays decode steps as a CUDA graph: both ops must be legal
+// inside stream capture (also as the very first launch in a process, which
+// is why the capture comes first) and the replay must equal a direct launch.
+TEST(GpuIndexerLogits, CudaGraphCaptureThenTopkMatchesDirectLaunch) {
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  const Problem pb = make_problem({{3000, 1}, {100, 1}, {2047, 2}, {5000, 1}}, 0, 17);
+  constexpr int kTopk = 2048;
+  DevBuf<uint8_t> q(pb.q.size()), cache(pb.cache.size());
+  DevBuf<float> w(pb.w.size()), logits(static_cast<size_t>(pb.T * pb.stride));
+  DevBuf<int32_t> bt(pb.block_table.size()), treq(pb.token_request.size()), vend(pb.visible_end.size());
+  DevBuf<int32_t> idx(static_cast<size_t>(pb.T * kTopk));
+  ASSERT_TRUE(q.p && cache.p && w.p && logits.p && bt.p && treq.p && vend.p && idx.p);
+  CK(cudaMemcpy(q.p, pb.q.data(), q.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(cache.p, pb.cache.data(), cache.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(w.p, pb.w.data(), w.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(bt.p, pb.block_table.data(), bt.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(treq.p, pb.token_request.data(), treq.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(vend.p, pb.visible_end.data(), vend.bytes(), cudaMemcpyHostToDevice));
+  cudaStream_t st = nullptr;
+  CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  dsa::cuda::IndexerLogitsParams p;
+  p.q_fp8 = q.p;
+  p.weights = w.p;
+  p.k_cache = cache.p;
+  p.block_table = bt.p;
+  p.token_request = treq.p;
+  p.visible_end = vend.p;
+  p.logits = logits.p;
+  p.T = pb.T;
+  p.logits_stride = pb.stride;
+  p.max_blocks_per_request = pb.max_blocks;
+  p.stream = st;
+  dsa::cuda::TopkParams tp;
+  tp.logits = logits.p;
+  tp.visible_end = vend.p;
+  tp.out = idx.p;
+  tp.T = pb.T;
+  tp.logits_stride = pb.stride;
+  tp.k = kTopk;
+  tp.stream = st;
+
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+  EXPECT_NO_THROW({
+    dsa::cuda::indexer_logits(p);
+    dsa::cuda::topk(tp);
+  });
+  CK(cudaStreamEndCapture(st, &graph));
+  CK(cudaGraphInstantiate(&exec, graph, 0));
+
+  std::vector<float> l_graph(logits.n), l_direct(logits.n);
+  std::vector<int32_t> i_graph(idx.n), i_direct(idx.n);
+  CK(cudaMemset(logits.p, 0xff, logits.bytes()));
+  CK(cudaMemset(idx.p, 0x5a, idx.bytes()));
+  CK(cudaGraphLaunch(exec, st));
+  CK(cudaStreamSynchronize(st));
+  CK(cudaMemcpy(l_graph.data(), logits.p, logits.bytes(), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(i_graph.data(), idx.p, idx.bytes(), cudaMemcpyDeviceToHost));
+  CK(cudaMemset(logits.p, 0xff, logits.bytes()));
+  CK(cudaMemset(idx.p, 0x5a, idx.bytes()));
+  dsa::cuda::indexer_logits(p);
+  dsa::cuda::topk(tp);
+  CK(cudaStreamSynchronize(st));
+  CK(cudaMemcpy(l_direct.data(), logits.p, logits.bytes(), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(i_direct.data(), idx.p, idx.bytes(), cudaMemcpyDeviceToHost));
+  EXPECT_EQ(std::memcmp(l_graph.data(), l_direct.data(), logits.bytes()), 0);
+  EXPECT_EQ(i_graph, i_direct);
+  // And the chained top-k is the reference's top-k of these logits.
+  std::vector<int32_t> ref(idx.n);
+  dsa::ref::topk(l_direct.data(), pb.T, pb.stride, pb.visible_end.data(), kTopk, ref.data());
+  EXPECT_EQ(i_direct, ref);
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(st);
 }
 
 TEST(GpuIndexerLogits, EmptyBatchIsANoOp) {
