@@ -1,0 +1,234 @@
+// Benchmark reports: the table people read, JSON and CSV for scripts, and the
+// work model of spec section 8 that both backends' numbers are derived from.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "dsa/bench.h"
+#include "dsa/error.h"
+
+namespace dsa {
+
+namespace {
+
+struct Derived {
+  double tflops = 0, gbps = 0, pct_compute = 0, pct_bw = 0;
+  bool has_tflops = false, has_gbps = false, has_pct_compute = false, has_pct_bw = false;
+};
+
+// Rates are only meaningful where work was counted and time was measured.
+Derived derive(const BenchResult& r, double ms, double flops, double bytes) {
+  Derived d;
+  if (ms > 0 && flops > 0) {
+    d.tflops = flops / (ms * 1e-3) / 1e12;
+    d.has_tflops = true;
+    if (r.peak_tflops > 0) d.pct_compute = 100.0 * d.tflops / r.peak_tflops, d.has_pct_compute = true;
+  }
+  if (ms > 0 && bytes > 0) {
+    d.gbps = bytes / (ms * 1e-3) / 1e9;
+    d.has_gbps = true;
+    if (r.peak_gbps > 0) d.pct_bw = 100.0 * d.gbps / r.peak_gbps, d.has_pct_bw = true;
+  }
+  return d;
+}
+
+struct Total {
+  double ms = 0, flops = 0, bytes = 0;
+};
+Total layer_total(const BenchResult& r) {
+  Total t;
+  t.ms = r.layer_ms;
+  for (const StageResult& s : r.stages) t.flops += s.flops, t.bytes += s.bytes;
+  return t;
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::string csv_field(const std::string& s) {
+  if (s.find_first_of(",\"\n") == std::string::npos) return s;
+  std::string q = "\"";
+  for (char c : s) q += c == '"' ? std::string("\"\"") : std::string(1, c);
+  return q + "\"";
+}
+
+std::string num(double v) { return fmt::format("{:.6g}", v); }
+
+}  // namespace
+
+std::string describe_requests(const std::vector<StepRequest>& requests) {
+  if (requests.empty()) return "";
+  const bool uniform = std::all_of(requests.begin(), requests.end(), [&](const StepRequest& q) {
+    return q.cached == requests[0].cached && q.num_new == requests[0].num_new;
+  });
+  if (uniform) return fmt::format("{}x{}:{}", requests.size(), requests[0].cached, requests[0].num_new);
+  std::string s;
+  for (size_t i = 0; i < requests.size(); ++i) s += fmt::format("{}{}:{}", i ? "," : "", requests[i].cached, requests[i].num_new);
+  return s;
+}
+
+std::string format_table(const BenchResult& r) {
+  std::string out;
+  out += fmt::format("backend {}, device {}\n", r.backend, r.device);
+  std::string reqs = describe_requests(r.requests);
+  if (reqs.size() > 100) reqs = reqs.substr(0, 97) + "...";
+  out += fmt::format("requests {} (batch x cached:new), {} new tokens, H {}, topk {}, latent cache {}{}\n", reqs, r.num_tokens,
+                     r.config.num_heads, r.config.index_topk, to_string(r.config.kv_cache_dtype), r.config.o_proj ? ", o_proj on" : "");
+  if (!r.output_shape.empty()) out += fmt::format("output {}\n", shape_text(r.output_shape));
+
+  size_t w = std::string("layer total").size();
+  for (const StageResult& s : r.stages) w = std::max(w, s.name.size());
+  auto row = [&](const std::string& name, double ms, double flops, double bytes) {
+    const Derived d = derive(r, ms, flops, bytes);
+    return fmt::format("{:<{}}  {:>10.4f}  {:>9}  {:>9}  {:>9}  {:>9}\n", name, w, ms, d.has_tflops ? fmt::format("{:.4g}", d.tflops) : "",
+                       d.has_gbps ? fmt::format("{:.4g}", d.gbps) : "", d.has_pct_compute ? fmt::format("{:.1f}", d.pct_compute) : "",
+                       d.has_pct_bw ? fmt::format("{:.1f}", d.pct_bw) : "");
+  };
+  out += fmt::format("{:<{}}  {:>10}  {:>9}  {:>9}  {:>9}  {:>9}\n", "stage", w, "median ms", "TFLOP/s", "GB/s", "% peak FL", "% peak BW");
+  for (const StageResult& s : r.stages) out += row(s.name, s.median_ms, s.flops, s.bytes);
+  if (r.stages.size() > 1) {
+    const Total t = layer_total(r);
+    out += std::string(w + 2 + 10 + 4 * 11, '-') + "\n";
+    out += row("layer total", t.ms, t.flops, t.bytes);
+    double sum = 0;
+    for (const StageResult& s : r.stages) sum += s.median_ms;
+    out += fmt::format("(layer total is the step timed as one region; the stage medians sum to {:.4f} ms)\n", sum);
+  }
+  if (r.peak_tflops > 0 || r.peak_gbps > 0) {
+    out += fmt::format("% of peak against {:.0f} TFLOP/s (bf16 GEMM) and {:.0f} GB/s (device copy)\n", r.peak_tflops, r.peak_gbps);
+  }
+  return out;
+}
+
+std::string format_json(const BenchResult& r) {
+  using nlohmann::json;
+  auto opt = [](bool has, double v) { return has ? json(v) : json(nullptr); };
+  json j;
+  j["backend"] = r.backend;
+  j["device"] = r.device;
+  const LayerConfig& c = r.config;
+  j["config"] = {{"hidden_size", c.hidden_size},
+                 {"num_heads", c.num_heads},
+                 {"q_lora_rank", c.q_lora_rank},
+                 {"kv_lora_rank", c.kv_lora_rank},
+                 {"qk_nope_head_dim", c.qk_nope_head_dim},
+                 {"qk_rope_head_dim", c.qk_rope_head_dim},
+                 {"v_head_dim", c.v_head_dim},
+                 {"index_n_heads", c.index_n_heads},
+                 {"index_head_dim", c.index_head_dim},
+                 {"index_topk", c.index_topk},
+                 {"tokens_per_block", c.tokens_per_block},
+                 {"kv_cache_dtype", to_string(c.kv_cache_dtype)},
+                 {"indexer_hadamard", c.indexer_hadamard},
+                 {"o_proj", c.o_proj}};
+  json reqs = json::array();
+  for (const StepRequest& q : r.requests) reqs.push_back({{"id", q.id}, {"cached", q.cached}, {"new", q.num_new}});
+  j["requests"] = reqs;
+  j["num_tokens"] = r.num_tokens;
+  j["output_shape"] = r.output_shape;
+  j["peak_tflops"] = opt(r.peak_tflops > 0, r.peak_tflops);
+  j["peak_gbps"] = opt(r.peak_gbps > 0, r.peak_gbps);
+  json stages = json::array();
+  for (const StageResult& s : r.stages) {
+    const Derived d = derive(r, s.median_ms, s.flops, s.bytes);
+    stages.push_back({{"name", s.name},
+                      {"median_ms", s.median_ms},
+                      {"min_ms", s.min_ms},
+                      {"max_ms", s.max_ms},
+                      {"flops", s.flops},
+                      {"bytes", s.bytes},
+                      {"tflops", opt(d.has_tflops, d.tflops)},
+                      {"gbps", opt(d.has_gbps, d.gbps)},
+                      {"pct_peak_compute", opt(d.has_pct_compute, d.pct_compute)},
+                      {"pct_peak_bandwidth", opt(d.has_pct_bw, d.pct_bw)}});
+  }
+  j["stages"] = stages;
+  const Total t = layer_total(r);
+  const Derived d = derive(r, t.ms, t.flops, t.bytes);
+  j["layer"] = {{"median_ms", t.ms},
+                {"flops", t.flops},
+                {"bytes", t.bytes},
+                {"tflops", opt(d.has_tflops, d.tflops)},
+                {"gbps", opt(d.has_gbps, d.gbps)},
+                {"pct_peak_compute", opt(d.has_pct_compute, d.pct_compute)},
+                {"pct_peak_bandwidth", opt(d.has_pct_bw, d.pct_bw)}};
+  return j.dump(2) + "\n";
+}
+
+std::string format_csv(const BenchResult& r, bool header) {
+  std::string out;
+  if (header) {
+    out += "backend,device,requests,num_tokens,num_heads,topk,kv_cache_dtype,stage,median_ms,min_ms,max_ms,flops,bytes,tflops,gbps,"
+           "pct_peak_compute,pct_peak_bandwidth\n";
+  }
+  const std::string prefix = fmt::format("{},{},{},{},{},{},{}", csv_field(r.backend), csv_field(r.device),
+                                         csv_field(describe_requests(r.requests)), r.num_tokens, r.config.num_heads,
+                                         r.config.index_topk, to_string(r.config.kv_cache_dtype));
+  auto row = [&](const std::string& name, double med, double mn, double mx, double flops, double bytes) {
+    const Derived d = derive(r, med, flops, bytes);
+    auto o = [](bool has, double v) { return has ? num(v) : std::string(); };
+    return fmt::format("{},{},{},{},{},{},{},{},{},{},{}\n", prefix, csv_field(name), num(med), num(mn), num(mx), num(flops),
+                       num(bytes), o(d.has_tflops, d.tflops), o(d.has_gbps, d.gbps), o(d.has_pct_compute, d.pct_compute),
+                       o(d.has_pct_bw, d.pct_bw));
+  };
+  for (const StageResult& s : r.stages) out += row(s.name, s.median_ms, s.min_ms, s.max_ms, s.flops, s.bytes);
+  const Total t = layer_total(r);
+  out += row("layer", t.ms, t.ms, t.ms, t.flops, t.bytes);
+  return out;
+}
+
+// ---- work model (spec section 8) ----------------------------------------------
+
+const std::vector<std::string>& stage_names() {
+  static const std::vector<std::string> names = {
+      "q_a_proj",       "kv_a_proj",      "norms",          "q_b_proj",  "rope",     "cache_append",
+      "indexer_q_proj", "indexer_k_proj", "indexer_weights_proj", "indexer_quant", "indexer_logits", "topk",
+      "q_absorb",       "sparse_mla",     "v_up_proj",      "o_proj"};
+  return names;
+}
+
+StageWork stage_work(const LayerConfig& c, const BatchMetadata& md, const std::string& stage, double distinct_rows,
+                     double valid_indices) {
+  const double T = static_cast<double>(md.num_tokens), H = c.num_heads, HI = c.index_n_heads, DI = c.index_head_dim;
+  const double hid = c.hidden_size, ql = c.q_lora_rank, kvl = c.kv_lora_rank, rope = c.qk_rope_head_dim;
+  const double nope = c.qk_nope_head_dim, vd = c.v_head_dim, lat = c.latent_dim(), qk = c.qk_head_dim(), k = c.index_topk;
+  const double latent_b = static_cast<double>(c.latent_cache_bytes_per_token());
+  const double vis = static_cast<double>(md.total_visible_keys());
+  // y[M, N] = x[M, K] w[N, K]^T: bf16 weights read once, activations in/out at the stage's widths.
+  auto gemm = [](double M, double N, double K, double in_b, double out_b) {
+    return StageWork{2 * M * N * K, M * K * in_b + N * K * 2 + M * N * out_b};
+  };
+  if (stage == "q_a_proj") return gemm(T, ql, hid, 2, 2);
+  if (stage == "kv_a_proj") return gemm(T, lat, hid, 2, 2);
+  if (stage == "norms") return {0, 2 * T * (ql + kvl) * 2 + (ql + kvl) * 2};
+  if (stage == "q_b_proj") return gemm(T, H * qk, ql, 2, 2);
+  if (stage == "rope") return {0, 2 * T * (H + 1) * rope * 2};
+  if (stage == "cache_append") return {0, T * lat * 2 + T * latent_b};
+  if (stage == "indexer_q_proj") return gemm(T, HI * DI, ql, 2, 2);
+  if (stage == "indexer_k_proj") return gemm(T, DI, hid, 2, 4);
+  if (stage == "indexer_weights_proj") return gemm(T, HI, hid, 2, 4);
+  if (stage == "indexer_quant") return {0, T * HI * DI * 2 + T * DI * 4 + T * HI * 4 + T * HI * DI + 2 * T * HI * 4 + T * (DI + 4)};
+  if (stage == "indexer_logits") {
+    double keys = 0;  // every cached key of the step's requests is read once
+    for (int32_t s : md.seq_lens) keys += s;
+    return {2 * HI * DI * vis, T * HI * DI + T * HI * 4 + keys * (DI + 4) + vis * 4};
+  }
+  if (stage == "topk") return {0, vis * 4 + T * k * 4};
+  if (stage == "q_absorb") return {2 * T * H * nope * kvl, T * H * nope * 2 + H * nope * kvl * 2 + T * H * kvl * 2};
+  if (stage == "sparse_mla") {
+    return {2 * H * (lat + kvl) * valid_indices,
+            T * H * lat * 2 + distinct_rows * latent_b + T * k * 4 + T * H * kvl * 2 + 2 * T * H * 4};
+  }
+  if (stage == "v_up_proj") return {2 * T * H * kvl * vd, T * H * kvl * 2 + H * vd * kvl * 2 + T * H * vd * 2};
+  if (stage == "o_proj") return gemm(T, hid, H * vd, 2, 2);
+  std::string names;
+  for (const std::string& n : stage_names()) names += (names.empty() ? "" : ", ") + n;
+  throw ConfigError(fmt::format("stage '{}' is not known; the stages are {}", stage, names));
+}
+
+}  // namespace dsa
