@@ -52,8 +52,8 @@ std::string dir() {
   return d.path.string();
 }
 
-int run_cli(const std::string& args) {
-  const std::string cmd = std::string(DSA_CLI_PATH) + " run" + kDims + " " + args + " > " + dir() + "/log.txt 2>&1";
+int run_cli(const std::string& args, const std::string& env = "") {
+  const std::string cmd = env + " " + std::string(DSA_CLI_PATH) + " run" + kDims + " " + args + " > " + dir() + "/log.txt 2>&1";
   return std::system(cmd.c_str());
 }
 
@@ -128,4 +128,14 @@ TEST(DsaRun, PrefixHiddenEqualsTheLongerPrefill) {
   const auto yo = y1.read_f32("output");
   for (float v : yo) ASSERT_TRUE(std::isfinite(v));
   EXPECT_NE(y1.read_bf16("output"), so);
+}
+
+TEST(DsaRun, SameBitsWithOneOrThreeThreads) {
+  const std::string d = dir();
+  const std::string args = "--requests 0:40,70:1,30:3 --seed 4 --logits --dump ";
+  ASSERT_EQ(0, run_cli(args + d + "/t1.st", "OMP_NUM_THREADS=1"));
+  ASSERT_EQ(0, run_cli(args + d + "/t3.st", "OMP_NUM_THREADS=3"));
+  st::Reader a(d + "/t1.st"), b(d + "/t3.st");
+  ASSERT_EQ(a.tensors().size(), b.tensors().size());
+  for (const auto& t : a.tensors()) EXPECT_EQ(a.bytes(t.name), b.bytes(t.name)) << t.name;
 }
