@@ -89,9 +89,23 @@ void read_latent_row(const LayerConfig& cfg, const uint8_t* pool, int64_t slot, 
 // q_a_proj, kv_a_proj, norms, q_b_proj, rope, cache_append, indexer_q_proj,
 // indexer_k_proj, indexer_weights_proj, indexer_quant, indexer_logits, topk,
 // q_absorb, sparse_mla, v_up_proj, o_proj.
+// Converting the weights to fp32 happens before the first stage, outside
+// stage_ms; callers that run many steps convert once with prepare_weights.
 std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, const std::vector<bf16_t>& hidden,
                                  const std::vector<int32_t>& position_ids, const BatchMetadata& md, CacheManager& cache,
                                  int64_t layer, const TraceOptions& opt, LayerTrace* trace,
                                  std::vector<std::pair<std::string, double>>* stage_ms);
+
+// The weights as fp32 copies of their bf16 values, for repeated steps
+// (o_proj only when cfg.o_proj). Same names and layouts as LayerWeights.
+struct PreparedWeights {
+  LayerConfig cfg;
+  std::vector<float> q_a_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj, idx_wq_b, idx_wk,
+      idx_k_norm_weight, idx_k_norm_bias, idx_weights_proj;
+};
+PreparedWeights prepare_weights(const LayerConfig& cfg, const LayerWeights& w);
+std::vector<float> layer_forward(const PreparedWeights& w, const std::vector<bf16_t>& hidden, const std::vector<int32_t>& position_ids,
+                                 const BatchMetadata& md, CacheManager& cache, int64_t layer, const TraceOptions& opt,
+                                 LayerTrace* trace, std::vector<std::pair<std::string, double>>* stage_ms);
 
 }  // namespace dsa::ref

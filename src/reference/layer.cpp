@@ -93,12 +93,38 @@ void read_latent_row(const LayerConfig& cfg, const uint8_t* pool, int64_t slot, 
   }
 }
 
+PreparedWeights prepare_weights(const LayerConfig& cfg, const LayerWeights& w) {
+  validate(cfg);
+  check_weights(cfg, w);
+  PreparedWeights p;
+  p.cfg = cfg;
+  p.q_a_proj = to_float(w.q_a_proj);
+  p.q_a_layernorm = to_float(w.q_a_layernorm);
+  p.q_b_proj = to_float(w.q_b_proj);
+  p.kv_a_proj_with_mqa = to_float(w.kv_a_proj_with_mqa);
+  p.kv_a_layernorm = to_float(w.kv_a_layernorm);
+  p.kv_b_proj = to_float(w.kv_b_proj);
+  if (cfg.o_proj) p.o_proj = to_float(w.o_proj);
+  p.idx_wq_b = to_float(w.idx_wq_b);
+  p.idx_wk = to_float(w.idx_wk);
+  p.idx_k_norm_weight = to_float(w.idx_k_norm_weight);
+  p.idx_k_norm_bias = to_float(w.idx_k_norm_bias);
+  p.idx_weights_proj = to_float(w.idx_weights_proj);
+  return p;
+}
+
 std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, const std::vector<bf16_t>& hidden,
                                  const std::vector<int32_t>& position_ids, const BatchMetadata& md, CacheManager& cache,
                                  int64_t layer, const TraceOptions& opt, LayerTrace* trace,
                                  std::vector<std::pair<std::string, double>>* stage_ms) {
+  return layer_forward(prepare_weights(cfg, w), hidden, position_ids, md, cache, layer, opt, trace, stage_ms);
+}
+
+std::vector<float> layer_forward(const PreparedWeights& pw, const std::vector<bf16_t>& hidden, const std::vector<int32_t>& position_ids,
+                                 const BatchMetadata& md, CacheManager& cache, int64_t layer, const TraceOptions& opt,
+                                 LayerTrace* trace, std::vector<std::pair<std::string, double>>* stage_ms) {
+  const LayerConfig& cfg = pw.cfg;
   validate(cfg);
-  check_weights(cfg, w);
   const int64_t T = md.num_tokens, hs = cfg.hidden_size, H = cfg.num_heads, qr = cfg.q_lora_rank, dkv = cfg.kv_lora_rank,
                 rope = cfg.qk_rope_head_dim, nope = cfg.qk_nope_head_dim, dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim,
                 lat = cfg.latent_dim(), HI = cfg.index_n_heads, DI = cfg.index_head_dim, K = cfg.index_topk;
@@ -142,29 +168,25 @@ std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, 
   // 1. Down projections and norms.
   std::vector<float> q_lat(static_cast<size_t>(T * qr));
   {
-    const auto wq = to_float(w.q_a_proj);
-    linear(x.data(), wq.data(), q_lat.data(), T, qr, hs);
+    linear(x.data(), pw.q_a_proj.data(), q_lat.data(), T, qr, hs);
     round_bf16_inplace(q_lat);
   }
   timer.mark("q_a_proj");
   std::vector<float> kv(static_cast<size_t>(T * lat));
   {
-    const auto wkv = to_float(w.kv_a_proj_with_mqa);
-    linear(x.data(), wkv.data(), kv.data(), T, lat, hs);
+    linear(x.data(), pw.kv_a_proj_with_mqa.data(), kv.data(), T, lat, hs);
     round_bf16_inplace(kv);
   }
   timer.mark("kv_a_proj");
   std::vector<float> c_kv(static_cast<size_t>(T * dkv)), k_pe(static_cast<size_t>(T * rope));
   {
-    const auto wn = to_float(w.q_a_layernorm);
-    rms_norm(q_lat.data(), wn.data(), q_lat.data(), T, qr, cfg.rms_norm_eps);
+    rms_norm(q_lat.data(), pw.q_a_layernorm.data(), q_lat.data(), T, qr, cfg.rms_norm_eps);
     round_bf16_inplace(q_lat);
     for (int64_t t = 0; t < T; ++t) {
       std::copy(kv.begin() + t * lat, kv.begin() + t * lat + dkv, c_kv.begin() + t * dkv);
       std::copy(kv.begin() + t * lat + dkv, kv.begin() + (t + 1) * lat, k_pe.begin() + t * rope);
     }
-    const auto wkn = to_float(w.kv_a_layernorm);
-    rms_norm(c_kv.data(), wkn.data(), c_kv.data(), T, dkv, cfg.rms_norm_eps);
+    rms_norm(c_kv.data(), pw.kv_a_layernorm.data(), c_kv.data(), T, dkv, cfg.rms_norm_eps);
     round_bf16_inplace(c_kv);
   }
   timer.mark("norms");
@@ -172,8 +194,7 @@ std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, 
   // 2. Query up projection.
   std::vector<float> q(static_cast<size_t>(T * H * dqk));
   {
-    const auto wqb = to_float(w.q_b_proj);
-    linear(q_lat.data(), wqb.data(), q.data(), T, H * dqk, qr);
+    linear(q_lat.data(), pw.q_b_proj.data(), q.data(), T, H * dqk, qr);
     round_bf16_inplace(q);
   }
   timer.mark("q_b_proj");
@@ -197,23 +218,19 @@ std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, 
   // 5. Indexer.
   std::vector<float> qi(static_cast<size_t>(T * HI * DI));
   {
-    const auto wqi = to_float(w.idx_wq_b);
-    linear(q_lat.data(), wqi.data(), qi.data(), T, HI * DI, qr);
+    linear(q_lat.data(), pw.idx_wq_b.data(), qi.data(), T, HI * DI, qr);
     round_bf16_inplace(qi);
   }
   timer.mark("indexer_q_proj");
   std::vector<float> ki(static_cast<size_t>(T * DI));
   {
-    const auto wk = to_float(w.idx_wk);
-    linear(x.data(), wk.data(), ki.data(), T, DI, hs);  // kept in fp32
-    const auto nw = to_float(w.idx_k_norm_weight), nb = to_float(w.idx_k_norm_bias);
-    layer_norm(ki.data(), nw.data(), nb.data(), ki.data(), T, DI, cfg.rms_norm_eps);
+    linear(x.data(), pw.idx_wk.data(), ki.data(), T, DI, hs);  // kept in fp32
+    layer_norm(ki.data(), pw.idx_k_norm_weight.data(), pw.idx_k_norm_bias.data(), ki.data(), T, DI, cfg.rms_norm_eps);
   }
   timer.mark("indexer_k_proj");
   std::vector<float> wts(static_cast<size_t>(T * HI));
   {
-    const auto wp = to_float(w.idx_weights_proj);
-    linear(x.data(), wp.data(), wts.data(), T, HI, hs);  // fp32
+    linear(x.data(), pw.idx_weights_proj.data(), wts.data(), T, HI, hs);  // fp32
   }
   timer.mark("indexer_weights_proj");
   std::vector<fp8_t> qi8(static_cast<size_t>(T * HI * DI)), ki8(static_cast<size_t>(T * DI));
@@ -253,7 +270,7 @@ std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, 
   std::vector<float>().swap(logits);
 
   // 6. Absorbed attention. q_cat = [q_nope[h] @ W_UK[h] | q_pe], bf16.
-  const auto wkvb = to_float(w.kv_b_proj);  // per head: W_UK [nope, dkv] rows, then W_UV [dv, dkv] rows
+  const std::vector<float>& wkvb = pw.kv_b_proj;  // per head: W_UK [nope, dkv] rows, then W_UV [dv, dkv] rows
   std::vector<bf16_t> q_cat(static_cast<size_t>(T * H * lat));
   {
     std::vector<float> qabs(static_cast<size_t>(T * dkv));
@@ -326,8 +343,7 @@ std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, 
   std::vector<float> out;
   if (cfg.o_proj) {
     out.resize(static_cast<size_t>(T * hs));
-    const auto wo = to_float(w.o_proj);
-    linear(v.data(), wo.data(), out.data(), T, hs, H * dv);
+    linear(v.data(), pw.o_proj.data(), out.data(), T, hs, H * dv);
     round_bf16_inplace(out);
     timer.mark("o_proj");
   }

@@ -258,3 +258,16 @@ TEST(LayerReference, RejectsMismatchedInputs) {
   other.num_heads = 128;
   EXPECT_THROW(ref::layer_forward(other, run.w, hidden, md.positions, md, run.cache, 0, {}, nullptr, nullptr), ShapeError);
 }
+
+TEST(LayerReference, PreparedWeightsGiveTheSameBits) {
+  LayerConfig cfg = small_config(128);
+  cfg.o_proj = true;
+  Runner a(cfg, 17), b(cfg, 17);
+  const std::vector<StepRequest> reqs = {{0, 0, 30}};
+  const auto hidden = generate_hidden(cfg, 30, 18);
+  const auto want = a.step(reqs, hidden);
+  const ref::PreparedWeights pw = ref::prepare_weights(cfg, b.w);
+  reserve_step(b.cache, reqs);
+  const BatchMetadata md = build_batch_metadata(b.cache, reqs);
+  EXPECT_EQ(ref::layer_forward(pw, hidden, md.positions, md, b.cache, 0, {}, nullptr, nullptr), want);
+}
