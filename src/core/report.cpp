@@ -76,8 +76,9 @@ std::string format_table(const BenchResult& r) {
   std::string out;
   out += fmt::format("backend {}, device {}\n", r.backend, r.device);
   std::string reqs = describe_requests(r.requests);
+  const bool uniform = reqs.find(',') == std::string::npos && reqs.find('x') != std::string::npos;
   if (reqs.size() > 100) reqs = reqs.substr(0, 97) + "...";
-  out += fmt::format("requests {} (batch x cached:new), {} new tokens, H {}, topk {}, latent cache {}{}\n", reqs, r.num_tokens,
+  out += fmt::format("requests {} ({}), {} new tokens, H {}, topk {}, latent cache {}{}\n", reqs, uniform ? "batch x cached:new" : "cached:new each", r.num_tokens,
                      r.config.num_heads, r.config.index_topk, to_string(r.config.kv_cache_dtype), r.config.o_proj ? ", o_proj on" : "");
   if (!r.output_shape.empty()) out += fmt::format("output {}\n", shape_text(r.output_shape));
 
