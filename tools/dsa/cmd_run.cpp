@@ -191,6 +191,7 @@ void run(const RunOptions& o) {
     fmt::print("wrote inputs to {}\n", o.save_inputs);
   }
 
+  const ref::PreparedWeights pw = ref::prepare_weights(cfg, w);
   CacheConfig cc = CacheConfig::for_layer(cfg);
   int64_t blocks = 0;
   for (const auto& q : in.requests) blocks += cc.blocks_for(q.cached + q.num_new);
@@ -208,7 +209,7 @@ void run(const RunOptions& o) {
       const BatchMetadata pmd = build_batch_metadata(cache, prefix);
       TraceOptions none;
       none.intermediates = false;
-      ref::layer_forward(cfg, w, in.prefix_hidden, pmd.positions, pmd, cache, 0, none, nullptr, nullptr);
+      ref::layer_forward(pw, in.prefix_hidden, pmd.positions, pmd, cache, 0, none, nullptr, nullptr);
       fmt::print("prefix: ran the layer over {} cached tokens (prefix_hidden)\n", in.prefix_hidden.size() / cfg.hidden_size);
     } else {
       for (const auto& q : in.requests)
@@ -225,7 +226,7 @@ void run(const RunOptions& o) {
   LayerTrace tr;
   std::vector<std::pair<std::string, double>> ms;
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<float> out = ref::layer_forward(cfg, w, in.hidden, in.position_ids, md, cache, 0, topt, &tr, &ms);
+  std::vector<float> out = ref::layer_forward(pw, in.hidden, in.position_ids, md, cache, 0, topt, &tr, &ms);
   const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   const int64_t T = md.num_tokens, H = cfg.num_heads, HI = cfg.index_n_heads, DI = cfg.index_head_dim, K = cfg.index_topk;
