@@ -286,24 +286,26 @@ std::vector<float> layer_forward(const PreparedWeights& pw, const std::vector<bf
   }
   timer.mark("q_absorb");
 
-  // Rows of the paged latent cache the step can select (every position of
-  // every request in it), decoded once; global slots map onto them.
+  // The latent cache rows some token selected, each decoded once (ascending
+  // slot order); global slots map onto them. Bounded by T * topk, so long
+  // decode batches do not decode their whole context.
   std::vector<bf16_t> attn_out(static_cast<size_t>(T * H * dkv));
   std::vector<float> lse(static_cast<size_t>(T * H)), rmax(static_cast<size_t>(T * H));
   {
     std::vector<int32_t> slot_row(static_cast<size_t>(md.num_slots), -1);
-    int64_t nrows = 0;
-    for (int64_t r = 0; r < md.num_requests; ++r) {
-      for (int64_t p = 0; p < md.seq_lens[r]; ++p) {
-        const int64_t s = md.slot_of(r, p);
-        if (slot_row[s] < 0) slot_row[s] = static_cast<int32_t>(nrows++);
+    for (int32_t g : sel_global)
+      if (g >= 0) slot_row[g] = 0;
+    std::vector<int64_t> used;
+    for (int64_t s = 0; s < md.num_slots; ++s) {
+      if (slot_row[s] == 0) {
+        slot_row[s] = static_cast<int32_t>(used.size());
+        used.push_back(s);
       }
     }
+    const int64_t nrows = static_cast<int64_t>(used.size());
     std::vector<float> rows(static_cast<size_t>(nrows * lat));
-#pragma omp parallel for schedule(static) if (md.num_slots >= 4096)
-    for (int64_t s = 0; s < md.num_slots; ++s) {
-      if (slot_row[s] >= 0) read_latent_row(cfg, latent_pool, s, rows.data() + slot_row[s] * lat);
-    }
+#pragma omp parallel for schedule(static) if (nrows >= 4096)
+    for (int64_t i = 0; i < nrows; ++i) read_latent_row(cfg, latent_pool, used[i], rows.data() + i * lat);
     const bool per_token = T >= 2 * omp_get_max_threads();
 #pragma omp parallel if (per_token)
     {
