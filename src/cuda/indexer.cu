@@ -67,20 +67,37 @@ Device current() {
   return d;
 }
 
-// Above 48 KB a kernel's dynamic shared memory must be opted in, once per
-// device; doing it once (not per launch) keeps launches legal inside CUDA
-// graph capture. `configured` is per kernel instantiation (a static of the caller).
+// Per kernel instantiation and device: the shared-memory opt-in (above 48 KB
+// it must be asked for) and the resulting CTAs per SM, both done once so
+// that later launches are legal inside CUDA graph capture and cost no queries.
+struct KernelSetup {
+  std::atomic<int> ctas_per_sm[64] = {};
+};
+
 template <class Kernel>
-void opt_in_smem(Kernel kernel, int bytes, const Device& dev, std::atomic<uint64_t>& configured) {
-  const uint64_t bit = dev.index < 64 ? uint64_t{1} << dev.index : 0;
-  if (bit != 0 && (configured.load(std::memory_order_acquire) & bit)) return;
-  DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  configured.fetch_or(bit, std::memory_order_release);
+int prepare(Kernel kernel, int threads, int smem_bytes, const Device& dev, KernelSetup& setup) {
+  const bool cached = dev.index >= 0 && dev.index < 64;
+  if (cached) {
+    const int o = setup.ctas_per_sm[dev.index].load(std::memory_order_acquire);
+    if (o > 0) return o;
+  }
+  DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+  int o = 0;
+  DSA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&o, kernel, threads, smem_bytes));
+  if (o < 1) {
+    throw CudaError(fmt::format("indexer_logits: a {}-thread CTA with {} bytes of shared memory does not fit on an SM "
+                                "of this device",
+                                threads, smem_bytes));
+  }
+  if (cached) setup.ctas_per_sm[dev.index].store(o, std::memory_order_release);
+  return o;
 }
 
-// Few token tiles (decode) cannot fill the GPU: split the keys too, aiming
-// at several CTAs per SM, but keep several tiles per split so the cp.async
-// pipeline has something to overlap.
+// Token tiles on x; keys split on y when token tiles alone leave SMs idle
+// (decode). The split count minimizes a simple model: waves of CTAs (the
+// last one partly empty) times key tiles per CTA plus ~2 tiles of prologue
+// (query tile, pipeline fill). Decode 64 x 32768: 6 splits = one full wave,
+// where "about 2 waves" gave 2.1 waves, a third of them idle.
 dim3 make_grid(const IndexerLogitsParams& p, const Device& dev, int tokens_per_cta, int tile_keys, int ctas_per_sm,
                int64_t& tiles_per_split) {
   const int64_t token_tiles = (p.T + tokens_per_cta - 1) / tokens_per_cta;
@@ -88,11 +105,21 @@ dim3 make_grid(const IndexerLogitsParams& p, const Device& dev, int tokens_per_c
   if (token_tiles > 0x7fffffffLL) {
     throw ShapeError(fmt::format("indexer_logits: T = {} needs more than 2^31 - 1 CTAs; split the batch", p.T));
   }
-  const int64_t target = 2LL * ctas_per_sm * dev.sms;
-  int64_t splits = std::clamp<int64_t>((target + token_tiles - 1) / token_tiles, 1, std::max<int64_t>(1, key_tiles / 4));
-  splits = std::min<int64_t>(splits, 65535);
-  tiles_per_split = (key_tiles + splits - 1) / splits;
-  splits = (key_tiles + tiles_per_split - 1) / tiles_per_split;
+  const int64_t slots = std::max<int64_t>(1, static_cast<int64_t>(ctas_per_sm) * dev.sms);
+  const int64_t max_splits = std::min<int64_t>({65535, 4096, std::max<int64_t>(1, key_tiles / 2)});
+  int64_t best_tps = key_tiles, best_cost = -1;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t tps = (key_tiles + s - 1) / s;
+    const int64_t splits = (key_tiles + tps - 1) / tps;
+    const int64_t waves = (token_tiles * splits + slots - 1) / slots;
+    const int64_t cost = waves * (tps + 2);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best_tps = tps;
+    }
+  }
+  tiles_per_split = best_tps;
+  const int64_t splits = (key_tiles + tiles_per_split - 1) / tiles_per_split;
   return dim3(static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
 }
 
@@ -100,10 +127,10 @@ template <int kBT, int kKB, int kStages>
 void launch_mma(const IndexerLogitsParams& p, const Device& dev) {
   using Plan = sm90::IndexerSmemPlan<kKB, kStages>;
   auto kernel = sm90::indexer_logits_fp8_kernel<kBT, kKB, kStages>;
-  static std::atomic<uint64_t> configured{0};
-  opt_in_smem(kernel, Plan::kBytes, dev, configured);
+  static KernelSetup setup;
+  const int occupancy = prepare(kernel, sm90::kIdxThreads, Plan::kBytes, dev, setup);
   int64_t tiles_per_split = 0;
-  const dim3 grid = make_grid(p, dev, kBT, Plan::kTileKeys, 1, tiles_per_split);
+  const dim3 grid = make_grid(p, dev, kBT, Plan::kTileKeys, occupancy, tiles_per_split);
   kernel<<<grid, sm90::kIdxThreads, Plan::kBytes, p.stream>>>(p, tiles_per_split);
   DSA_CHECK_LAUNCH("indexer_logits_fp8_kernel");
 }
@@ -112,10 +139,10 @@ template <int kBT, int kKB, int kStages>
 void launch_wgmma(const IndexerLogitsParams& p, const Device& dev) {
   using Plan = sm90::WgmmaSmemPlan<kBT, kKB, kStages>;
   auto kernel = sm90::indexer_logits_wgmma_kernel<kBT, kKB, kStages>;
-  static std::atomic<uint64_t> configured{0};
-  opt_in_smem(kernel, Plan::kBytes, dev, configured);
+  static KernelSetup setup;
+  const int occupancy = prepare(kernel, sm90::kWgThreads, Plan::kBytes, dev, setup);
   int64_t tiles_per_split = 0;
-  const dim3 grid = make_grid(p, dev, kBT, Plan::kTileKeys, 3, tiles_per_split);
+  const dim3 grid = make_grid(p, dev, kBT, Plan::kTileKeys, occupancy, tiles_per_split);
   kernel<<<grid, sm90::kWgThreads, Plan::kBytes, p.stream>>>(p, tiles_per_split);
   DSA_CHECK_LAUNCH("indexer_logits_wgmma_kernel");
 }
