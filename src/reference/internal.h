@@ -3,6 +3,16 @@
 #include <cstdint>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#else
+// Builds without OpenMP run everything on one thread.
+inline int omp_get_max_threads() { return 1; }
+inline int omp_get_num_threads() { return 1; }
+inline int omp_get_thread_num() { return 0; }
+inline int omp_in_parallel() { return 0; }
+#endif
+
 namespace dsa::ref::detail {
 
 // Per-thread scratch for one token of sparse attention.

@@ -2,7 +2,6 @@
 // docs/numerics.md says, reading and writing the paged caches the way the GPU
 // backend does so that both can be compared stage by stage.
 #include <fmt/format.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <chrono>

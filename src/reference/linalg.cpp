@@ -7,8 +7,9 @@
 // part contributes ~1e-6 relative error, far below bf16 rounding (4e-3), and
 // the summation order is fixed, so the result does not depend on the number of
 // threads.
+#if defined(__x86_64__)
 #include <immintrin.h>
-#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "dsa/reference.h"
+#include "internal.h"
 
 namespace dsa::ref {
 
@@ -26,6 +28,7 @@ constexpr int64_t kNR = 16;   // columns of a register tile (two AVX2 vectors)
 constexpr int64_t kKC = 256;  // K slice summed in fp32
 constexpr int64_t kNC = 256;  // columns per fp64 accumulation block
 
+#if defined(__x86_64__)
 // tile[kMR][kNR] = ap[kc][kMR]^T-packed A times bp[kc][kNR] packed B, fresh (not accumulated).
 __attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* ap, const float* bp, float* tile) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
@@ -68,6 +71,8 @@ __attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* ap,
   _mm256_storeu_ps(tile + 5 * kNR + 8, c51);
 }
 
+#endif
+
 void micro_generic(int64_t kc, const float* ap, const float* bp, float* tile) {
   float acc[kMR][kNR] = {};
   for (int64_t k = 0; k < kc; ++k) {
@@ -82,8 +87,11 @@ void micro_generic(int64_t kc, const float* ap, const float* bp, float* tile) {
 using MicroFn = void (*)(int64_t, const float*, const float*, float*);
 
 MicroFn pick_micro() {
+#if defined(__x86_64__)
   __builtin_cpu_init();
-  return (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? micro_avx2 : micro_generic;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return micro_avx2;
+#endif
+  return micro_generic;
 }
 
 const MicroFn kMicro = pick_micro();

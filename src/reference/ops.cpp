@@ -1,7 +1,6 @@
 // The reference of the non-GEMM stages of spec section 3: RoPE, the Hadamard
 // rotation, fp8 block quantization, indexer logits, top-k and sparse MLA.
 #include <fmt/format.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
