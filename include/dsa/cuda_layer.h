@@ -20,8 +20,11 @@ namespace dsa::cuda {
 
 // Stages in the order the layer runs them; names are the NVTX range names,
 // the rows of `dsa bench` and the values of `--stage`.
+// x_proj is q_a_proj, kv_a_proj, indexer_k_proj and indexer_weights_proj as
+// one GEMM over x ([T, hidden] read once; N = 1536 + 576 + 128 + 64), the
+// default; CudaLayer::set_fused_x_projection(false) runs the four alone.
 enum class Stage : int {
-  q_a_proj, kv_a_proj, norms, q_b_proj, rope, cache_append,
+  x_proj, q_a_proj, kv_a_proj, norms, q_b_proj, rope, cache_append,
   indexer_q_proj, indexer_k_proj, indexer_weights_proj, indexer_quant, indexer_logits, topk,
   q_absorb, sparse_mla, v_up_proj, o_proj,
   kCount
@@ -29,8 +32,9 @@ enum class Stage : int {
 const char* stage_name(Stage s);
 // Throws ConfigError listing the valid names.
 Stage parse_stage(const std::string& name);
-// The stages a configuration runs (o_proj only with cfg.o_proj).
-std::vector<Stage> layer_stages(const LayerConfig& cfg);
+// The stages a configuration runs (o_proj only with cfg.o_proj; x_proj or
+// the four projections it fuses).
+std::vector<Stage> layer_stages(const LayerConfig& cfg, bool fused_x_projection = true);
 
 // One layer's two cache pools in GPU memory (spec section 4 layouts).
 struct DeviceCacheView {
@@ -97,6 +101,13 @@ class CudaLayer {
   // Per-stage times of the last timed enqueue (waits for it), and the whole step.
   std::vector<StageTime> stage_times() const;
   float last_layer_ms() const;
+
+  // x_proj (default) or the four separate projections of x; takes effect at
+  // the next prepare(). Same rounding either way (numerics.md): the fused
+  // GEMM keeps fp32 and its bf16 consumers round on read.
+  void set_fused_x_projection(bool on);
+  bool fused_x_projection() const;
+  std::vector<Stage> stages() const;  // what enqueue() runs, in order
 
   // Makes forward() fill every GPU buffer with 0xFF bytes (NaN in bf16 and
   // fp32) after prepare and before launching: tests and dsa check.

@@ -33,6 +33,7 @@ struct CheckOptions {
   // Unused cache slots and the new tokens' slots start as 0xFF (NaN in every
   // format), and every GPU buffer is poisoned before each run.
   bool poison = true;
+  bool fused_x_projection = true;  // CudaLayer::set_fused_x_projection
 };
 
 struct Diff {
@@ -171,6 +172,10 @@ struct StepCheck {
   Table table;
   double gpu_s = 0, stage_s = 0, ref_s = 0, total_s = 0;
   int64_t sampled = 0;
+  int64_t tokens = 0;
+  // Whole-layer error split by whether a token's top-k set equals the reference's.
+  int64_t same_topk_rows = 0;
+  double same_topk_err = 0, diff_topk_err = 0;
 };
 
 inline StepCheck check_step(const LayerConfig& cfg, const std::vector<StepRequest>& requests, const CheckOptions& o) {
@@ -235,6 +240,7 @@ inline StepCheck check_step(const LayerConfig& cfg, const std::vector<StepReques
   // GPU step with every intermediate.
   cuda::CudaLayer layer(cfg, w);
   layer.set_poison(o.poison);
+  layer.set_fused_x_projection(o.fused_x_projection);
   LayerTrace g;
   TraceOptions topt;
   topt.intermediates = true;
@@ -502,11 +508,33 @@ inline StepCheck check_step(const LayerConfig& cfg, const std::vector<StepReques
       sum += ov, mn = std::min(mn, ov);
     }
     tab.bound_check("layer", "top-k set overlap (mean)", T ? sum / T : 1.0, 0.95, false, fmt::format("min {:.4f}", mn));
+    // Where the two top-k sets differ (boundary keys whose logits are within
+    // rounding of each other), the attention averages different rows and the
+    // outputs legitimately part; this splits the error so a failure above
+    // says whether it comes from selection or from arithmetic.
+    const int64_t row = cfg.o_proj ? hs : H * dv;
+    std::vector<float> ga, ra, gb, rb;
+    int64_t same_rows = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const bool same = overlap(g.topk_local.data() + t * K, r.topk_local.data() + t * K, K) == 1.0;
+      same_rows += same;
+      for (int64_t i = 0; i < row; ++i) {
+        (same ? ga : gb).push_back(bf16_to_float(gout[t * row + i]));
+        (same ? ra : rb).push_back(rout[t * row + i]);
+      }
+    }
+    result.same_topk_rows = same_rows;
+    result.same_topk_err = ga.empty() ? 0.0 : compare(ga.data(), ra.data(), static_cast<int64_t>(ga.size())).err;
+    result.diff_topk_err = gb.empty() ? 0.0 : compare(gb.data(), rb.data(), static_cast<int64_t>(gb.size())).err;
+    if (!ga.empty()) {
+      tab.rel("layer", "output, rows with equal top-k sets", ga, ra, 2e-2, row);
+    }
   }
 
   result.table = std::move(tab);
   result.gpu_s = gpu_s, result.stage_s = stage_s, result.ref_s = ref_s, result.total_s = seconds_since(t_start);
   result.sampled = N;
+  result.tokens = T;
   return result;
 }
 

@@ -103,6 +103,7 @@ Cost stage_cost(const LayerConfig& c, const BatchMetadata& md, Stage s, double d
   };
   const double latent_b = static_cast<double>(c.latent_cache_bytes_per_token());
   switch (s) {
+    case Stage::x_proj: return gemm(T, ql + lat + DI + HI, hid, 2, 4);
     case Stage::q_a_proj: return gemm(T, ql, hid, 2, 2);
     case Stage::kv_a_proj: return gemm(T, lat, hid, 2, 2);
     case Stage::norms: return {0, 2 * T * (ql + kvl) * 2 + (ql + kvl) * 2};
@@ -171,6 +172,14 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
 
   const LayerWeights w = generate_weights(cfg, opt.seed);
   CudaLayer layer(cfg, w);
+  if (!opt.stage.empty()) {
+    // One of the projections x_proj fuses, timed alone: run them unfused.
+    const Stage one = parse_stage(opt.stage);
+    if (one == Stage::q_a_proj || one == Stage::kv_a_proj || one == Stage::indexer_k_proj ||
+        one == Stage::indexer_weights_proj) {
+      layer.set_fused_x_projection(false);
+    }
+  }
   const std::vector<bf16_t> hidden = generate_hidden(cfg, md.num_tokens, opt.seed + 1);
   void* x = layer.hidden_buffer(md.num_tokens);
   DSA_CUDA_CHECK(cudaMemcpy(x, hidden.data(), hidden.size() * 2, cudaMemcpyHostToDevice));
@@ -229,7 +238,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
       layer.enqueue(x, st, true);
       for (const StageTime& t : layer.stage_times()) per[t.stage].ms.push_back(t.ms);
     }
-    for (Stage s : layer_stages(cfg)) {
+    for (Stage s : layer.stages()) {
       StageResult r;
       r.name = stage_name(s);
       per[s].fill(r);

@@ -24,7 +24,7 @@ namespace dsa::cuda {
 namespace {
 
 constexpr std::array<const char*, static_cast<size_t>(Stage::kCount)> kStageNames = {
-    "q_a_proj",      "kv_a_proj",      "norms",          "q_b_proj",  "rope",     "cache_append",
+    "x_proj",        "q_a_proj",      "kv_a_proj",      "norms",          "q_b_proj",  "rope",     "cache_append",
     "indexer_q_proj", "indexer_k_proj", "indexer_weights_proj", "indexer_quant", "indexer_logits", "topk",
     "q_absorb",      "sparse_mla",     "v_up_proj",      "o_proj"};
 
@@ -105,11 +105,14 @@ Stage parse_stage(const std::string& name) {
   throw ConfigError(fmt::format("--stage '{}' is not a stage of the layer; use one of: {}", name, all));
 }
 
-std::vector<Stage> layer_stages(const LayerConfig& cfg) {
+std::vector<Stage> layer_stages(const LayerConfig& cfg, bool fused) {
   std::vector<Stage> v;
   for (int i = 0; i < static_cast<int>(Stage::kCount); ++i) {
     const Stage s = static_cast<Stage>(i);
     if (s == Stage::o_proj && !cfg.o_proj) continue;
+    const bool part_of_x = s == Stage::q_a_proj || s == Stage::kv_a_proj || s == Stage::indexer_k_proj ||
+                           s == Stage::indexer_weights_proj;
+    if (fused ? part_of_x : s == Stage::x_proj) continue;
     v.push_back(s);
   }
   return v;
@@ -140,6 +143,9 @@ struct CudaLayer::Impl {
   LayerConfig cfg;
   Gemm gemm;
   // Weights (bf16).
+  DevBuf w_x;  // [q_lora + latent + DI + HI, hidden]: q_a_proj, kv_a_proj, indexer wk, weights_proj stacked
+  bool fuse_x = true, fused_prepared = true;
+  DevBuf xproj;  // [T, NX] fp32 output of x_proj
   DevBuf w_q_a, w_q_a_norm, w_q_b, w_kv_a, w_kv_a_norm, w_kv_b, w_o, w_idx_q, w_idx_k, w_idx_kn_w, w_idx_kn_b, w_idx_w;
   DevBuf inv_freq;
   // Step metadata.
@@ -175,6 +181,7 @@ struct CudaLayer::Impl {
   int64_t HI() const { return cfg.index_n_heads; }
   int64_t qk() const { return cfg.qk_head_dim(); }
   int64_t lat() const { return cfg.latent_dim(); }
+  int64_t NX() const { return cfg.q_lora_rank + cfg.latent_dim() + cfg.index_head_dim + cfg.index_n_heads; }
 
   void launch(Stage s, cudaStream_t st);
 };
@@ -189,7 +196,12 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
     g.M = T, g.N = N, g.K = K;
     gemm.run(g, st);
   };
+  const bool fx = fused_prepared;
+  const float* xp = xproj.as<float>();
   switch (s) {
+    case Stage::x_proj:
+      linear(x, hid, w_x, xproj.p, NX(), hid, GemmOut::FP32);
+      break;
     case Stage::q_a_proj:
       linear(x, hid, w_q_a, qa.p, ql, hid, GemmOut::BF16);
       break;
@@ -201,6 +213,7 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       p.qa = qa.as<__nv_bfloat16>(), p.wq = w_q_a_norm.as<__nv_bfloat16>(), p.q_lat = q_lat.as<__nv_bfloat16>();
       p.kv = kv.as<__nv_bfloat16>(), p.wkv = w_kv_a_norm.as<__nv_bfloat16>(), p.c_kv = c_kv.as<__nv_bfloat16>();
       p.T = T, p.ld_qa = ql, p.ld_kv = lat(), p.dq = static_cast<int>(ql), p.dkv = static_cast<int>(kvl);
+      if (fx) p.qa_f32 = xp, p.kv_f32 = xp + ql, p.ld_qa = NX(), p.ld_kv = NX();
       p.eps = static_cast<float>(c.rms_norm_eps), p.stream = st;
       rms_norms(p);
       break;
@@ -213,6 +226,7 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       p.q = q.as<__nv_bfloat16>(), p.ld_q = H() * qk(), p.q_head_stride = qk(), p.q_rope_col = nope;
       p.q_out = q_cat.as<__nv_bfloat16>(), p.ld_q_out = H() * lat(), p.q_out_head_stride = lat(), p.q_out_col = kvl;
       p.kv = kv.as<__nv_bfloat16>(), p.ld_kv = lat(), p.k_rope_col = kvl, p.k_out = k_pe.as<__nv_bfloat16>();
+      if (fx) p.kv_f32 = xp + ql, p.ld_kv = NX();
       p.positions = positions.as<int32_t>(), p.inv_freq = inv_freq.as<float>();
       p.T = T, p.num_heads = static_cast<int>(H()), p.rope_dim = static_cast<int>(rope), p.stream = st;
       mla_rope(p);
@@ -237,7 +251,8 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       break;
     case Stage::indexer_quant: {
       IndexerQuantParams p;
-      p.qi = qi.as<__nv_bfloat16>(), p.kx = kx.as<float>(), p.wraw = wraw.as<float>();
+      p.qi = qi.as<__nv_bfloat16>(), p.kx = kx.as<float>(), p.wraw = wraw.as<float>(), p.ld_kx = DI, p.ld_wraw = HI();
+      if (fx) p.kx = xp + ql + lat(), p.wraw = xp + ql + lat() + DI, p.ld_kx = NX(), p.ld_wraw = NX();
       p.k_norm_w = w_idx_kn_w.as<__nv_bfloat16>(), p.k_norm_b = w_idx_kn_b.as<__nv_bfloat16>();
       p.positions = positions.as<int32_t>(), p.inv_freq = inv_freq.as<float>();
       p.q_fp8 = qi8.as<uint8_t>(), p.q_scale = q_scale.as<float>(), p.weights = weights.as<float>();
@@ -347,6 +362,13 @@ CudaLayer::CudaLayer(const LayerConfig& cfg, const LayerWeights& w) {
   upload(m.w_idx_kn_w, w.idx_k_norm_weight);
   upload(m.w_idx_kn_b, w.idx_k_norm_bias);
   upload(m.w_idx_w, w.idx_weights_proj);
+  {
+    std::vector<bf16_t> stacked;
+    stacked.reserve(static_cast<size_t>(m.NX() * cfg.hidden_size));
+    for (const std::vector<bf16_t>* part : {&w.q_a_proj, &w.kv_a_proj_with_mqa, &w.idx_wk, &w.idx_weights_proj})
+      stacked.insert(stacked.end(), part->begin(), part->end());
+    upload(m.w_x, stacked);
+  }
   const std::vector<double> f64 = rope_inv_freq(cfg);
   std::vector<float> f32(f64.begin(), f64.end());
   upload(m.inv_freq, f32);
@@ -413,16 +435,21 @@ void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, co
   upload(m.valid_len, vl);
 
   const size_t bf = 2, f4 = 4;
-  m.qa.ensure(T * c.q_lora_rank * bf);
+  m.fused_prepared = m.fuse_x;
+  if (m.fuse_x) {
+    m.xproj.ensure(T * m.NX() * f4);
+  } else {
+    m.qa.ensure(T * c.q_lora_rank * bf);
+    m.kv.ensure(T * c.latent_dim() * bf);
+    m.kx.ensure(T * DI * f4);
+    m.wraw.ensure(T * HI * f4);
+  }
   m.q_lat.ensure(T * c.q_lora_rank * bf);
-  m.kv.ensure(T * c.latent_dim() * bf);
   m.c_kv.ensure(T * c.kv_lora_rank * bf);
   m.k_pe.ensure(T * c.qk_rope_head_dim * bf);
   m.q.ensure(T * H * c.qk_head_dim() * bf);
   m.q_cat.ensure(T * H * c.latent_dim() * bf);
   m.qi.ensure(T * HI * DI * bf);
-  m.kx.ensure(T * DI * f4);
-  m.wraw.ensure(T * HI * f4);
   m.qi8.ensure(T * HI * DI);
   m.q_scale.ensure(T * HI * f4);
   m.weights.ensure(T * HI * f4);
@@ -446,7 +473,7 @@ void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, co
 void CudaLayer::enqueue(const void* hidden_device, CUstream_st* stream, bool timing) {
   Impl& m = *impl_;
   m.x = hidden_device;
-  const std::vector<Stage> stages = layer_stages(m.cfg);
+  const std::vector<Stage> stages = layer_stages(m.cfg, m.fused_prepared);
   if (timing) DSA_CUDA_CHECK(cudaEventRecord(m.ev_layer[0], stream));
   for (Stage s : stages) {
     nvtxRangePushA(stage_name(s));
@@ -468,6 +495,13 @@ void CudaLayer::run_stage(Stage s, CUstream_st* stream) {
   if (!m.x) throw Error("run_stage: enqueue one whole step first so that every stage has its inputs");
   if (s == Stage::o_proj && !m.cfg.o_proj) {
     throw ConfigError("--stage o_proj needs the o_proj projection switched on (--o-proj)");
+  }
+  const std::vector<Stage> run = layer_stages(m.cfg, m.fused_prepared);
+  if (std::find(run.begin(), run.end(), s) == run.end()) {
+    throw ConfigError(fmt::format("stage {} does not run in this configuration: {}", stage_name(s),
+                                  m.fused_prepared ? "q_a_proj, kv_a_proj, indexer_k_proj and indexer_weights_proj run fused "
+                                                     "as x_proj (time x_proj, or switch the fusion off)"
+                                                   : "x_proj runs only with the fused x projection"));
   }
   nvtxRangePushA(stage_name(s));
   m.launch(s, stream);
@@ -501,6 +535,10 @@ void CudaLayer::set_trace_mode(bool on) { impl_->trace_mode = on; }
 
 void CudaLayer::set_poison(bool on) { impl_->poison = on; }
 
+void CudaLayer::set_fused_x_projection(bool on) { impl_->fuse_x = on; }
+bool CudaLayer::fused_x_projection() const { return impl_->fuse_x; }
+std::vector<Stage> CudaLayer::stages() const { return layer_stages(impl_->cfg, impl_->fuse_x); }
+
 std::vector<int32_t> CudaLayer::download_topk_global(CUstream_st* stream) const {
   return download<int32_t>(impl_->topk_global.p, static_cast<size_t>(impl_->T * impl_->cfg.index_topk), stream);
 }
@@ -533,7 +571,7 @@ std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const 
     void* x = hidden_buffer(T);
     if (T) DSA_CUDA_CHECK(cudaMemcpyAsync(x, hidden.data(), hidden.size() * 2, cudaMemcpyHostToDevice, stream));
     if (m.poison) {
-      for (DevBuf* b : {&m.qa, &m.q_lat, &m.kv, &m.c_kv, &m.k_pe, &m.q, &m.q_cat, &m.qi, &m.kx, &m.wraw, &m.qi8, &m.q_scale,
+      for (DevBuf* b : {&m.xproj, &m.qa, &m.q_lat, &m.kv, &m.c_kv, &m.k_pe, &m.q, &m.q_cat, &m.qi, &m.kx, &m.wraw, &m.qi8, &m.q_scale,
                         &m.weights, &m.logits, &m.topk_local, &m.topk_global, &m.attn_out, &m.lse, &m.row_max, &m.v, &m.out,
                         &m.dbg_q, &m.dbg_k, &m.dbg_k8, &m.dbg_ks}) {
         if (b->p) fill_u32(b->p, 0xffffffffu, b->bytes / 4, stream);

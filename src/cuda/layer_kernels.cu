@@ -57,39 +57,56 @@ __device__ float block_sum(float v, float* sh) {
 // ---- norms ------------------------------------------------------------------
 constexpr int kNormThreads = 256;
 
+// Eight consecutive inputs as fp32: bf16 as stored, or fp32 rounded through
+// bf16 (the fused projection keeps fp32; numerics.md stores bf16 here).
+__device__ __forceinline__ void load8(const __nv_bfloat16* b, const float* f, int64_t off, float v[8]) {
+  if (f) {
+    const float4 a = *reinterpret_cast<const float4*>(f + off), c = *reinterpret_cast<const float4*>(f + off + 4);
+    const float in[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = __bfloat162float(__float2bfloat16_rn(in[j]));
+  } else {
+    const uint4 u = *reinterpret_cast<const uint4*>(b + off);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 x = __bfloat1622float2(h[j]);
+      v[2 * j] = x.x, v[2 * j + 1] = x.y;
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kNormThreads) rms_norms_kernel(NormsParams p) {
   __shared__ float sh[33];
   const int64_t t = blockIdx.x;
   const bool is_q = blockIdx.y == 0;
   const int D = is_q ? p.dq : p.dkv;
-  const __nv_bfloat16* x = is_q ? p.qa + t * p.ld_qa : p.kv + t * p.ld_kv;
+  const int64_t row = t * (is_q ? p.ld_qa : p.ld_kv);
+  const __nv_bfloat16* xb = is_q ? p.qa : p.kv;
+  const float* xf = is_q ? p.qa_f32 : p.kv_f32;
   const __nv_bfloat16* w = is_q ? p.wq : p.wkv;
   __nv_bfloat16* y = is_q ? p.q_lat + t * p.dq : p.c_kv + t * p.dkv;
   const int chunks = D / 8;
   float ss = 0.0f;
   for (int c = threadIdx.x; c < chunks; c += kNormThreads) {
-    const uint4 u = reinterpret_cast<const uint4*>(x)[c];
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+    float v[8];
+    load8(xb, xf, row + 8 * c, v);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(h[j]);
-      ss += f.x * f.x + f.y * f.y;
-    }
+    for (int j = 0; j < 8; ++j) ss += v[j] * v[j];
   }
   ss = block_sum(ss, sh);
   const float inv = 1.0f / sqrtf(ss / static_cast<float>(D) + p.eps);
   for (int c = threadIdx.x; c < chunks; c += kNormThreads) {
-    const uint4 u = reinterpret_cast<const uint4*>(x)[c];
+    float v[8];
+    load8(xb, xf, row + 8 * c, v);
     const uint4 wu = reinterpret_cast<const uint4*>(w)[c];
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
     const __nv_bfloat162* wh = reinterpret_cast<const __nv_bfloat162*>(&wu);
     uint4 o;
     __nv_bfloat162* oh = reinterpret_cast<__nv_bfloat162*>(&o);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float2 f = __bfloat1622float2(h[j]);
       const float2 g = __bfloat1622float2(wh[j]);
-      oh[j] = __floats2bfloat162_rn(f.x * inv * g.x, f.y * inv * g.y);
+      oh[j] = __floats2bfloat162_rn(v[2 * j] * inv * g.x, v[2 * j + 1] * inv * g.y);
     }
     reinterpret_cast<uint4*>(y)[c] = o;
   }
@@ -112,7 +129,13 @@ __global__ void mla_rope_kernel(MlaRopeParams p) {
         __floats2bfloat162_rn(f.x * c - f.y * s, f.x * s + f.y * c);
   }
   if (threadIdx.y == 0) {
-    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.kv + t * p.ld_kv + p.k_rope_col + 2 * i));
+    float2 f;
+    if (p.kv_f32) {
+      const float2 a = *reinterpret_cast<const float2*>(p.kv_f32 + t * p.ld_kv + p.k_rope_col + 2 * i);
+      f = make_float2(__bfloat162float(__float2bfloat16_rn(a.x)), __bfloat162float(__float2bfloat16_rn(a.y)));
+    } else {
+      f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.kv + t * p.ld_kv + p.k_rope_col + 2 * i));
+    }
     *reinterpret_cast<__nv_bfloat162*>(p.k_out + t * p.rope_dim + 2 * i) =
         __floats2bfloat162_rn(f.x * c - f.y * s, f.x * s + f.y * c);
   }
@@ -164,7 +187,15 @@ struct FoldConsts {
 };
 
 __global__ void __launch_bounds__(kQuantWarps * 32) indexer_quant_kernel(IndexerQuantParams p, FoldConsts fc) {
+  // One token per block: its RoPE cos/sin are computed once and shared by the
+  // block's heads (sincosf of large angles is the kernel's most costly step).
+  __shared__ float cs_cos[64], cs_sin[64];
   const int64_t t = blockIdx.x;
+  const int half = p.rope_dim / 2;
+  if (threadIdx.x < half) {
+    sincosf(static_cast<float>(p.positions[t]) * p.inv_freq[threadIdx.x], &cs_sin[threadIdx.x], &cs_cos[threadIdx.x]);
+  }
+  __syncthreads();
   const int warp = blockIdx.y * kQuantWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp > p.num_heads) return;
   const bool is_k = warp == p.num_heads;
@@ -176,7 +207,7 @@ __global__ void __launch_bounds__(kQuantWarps * 32) indexer_quant_kernel(Indexer
     const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
     v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
   } else {
-    const float4 f = *reinterpret_cast<const float4*>(p.kx + t * 128 + 4 * lane);
+    const float4 f = *reinterpret_cast<const float4*>(p.kx + t * p.ld_kx + 4 * lane);
     v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
     // LayerNorm in fp32 (two passes: mean, then centred variance).
     const float mean = warp_sum(v[0] + v[1] + v[2] + v[3]) / 128.0f;
@@ -195,8 +226,7 @@ __global__ void __launch_bounds__(kQuantWarps * 32) indexer_quant_kernel(Indexer
 
   // Half-split RoPE on dims [0, rope_dim): pairs (i, i + half).
   {
-    const int half = p.rope_dim / 2, lanes_half = half / 4;
-    const float pos = static_cast<float>(p.positions[t]);
+    const int lanes_half = half / 4;
     const bool lower = lane < lanes_half, upper = lane >= lanes_half && lane < 2 * lanes_half;
     const int src = lower ? lane + lanes_half : (upper ? lane - lanes_half : lane);
 #pragma unroll
@@ -204,8 +234,7 @@ __global__ void __launch_bounds__(kQuantWarps * 32) indexer_quant_kernel(Indexer
       const float other = __shfl_sync(kFull, v[j], src);
       if (lower || upper) {
         const int i = 4 * (lower ? lane : lane - lanes_half) + j;
-        float s, c;
-        sincosf(pos * p.inv_freq[i], &s, &c);
+        const float c = cs_cos[i], s = cs_sin[i];
         v[j] = lower ? v[j] * c - other * s : v[j] * c + other * s;
       }
     }
@@ -239,7 +268,7 @@ __global__ void __launch_bounds__(kQuantWarps * 32) indexer_quant_kernel(Indexer
     if (p.dbg_q) *reinterpret_cast<float4*>(p.dbg_q + row * 128 + 4 * lane) = make_float4(v[0], v[1], v[2], v[3]);
     if (lane == 0) {
       p.q_scale[row] = s;
-      p.weights[row] = p.wraw[row] * fc.inv_sqrt_hi * s * fc.inv_sqrt_di;
+      p.weights[row] = p.wraw[t * p.ld_wraw + warp] * fc.inv_sqrt_hi * s * fc.inv_sqrt_di;
     }
   } else {
     *reinterpret_cast<uint32_t*>(p.k_pool + p.k_offset[t] + 4 * lane) = q;
@@ -280,9 +309,9 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 void rms_norms(const NormsParams& p) {
   if (p.T == 0) return;
   require(p.dq % 8 == 0 && p.dkv % 8 == 0 && p.ld_qa % 8 == 0 && p.ld_kv % 8 == 0,
-          "rms_norms: widths and row strides must be multiples of 8 bf16 (16-byte rows); pad the projection output");
-  require(aligned16(p.qa) && aligned16(p.kv) && aligned16(p.q_lat) && aligned16(p.c_kv) && aligned16(p.wq) &&
-              aligned16(p.wkv),
+          "rms_norms: widths and row strides must be multiples of 8 values (16-byte rows); pad the projection output");
+  require((p.qa_f32 ? aligned16(p.qa_f32) : aligned16(p.qa)) && (p.kv_f32 ? aligned16(p.kv_f32) : aligned16(p.kv)) &&
+              aligned16(p.q_lat) && aligned16(p.c_kv) && aligned16(p.wq) && aligned16(p.wkv),
           "rms_norms: every tensor must be 16-byte aligned");
   rms_norms_kernel<<<dim3(static_cast<unsigned>(p.T), 2), kNormThreads, 0, p.stream>>>(p);
   DSA_CHECK_LAUNCH("rms_norms");
@@ -311,6 +340,8 @@ void indexer_quant(const IndexerQuantParams& p) {
   if (p.T == 0) return;
   require(p.rope_dim % 8 == 0 && p.rope_dim <= 128,
           "indexer_quant: the indexer rope width must be a multiple of 8 and at most the head width 128");
+  require(p.ld_kx % 4 == 0 && (reinterpret_cast<uintptr_t>(p.kx) & 15) == 0,
+          "indexer_quant: the key projection rows must be 16-byte aligned (row stride a multiple of 4 floats)");
   const FoldConsts fc{static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.num_heads))),
                       static_cast<float>(1.0 / std::sqrt(128.0))};
   const unsigned gy = static_cast<unsigned>((p.num_heads + 1 + kQuantWarps - 1) / kQuantWarps);

@@ -11,8 +11,13 @@ namespace dsa::cuda {
 
 // Both RMSNorms of step 1 in one launch: q_lat = RMSNorm(qa) * wq and
 // c_kv = RMSNorm(kv[:, :dkv]) * wkv. fp32 math, bf16 out.
+// With qa_f32 / kv_f32 set (the fused x projection's fp32 output), the
+// inputs are read in fp32 and rounded to bf16 first, exactly the value a
+// bf16-output GEMM would have stored (docs/numerics.md); qa / kv are then unused.
 struct NormsParams {
   const __nv_bfloat16* qa = nullptr;   // [T, dq] (row stride ld_qa)
+  const float* qa_f32 = nullptr;       // may be null
+  const float* kv_f32 = nullptr;       // may be null
   const __nv_bfloat16* wq = nullptr;   // [dq]
   __nv_bfloat16* q_lat = nullptr;      // [T, dq] dense
   const __nv_bfloat16* kv = nullptr;   // [T, ld_kv]: c_kv in the first dkv columns
@@ -35,6 +40,7 @@ struct MlaRopeParams {
   __nv_bfloat16* q_out = nullptr;
   int64_t ld_q_out = 0, q_out_head_stride = 0, q_out_col = 0;
   const __nv_bfloat16* kv = nullptr;
+  const float* kv_f32 = nullptr;  // may be null: fp32 source, rounded to bf16 before RoPE (fused x projection)
   int64_t ld_kv = 0, k_rope_col = 0;
   __nv_bfloat16* k_out = nullptr;
   const int32_t* positions = nullptr;  // [T]
@@ -69,8 +75,9 @@ inline int64_t latent_fp8_bytes(int dkv, int rope) { return dkv + 4 * (dkv / 128
 // indexer K cache. The dbg_* outputs (trace only) may be null.
 struct IndexerQuantParams {
   const __nv_bfloat16* qi = nullptr;  // [T, HI * 128] wq_b output
-  const float* kx = nullptr;          // [T, 128] fp32 wk output
-  const float* wraw = nullptr;        // [T, HI] fp32 weights_proj output
+  const float* kx = nullptr;          // [T, 128] fp32 wk output, row stride ld_kx
+  const float* wraw = nullptr;        // [T, HI] fp32 weights_proj output, row stride ld_wraw
+  int64_t ld_kx = 128, ld_wraw = 64;
   const __nv_bfloat16* k_norm_w = nullptr;  // [128]
   const __nv_bfloat16* k_norm_b = nullptr;  // [128]
   const int32_t* positions = nullptr;       // [T]

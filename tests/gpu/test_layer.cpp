@@ -38,6 +38,7 @@ struct Case {
   int64_t heads, topk;
   std::vector<StepRequest> requests;
   bool o_proj = false;
+  bool fused_x = true;
 };
 
 std::vector<StepRequest> reqs(std::initializer_list<std::pair<int64_t, int64_t>> cn) {
@@ -57,6 +58,7 @@ TEST_P(LayerStep, EveryStageAndTheLayerMatchTheReference) {
   dsa::check::CheckOptions o;
   o.seed = 11;
   o.sample = 100000;  // every token
+  o.fused_x_projection = c.fused_x;
   const dsa::check::StepCheck r = dsa::check::check_step(cfg, c.requests, o);
   EXPECT_EQ(r.table.failures(), 0) << r.header << "\n" << r.table.format();
   EXPECT_GE(r.table.rows().size(), 20u) << r.table.format();  // every stage reported
@@ -69,6 +71,7 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"chunked_prefill_h64", 64, 128, reqs({{96, 64}})},
                       Case{"ragged3_prefill_decode_next2_h64", 64, 128, reqs({{0, 70}, {300, 1}, {150, 2}})},
                       Case{"decode_b3_h128", 128, 128, reqs({{500, 1}, {64, 1}, {1000, 1}})},
+                      Case{"ragged3_h128_unfused_x_projections", 128, 128, reqs({{0, 33}, {129, 1}, {64, 2}}), false, false},
                       Case{"next_n2_b2_h128_o_proj", 128, 64, reqs({{200, 2}, {31, 2}}), true}),
     [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 

@@ -37,6 +37,11 @@ void run_check(const CheckCliOptions& o) {
   fmt::print("GPU step {:.2f} s (with trace download), stage checks on {} sampled tokens {:.1f} s, reference layer {:.1f} s, "
              "total {:.1f} s\n",
              r.gpu_s, r.sampled, r.stage_s, r.ref_s, r.total_s);
+  if (co.whole_layer) {
+    fmt::print("whole layer: {} of {} tokens select the same top-k set as the reference (output error {:.3e} on them); the "
+               "other {} tokens differ in a few boundary keys (output error {:.3e} on them)\n",
+               r.same_topk_rows, r.tokens, r.same_topk_err, r.tokens - r.same_topk_rows, r.diff_topk_err);
+  }
   const std::vector<std::string> bad = r.table.failed();
   if (!bad.empty()) {
     std::string list;
