@@ -529,6 +529,42 @@ inline StepCheck check_step(const LayerConfig& cfg, const std::vector<StepReques
     if (!ga.empty()) {
       tab.rel("layer", "output, rows with equal top-k sets", ga, ra, 2e-2, row);
     }
+    // The reference's own chain from its q_cat and its cache rows, attending
+    // over the GPU's selection: the whole layer on "the same rounded inputs"
+    // where the one discrete decision (top-k at near-equal logits) is shared.
+    {
+      std::vector<int32_t> row_of_slot(static_cast<size_t>(md.num_slots), -1);
+      std::vector<int64_t> slots;
+      std::vector<int32_t> ridx(g.topk_global.size(), -1);
+      for (size_t j = 0; j < g.topk_global.size(); ++j) {
+        const int32_t sl = g.topk_global[j];
+        if (sl < 0 || sl >= md.num_slots) continue;
+        if (row_of_slot[sl] < 0) row_of_slot[sl] = static_cast<int32_t>(slots.size()), slots.push_back(sl);
+        ridx[j] = row_of_slot[sl];
+      }
+      std::vector<float> rows(std::max<size_t>(1, slots.size()) * lat);
+      for (size_t i = 0; i < slots.size(); ++i) ref::read_latent_row(cfg, hcache.latent_pool(0), slots[i], rows.data() + i * lat);
+      std::vector<float> o2(T * H * dkv), l2(T * H), m2(T * H);
+      ref::sparse_mla(r.q_cat.data(), rows.data(), static_cast<int64_t>(slots.size()), ridx.data(), T, H, K, lat, dkv,
+                      cfg.softmax_scale(), o2.data(), l2.data(), m2.data());
+      round_all(o2);
+      std::vector<float> v2(T * H * dv), oh(T * dkv);
+      const auto wkvb2 = widen(w.kv_b_proj);
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t t = 0; t < T; ++t) std::copy(o2.begin() + (t * H + h) * dkv, o2.begin() + (t * H + h + 1) * dkv, oh.begin() + t * dkv);
+        ref::gemm(T, dv, dkv, oh.data(), dkv, wkvb2.data() + (h * (nope + dv) + nope) * dkv, dkv, true, v2.data() + h * dv, H * dv);
+      }
+      round_all(v2);
+      std::vector<float> out2 = std::move(v2);
+      if (cfg.o_proj) {
+        const auto wo = widen(w.o_proj);
+        std::vector<float> y(T * hs);
+        ref::linear(out2.data(), wo.data(), y.data(), T, hs, H * dv);
+        round_all(y);
+        out2 = std::move(y);
+      }
+      tab.rel("layer", "output vs ref chain on GPU's top-k", widen(gout), out2, 2e-2, row);
+    }
   }
 
   result.table = std::move(tab);
