@@ -126,7 +126,7 @@ Cost stage_cost(const LayerConfig& c, const BatchMetadata& md, Stage s, double d
     case Stage::topk: return {0, static_cast<double>(md.total_visible_keys()) * 4 + T * k * 4};
     case Stage::q_absorb: return Cost{2 * T * H * nope * kvl, T * H * nope * 2 + H * nope * kvl * 2 + T * H * kvl * 2};
     case Stage::sparse_mla:
-      return {2 * H * (lat + kvl) * valid_indices, T * H * lat * 2 + distinct_rows * lat * 2 + T * k * 4 + T * H * kvl * 2 + 2 * T * H * 4};
+      return {2 * H * (lat + kvl) * valid_indices, T * H * lat * 2 + distinct_rows * latent_b + T * k * 4 + T * H * kvl * 2 + 2 * T * H * 4};
     case Stage::v_up_proj: return Cost{2 * T * H * kvl * vd, T * H * kvl * 2 + H * vd * kvl * 2 + T * H * vd * 2};
     case Stage::o_proj: return gemm(T, hid, H * vd, 2, 2);
     case Stage::kCount: break;

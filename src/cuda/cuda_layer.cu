@@ -155,7 +155,7 @@ struct CudaLayer::Impl {
   DevBuf positions, token_request, visible_end, block_table, slot_mapping, k_off, k_scale_off, valid_len;
   // Activations.
   DevBuf hidden, qa, q_lat, kv, c_kv, k_pe, q, q_cat, qi, kx, wraw, qi8, q_scale, weights, logits, topk_local, topk_global,
-      topk_ws, attn_out, lse, row_max, v, out;
+      topk_ws, attn_out, lse, row_max, v, out, kv_gather, idx_gather;
   DevBuf dbg_q, dbg_k, dbg_k8, dbg_ks;
   bool trace_mode = false;
   bool poison = false;
@@ -304,8 +304,18 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       SparseMlaParams p;
       p.q = q_cat.as<__nv_bfloat16>(), p.kv = reinterpret_cast<const __nv_bfloat16*>(cache.latent);
       p.indices = topk_global.as<int32_t>(), p.valid_len = valid_len.as<int32_t>();
+      p.num_slots = cache.num_slots();
+      if (cache.latent_dtype == LatentCacheDType::FP8) {
+        // Decode over the fp8 cache: dequantize the selected rows, then the bf16 kernel.
+        GatherFp8Params gp;
+        gp.latent_pool = cache.latent, gp.indices = topk_global.as<int32_t>(), gp.out = kv_gather.as<__nv_bfloat16>();
+        gp.out_indices = idx_gather.as<int32_t>(), gp.T = T, gp.num_slots = cache.num_slots();
+        gp.k = static_cast<int>(c.index_topk), gp.dkv = static_cast<int>(kvl), gp.rope = static_cast<int>(rope), gp.stream = st;
+        gather_latent_fp8(gp);
+        p.kv = kv_gather.as<__nv_bfloat16>(), p.indices = idx_gather.as<int32_t>(), p.num_slots = T * c.index_topk;
+      }
       p.out = attn_out.as<__nv_bfloat16>(), p.lse = lse.as<float>(), p.row_max = row_max.as<float>();
-      p.T = T, p.num_slots = cache.num_slots(), p.stride_q_t = H() * lat(), p.num_heads = static_cast<int>(H());
+      p.T = T, p.stride_q_t = H() * lat(), p.num_heads = static_cast<int>(H());
       p.topk = static_cast<int>(c.index_topk), p.d_qk = static_cast<int>(lat()), p.d_v = static_cast<int>(kvl);
       p.softmax_scale = static_cast<float>(c.softmax_scale()), p.stream = st;
       sparse_mla(p);
@@ -391,9 +401,10 @@ void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, co
                                  "CacheConfig::for_layer(cfg)",
                                  to_string(cache.latent_dtype), to_string(c.kv_cache_dtype)));
   }
-  if (cache.latent_dtype != LatentCacheDType::BF16) {
-    throw ShapeError("the CUDA sparse attention reads the bf16 latent cache only (the fp8 656-byte form is written by "
-                     "cache_append but has no sparse decode kernel yet); use --kv-cache-dtype bf16");
+  if (cache.latent_dtype == LatentCacheDType::FP8) {
+    // The fp8 form serves decode (spec 4): one to four new tokens per request.
+    for (const StepRequest& r : md.requests)
+      if (r.num_new > 4) validate_for_sparse_prefill(c);
   }
   if (!cache.latent || !cache.indexer) throw ShapeError("the device cache view has no pools; pass device_view(cache, layer)");
   if (md.num_slots != cache.num_slots()) {
@@ -462,6 +473,10 @@ void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, co
   m.row_max.ensure(T * H * f4);
   m.v.ensure(T * H * c.v_head_dim * bf);
   if (c.o_proj) m.out.ensure(T * c.hidden_size * bf);
+  if (cache.latent_dtype == LatentCacheDType::FP8) {
+    m.kv_gather.ensure(T * k * c.latent_dim() * bf);
+    m.idx_gather.ensure(T * k * f4);
+  }
   if (m.trace_mode) {
     m.dbg_q.ensure(T * HI * DI * f4);
     m.dbg_k.ensure(T * DI * f4);

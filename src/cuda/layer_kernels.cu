@@ -1,4 +1,5 @@
 // Elementwise stages of the layer. Rounding points: docs/numerics.md.
+#include <cuda_fp16.h>
 #include <cuda_fp8.h>
 #include <fmt/format.h>
 
@@ -297,6 +298,39 @@ __global__ void local_to_global_kernel(LocalToGlobalParams p) {
   }
 }
 
+// One warp per selected row: lane l dequantizes 16 of the 512 c_kv values
+// (group l / 8 of 128, one scale each); lanes 0-7 copy the 128 bytes of k_pe.
+__global__ void gather_fp8_kernel(GatherFp8Params p) {
+  const int64_t e = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (e >= p.T * p.k) return;
+  const int32_t g = p.indices[e];
+  if (g < 0 || g >= p.num_slots) {
+    if (lane == 0) p.out_indices[e] = -1;
+    return;
+  }
+  if (lane == 0) p.out_indices[e] = static_cast<int32_t>(e);
+  const int groups = p.dkv / 128, row_bytes = p.dkv + 4 * groups + 2 * p.rope, width = p.dkv + p.rope;
+  const uint8_t* src = p.latent_pool + int64_t(g) * row_bytes;
+  __nv_bfloat16* dst = p.out + e * width;
+  for (int c = lane; c < p.dkv / 16; c += 32) {
+    const float scale = reinterpret_cast<const float*>(src + p.dkv)[c / 8];
+    const uint4 u = *reinterpret_cast<const uint4*>(src + 16 * c);
+    const uint8_t* b = reinterpret_cast<const uint8_t*>(&u);
+    uint4 o[2];
+    __nv_bfloat16* ob = reinterpret_cast<__nv_bfloat16*>(o);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      const __half h = __half(__nv_cvt_fp8_to_halfraw(b[j], __NV_E4M3));
+      ob[j] = __float2bfloat16_rn(__half2float(h) * scale);
+    }
+    reinterpret_cast<uint4*>(dst + 16 * c)[0] = o[0];
+    reinterpret_cast<uint4*>(dst + 16 * c)[1] = o[1];
+  }
+  for (int c = lane; c < p.rope / 8; c += 32)
+    reinterpret_cast<uint4*>(dst + p.dkv)[c] = reinterpret_cast<const uint4*>(src + p.dkv + 4 * groups)[c];
+}
+
 __global__ void fill_u32_kernel(uint32_t* ptr, uint32_t value, size_t n) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) ptr[i] = value;
 }
@@ -358,6 +392,14 @@ void local_to_global(const LocalToGlobalParams& p) {
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
   local_to_global_kernel<<<blocks, 256, 0, p.stream>>>(p);
   DSA_CHECK_LAUNCH("local_to_global");
+}
+
+void gather_latent_fp8(const GatherFp8Params& p) {
+  const int64_t n = p.T * p.k;
+  if (n == 0) return;
+  require(p.dkv % 128 == 0 && p.rope % 8 == 0, "gather_latent_fp8: kv_lora_rank must be a multiple of 128 and rope of 8");
+  gather_fp8_kernel<<<static_cast<unsigned>((n + 3) / 4), 128, 0, p.stream>>>(p);
+  DSA_CHECK_LAUNCH("gather_latent_fp8");
 }
 
 void fill_u32(void* ptr, uint32_t value, size_t n_words, cudaStream_t stream) {

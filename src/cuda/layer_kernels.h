@@ -114,6 +114,22 @@ struct LocalToGlobalParams {
 };
 void local_to_global(const LocalToGlobalParams& p);
 
+// Sparse decode over the fp8 latent cache: each selected row (656 bytes:
+// e4m3 c_kv, ue8m0 scales, bf16 k_pe) is dequantized into a bf16 row of
+// `out` at position t * k + j (exact: fp8 times a power of two fits bf16), and
+// out_indices[t, j] becomes that position (-1 stays -1), so the bf16 sparse
+// attention kernel reads the gathered rows.
+struct GatherFp8Params {
+  const uint8_t* latent_pool = nullptr;  // fp8 form, [num_slots, dkv + 4 * dkv / 128 + 2 * rope]
+  const int32_t* indices = nullptr;      // [T, k] global slots, -1 padded
+  __nv_bfloat16* out = nullptr;          // [T * k, dkv + rope]
+  int32_t* out_indices = nullptr;        // [T, k]
+  int64_t T = 0, num_slots = 0;
+  int k = 0, dkv = 512, rope = 64;
+  cudaStream_t stream = nullptr;
+};
+void gather_latent_fp8(const GatherFp8Params& p);
+
 // Writes `value` (a bit pattern) into n 32-bit words: poisons buffers in tests
 // and before traced runs.
 void fill_u32(void* ptr, uint32_t value, size_t n_words, cudaStream_t stream);

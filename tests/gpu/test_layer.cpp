@@ -39,6 +39,7 @@ struct Case {
   std::vector<StepRequest> requests;
   bool o_proj = false;
   bool fused_x = true;
+  dsa::LatentCacheDType latent = dsa::LatentCacheDType::BF16;
 };
 
 std::vector<StepRequest> reqs(std::initializer_list<std::pair<int64_t, int64_t>> cn) {
@@ -55,6 +56,7 @@ TEST_P(LayerStep, EveryStageAndTheLayerMatchTheReference) {
   const Case& c = GetParam();
   dsa::LayerConfig cfg = small_config(c.heads, c.topk);
   cfg.o_proj = c.o_proj;
+  cfg.kv_cache_dtype = c.latent;
   dsa::check::CheckOptions o;
   o.seed = 11;
   o.sample = 100000;  // every token
@@ -72,7 +74,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"ragged3_prefill_decode_next2_h64", 64, 128, reqs({{0, 70}, {300, 1}, {150, 2}})},
                       Case{"decode_b3_h128", 128, 128, reqs({{500, 1}, {64, 1}, {1000, 1}})},
                       Case{"ragged3_h128_unfused_x_projections", 128, 128, reqs({{0, 33}, {129, 1}, {64, 2}}), false, false},
-                      Case{"next_n2_b2_h128_o_proj", 128, 64, reqs({{200, 2}, {31, 2}}), true}),
+                      Case{"next_n2_b2_h128_o_proj", 128, 64, reqs({{200, 2}, {31, 2}}), true},
+                      Case{"decode_fp8_latent_cache_h64", 64, 128, reqs({{300, 1}, {64, 2}, {1000, 1}}), false, true,
+                           dsa::LatentCacheDType::FP8}),
     [](const ::testing::TestParamInfo<Case>& i) { return std::string(i.param.name); });
 
 // DeepSeek-V3.2's own widths (hidden 7168, q_lora 1536, H 128, topk 2048) on
@@ -166,6 +170,21 @@ TEST(LayerGpu, RejectsWhatItCannotRun) {
   EXPECT_THROW(layer.forward(std::vector<dsa::bf16_t>(5), md.positions.data(), md, dsa::cuda::device_view(cache, 0)),
                dsa::ShapeError);
   EXPECT_THROW(dsa::cuda::parse_stage("attention"), dsa::ConfigError);
+  {
+    // The fp8 latent cache serves decode only; a prefill step over it is refused with the spec's message.
+    dsa::LayerConfig f = cfg;
+    f.kv_cache_dtype = dsa::LatentCacheDType::FP8;
+    dsa::cuda::CudaLayer l8(f, w);
+    dsa::CacheConfig c8 = dsa::CacheConfig::for_layer(f);
+    c8.with_tokens(256);
+    c8.storage = dsa::Storage::Device;
+    dsa::CacheManager k8(c8, dsa::cuda::device_allocator());
+    const std::vector<StepRequest> pre = reqs({{0, 8}});
+    dsa::reserve_step(k8, pre);
+    const dsa::BatchMetadata m8 = dsa::build_batch_metadata(k8, pre);
+    EXPECT_THROW(l8.forward(dsa::generate_hidden(f, 8, 4), m8.positions.data(), m8, dsa::cuda::device_view(k8, 0)),
+                 dsa::ConfigError);
+  }
   dsa::CacheConfig hc = dsa::CacheConfig::for_layer(cfg);
   hc.with_tokens(64);
   dsa::CacheManager host(hc);
