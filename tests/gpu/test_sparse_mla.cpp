@@ -18,6 +18,7 @@
 #include "cuda/sparse_mla.h"
 #include "dsa/cuda.h"
 #include "dsa/dtypes.h"
+#include "dsa/reference.h"
 
 namespace {
 
@@ -282,3 +283,72 @@ TEST(SparseMlaSm90, H64Topk64) { run_case({33, 64, 64, 100, true, Kernel::Sm90, 
 TEST(SparseMlaSm90, H128Topk2048) { run_case({20, 128, 2048, 20000, true, Kernel::Sm90, 24}); }
 TEST(SparseMlaSm90, H64TAbove65535) { run_case({65600, 64, 64, 2000, true, Kernel::Sm90, 25}); }
 TEST(SparseMlaSm90, H128TAbove65535) { run_case({65540, 128, 128, 3000, false, Kernel::Sm90, 26}); }
+
+// The project's CPU reference (dsa::ref::sparse_mla) against the sm90 kernel
+// (or the simple one where sm90 does not apply) on every row of a small case:
+// ties the float64 loop above to the reference the rest of the layer uses.
+TEST(SparseMlaVsReference, H64Topk256) {
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  constexpr int D = 576, DV = 512;
+  const Case c{24, 64, 256, 700, false, Kernel::Dispatch, 31};
+  const Inputs in = make_inputs(c);
+  // The reference takes fp32 rows and no NaN rows past the end: give it the
+  // valid part of the cache (indices >= num_slots stay invalid for both).
+  std::vector<float> q(in.q.size()), kv(static_cast<size_t>(c.num_slots) * D);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = dsa::bf16_to_float(in.q[i]);
+  for (size_t i = 0; i < kv.size(); ++i) kv[i] = dsa::bf16_to_float(in.kv[i]);
+  std::vector<float> ref_out(static_cast<size_t>(c.T) * c.H * DV), ref_lse(c.T * c.H), ref_max(c.T * c.H);
+  dsa::ref::sparse_mla(q.data(), kv.data(), c.num_slots, in.idx.data(), c.T, c.H, c.topk, D, DV, kScale, ref_out.data(),
+                       ref_lse.data(), ref_max.data());
+
+  DevBuf<__nv_bfloat16> dq(in.q.size()), dkv(in.kv.size()), dout(ref_out.size());
+  DevBuf<int32_t> didx(in.idx.size());
+  DevBuf<float> dlse(ref_lse.size()), dmax(ref_max.size());
+  ASSERT_TRUE(dq.p && dkv.p && dout.p && didx.p && dlse.p && dmax.p);
+  CK(cudaMemcpy(dq.p, in.q.data(), dq.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dkv.p, in.kv.data(), dkv.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(didx.p, in.idx.data(), didx.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemset(dout.p, 0xff, dout.bytes()));
+  CK(cudaMemset(dlse.p, 0xff, dlse.bytes()));
+  CK(cudaMemset(dmax.p, 0xff, dmax.bytes()));
+  dsa::cuda::SparseMlaParams p;
+  p.q = dq.p;
+  p.kv = dkv.p;
+  p.indices = didx.p;
+  p.out = dout.p;
+  p.lse = dlse.p;
+  p.row_max = dmax.p;
+  p.T = c.T;
+  p.num_slots = c.num_slots;
+  p.stride_q_t = static_cast<int64_t>(c.H) * D;
+  p.num_heads = c.H;
+  p.topk = c.topk;
+  p.softmax_scale = kScale;
+  dsa::cuda::sparse_mla(p);
+  CK(cudaDeviceSynchronize());
+  std::vector<uint16_t> out(ref_out.size());
+  std::vector<float> lse(ref_lse.size()), rmax(ref_max.size());
+  CK(cudaMemcpy(out.data(), dout.p, dout.bytes(), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(lse.data(), dlse.p, dlse.bytes(), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(rmax.data(), dmax.p, dmax.bytes(), cudaMemcpyDeviceToHost));
+  double err2 = 0, ref2 = 0, dot = 0, got2 = 0, worst_lse = 0;
+  int64_t mismatched_inf = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    const double g = dsa::bf16_to_float(out[i]), r = ref_out[i];
+    err2 += (g - r) * (g - r);
+    ref2 += r * r;
+    got2 += g * g;
+    dot += g * r;
+  }
+  for (size_t i = 0; i < lse.size(); ++i) {
+    if (std::isinf(ref_lse[i]) || std::isinf(lse[i])) {
+      mismatched_inf += !(lse[i] == ref_lse[i] && rmax[i] == ref_max[i]);
+      continue;
+    }
+    worst_lse = std::max(worst_lse, static_cast<double>(std::abs(lse[i] - ref_lse[i])));
+  }
+  EXPECT_EQ(mismatched_inf, 0) << "+inf lse / -inf max rows differ from the reference";
+  EXPECT_LE(std::sqrt(err2 / ref2), 1e-2);
+  EXPECT_LE(1.0 - dot / std::sqrt(ref2 * got2), 1e-5);
+  EXPECT_LE(worst_lse, 1e-3);
+}
