@@ -187,7 +187,7 @@ std::string format_csv(const BenchResult& r, bool header) {
 
 const std::vector<std::string>& stage_names() {
   static const std::vector<std::string> names = {
-      "q_a_proj",       "kv_a_proj",      "norms",          "q_b_proj",  "rope",     "cache_append",
+      "x_proj",         "q_a_proj",       "kv_a_proj",      "norms",          "q_b_proj",  "rope",     "cache_append",
       "indexer_q_proj", "indexer_k_proj", "indexer_weights_proj", "indexer_quant", "indexer_logits", "topk",
       "q_absorb",       "sparse_mla",     "v_up_proj",      "o_proj"};
   return names;
@@ -204,6 +204,9 @@ StageWork stage_work(const LayerConfig& c, const BatchMetadata& md, const std::s
   auto gemm = [](double M, double N, double K, double in_b, double out_b) {
     return StageWork{2 * M * N * K, M * K * in_b + N * K * 2 + M * N * out_b};
   };
+  // The CUDA backend's fused projection of x: q_a, kv_a, indexer wk and
+  // weights_proj as one GEMM reading x once, fp32 out.
+  if (stage == "x_proj") return gemm(T, ql + lat + DI + HI, hid, 2, 4);
   if (stage == "q_a_proj") return gemm(T, ql, hid, 2, 2);
   if (stage == "kv_a_proj") return gemm(T, lat, hid, 2, 2);
   if (stage == "norms") return {0, 2 * T * (ql + kvl) * 2 + (ql + kvl) * 2};

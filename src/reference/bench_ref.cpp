@@ -180,7 +180,10 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   }
   if (!opt.stage.empty()) {
     if (res.stages.empty()) {
-      throw ConfigError(fmt::format("stage '{}' does not run in this configuration (o_proj runs only with --o-proj)", opt.stage));
+      const char* why = opt.stage == "o_proj" ? "o_proj runs only with --o-proj"
+                        : opt.stage == "x_proj" ? "x_proj is the CUDA backend's fused projection of x; the reference times q_a_proj, kv_a_proj, indexer_k_proj and indexer_weights_proj separately"
+                                                : "the reference does not run it";
+      throw ConfigError(fmt::format("stage '{}' does not run in this configuration ({})", opt.stage, why));
     }
     res.layer_ms = res.stages[0].median_ms;
   } else {
