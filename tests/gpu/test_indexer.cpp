@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "cuda/indexer.h"
+#include "dev_buf.h"
 #include "dsa/cuda.h"
 #include "dsa/dtypes.h"
 #include "dsa/error.h"
@@ -28,16 +29,7 @@ namespace {
 
 constexpr int64_t kHeads = 64, kDim = 128, kTpb = 64, kBlockBytes = kTpb * (kDim + 4);
 
-template <typename T>
-struct DevBuf {
-  T* p = nullptr;
-  size_t n = 0;
-  explicit DevBuf(size_t count) : n(count) {
-    if (cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
-  }
-  ~DevBuf() { cudaFree(p); }
-  size_t bytes() const { return n * sizeof(T); }
-};
+using dsa::test::DevBuf;
 
 struct Req {
   int64_t cached, num_new;

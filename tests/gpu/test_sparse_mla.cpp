@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cuda/sparse_mla.h"
+#include "dev_buf.h"
 #include "dsa/cuda.h"
 #include "dsa/dtypes.h"
 #include "dsa/reference.h"
@@ -36,16 +37,7 @@ struct Case {
   uint64_t seed;
 };
 
-template <typename T>
-struct DevBuf {
-  T* p = nullptr;
-  size_t n = 0;
-  explicit DevBuf(size_t count) : n(count) {
-    if (cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
-  }
-  ~DevBuf() { cudaFree(p); }
-  size_t bytes() const { return n * sizeof(T); }
-};
+using dsa::test::DevBuf;
 
 // Rows beyond num_slots exist in the allocation and hold NaN: an index that
 // points there is invalid and must never be read (a stray read turns into NaN).

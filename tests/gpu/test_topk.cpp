@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "cuda/indexer.h"
+#include "dev_buf.h"
 #include "dsa/cuda.h"
 #include "dsa/error.h"
 #include "dsa/reference.h"
@@ -24,16 +25,7 @@ namespace {
 
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
 
-template <typename T>
-struct DevBuf {
-  T* p = nullptr;
-  size_t n = 0;
-  explicit DevBuf(size_t count) : n(count) {
-    if (cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)) != cudaSuccess) p = nullptr;
-  }
-  ~DevBuf() { cudaFree(p); }
-  size_t bytes() const { return n * sizeof(T); }
-};
+using dsa::test::DevBuf;
 
 enum class Values {
   Distinct,   // uniform floats: almost no ties
