@@ -160,6 +160,8 @@ TEST(Cli, BenchOneStageAndStageList) {
   EXPECT_EQ(r.out.find("sparse_mla"), std::string::npos) << r.out;
   const Result l = run("bench --list-stages");
   ASSERT_EQ(l.rc, 0);
-  EXPECT_EQ(count_lines(l.out), 16);
-  EXPECT_EQ(l.out.rfind("q_a_proj\n", 0), 0u);
+  // 16 stages of the layer, plus x_proj: the CUDA backend's fused projection of x.
+  EXPECT_EQ(count_lines(l.out), 17);
+  EXPECT_EQ(l.out.rfind("x_proj\n", 0), 0u);
+  EXPECT_NE(l.out.find("\nq_a_proj\n"), std::string::npos);
 }
