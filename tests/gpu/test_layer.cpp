@@ -6,6 +6,8 @@
 // give the same bits (check_step does all of this and reports per stage).
 #include <gtest/gtest.h>
 
+#include <ostream>
+
 #include <cstring>
 
 #include "cuda/layer_kernels.h"
@@ -41,6 +43,8 @@ struct Case {
   bool fused_x = true;
   dsa::LatentCacheDType latent = dsa::LatentCacheDType::BF16;
 };
+// Lets test listings (ctest) show the case's name instead of its bytes.
+void PrintTo(const Case& c, std::ostream* os) { *os << c.name; }
 
 std::vector<StepRequest> reqs(std::initializer_list<std::pair<int64_t, int64_t>> cn) {
   std::vector<StepRequest> v;
