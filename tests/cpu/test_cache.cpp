@@ -11,6 +11,7 @@
 #include <set>
 #include <string>
 
+#include "expect_error.h"
 #include "dsa/batch.h"
 #include "dsa/cache.h"
 #include "dsa/error.h"
@@ -19,16 +20,7 @@ using namespace dsa;
 
 namespace {
 
-template <class E, class Fn>
-void expect_error(Fn fn, std::initializer_list<const char*> fragments) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected an exception";
-  } catch (const E& e) {
-    std::string msg = e.what();
-    for (const char* f : fragments) EXPECT_NE(msg.find(f), std::string::npos) << "message lacks '" << f << "': " << msg;
-  }
-}
+using dsa::test::expect_error;
 
 CacheConfig small_config(int64_t tpb, int64_t blocks, int64_t layers = 1) {
   CacheConfig c;

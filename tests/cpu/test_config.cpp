@@ -5,6 +5,7 @@
 #include <fstream>
 #include <string>
 
+#include "expect_error.h"
 #include "dsa/config.h"
 #include "dsa/error.h"
 
@@ -19,17 +20,7 @@ std::string read_file(const std::string& p) {
 
 const std::string kV32 = std::string(DSA_TEST_DATA_DIR) + "/deepseek_v32_config.json";
 
-// Expects fn to throw E whose message contains every fragment.
-template <class E, class Fn>
-void expect_error(Fn fn, std::initializer_list<const char*> fragments) {
-  try {
-    fn();
-    FAIL() << "expected an exception";
-  } catch (const E& e) {
-    std::string msg = e.what();
-    for (const char* f : fragments) EXPECT_NE(msg.find(f), std::string::npos) << "message lacks '" << f << "': " << msg;
-  }
-}
+using dsa::test::expect_error;
 
 std::string replace(std::string s, const std::string& from, const std::string& to) {
   auto p = s.find(from);
