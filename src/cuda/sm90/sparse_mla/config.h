@@ -4,7 +4,8 @@
 // warpgroups own alternate KV tiles (WG0 even, WG1 odd): each computes the
 // full 64 x 64 scores of its own tile, and each accumulates 256 of the 512
 // value columns of O over both tiles (its own P from registers, the other's
-// P from shared memory). The producer warpgroup gathers KV rows by index.
+// P from shared memory), with the row max handed along a chain (WG0 -> WG1
+// -> WG0). The producer warpgroup gathers KV rows by index.
 #include <cstddef>
 #include <cstdint>
 
@@ -31,16 +32,20 @@ constexpr int kTileBytes = NUM_SEG * kSegBytes;   // 73728
 constexpr int kHalfSplit = 4;                     // first segment of half R
 
 struct SmemPlan {
-  static constexpr size_t q = 0;                        // Q [64 heads x 576]
-  static constexpr size_t kv0 = q + kTileBytes;         // WG0's tile; its RoPE segment later holds P0
+  static constexpr size_t q = 0;                        // Q [64 heads x 576]; O is staged here at the end
+  static constexpr size_t kv0 = q + kTileBytes;         // WG0's tile; its RoPE segment later holds P_A
   static constexpr size_t kv1 = kv0 + kTileBytes;       // WG1's tile
-  static constexpr size_t p1 = kv1 + kTileBytes;        // P1 [64 x 64] bf16, swizzled K-major
-  static constexpr size_t row_max = p1 + BLOCK_H * 128;  // float [2 parity][2 WG][64]
-  static constexpr size_t row_sum = row_max + 2 * 2 * BLOCK_H * 4;  // float [2 WG][64]
-  static constexpr size_t bars = row_sum + 2 * BLOCK_H * 4;  // uint64: q_ready, ready[2][2], free[2][2]
-  static constexpr size_t end = bars + 9 * 8;
+  static constexpr size_t p1 = kv1 + kTileBytes;        // P_B [64 x 64] bf16, swizzled K-major
+  static constexpr size_t chain_max = p1 + BLOCK_H * 128;  // float [64]: the row max handed WG0 <-> WG1
+  static constexpr size_t valid = chain_max + BLOCK_H * 4;  // uint8 [2 pair parity][2 tile][64 rows]
+  static constexpr size_t row_sum = valid + 2 * 2 * BLOCK_KV;  // float [2 WG][64]
+  // uint64 mbarriers: q_ready, ready[2 tile][2 half], free[2][2], valid_ready[2 pair parity]
+  static constexpr size_t bars = row_sum + 2 * BLOCK_H * 4;
+  static constexpr size_t end = bars + 11 * 8;
   static constexpr size_t bytes = end + 1024;  // slack to align the base to 1024 (swizzle atoms)
 };
+// O staged in Q's space: 64 rows of 1024 bytes plus 16 bytes of padding.
+static_assert(BLOCK_H * (D_V * 2 + 16) <= kTileBytes, "O staging must fit in Q's space");
 static_assert(SmemPlan::kv0 % 1024 == 0 && SmemPlan::kv1 % 1024 == 0 && SmemPlan::p1 % 1024 == 0,
               "swizzled tiles need 1024-byte alignment");
 static_assert(SmemPlan::bytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block may opt in to");

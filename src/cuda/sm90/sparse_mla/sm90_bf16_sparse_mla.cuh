@@ -3,18 +3,21 @@
 // one token x 64 heads:
 //   WG2 (producer) gathers the 64 selected KV rows of each tile with 16-byte
 //   cp.async copies (invalid index -> zero-filled row, no read), into two
-//   tile buffers whose halves are released and refilled independently;
+//   tile buffers whose halves are released and refilled independently, and
+//   publishes each tile's row validity in shared memory;
 //   WG0 / WG1 (consumers) own alternate tiles: each computes its tile's full
-//   64 x 64 scores (wgmma m64n64k16, Q and K from shared memory), both agree
-//   on the running row max through shared memory, and each accumulates 256 of
-//   the 512 value columns of O over both tiles (wgmma m64n256k16: own P from
-//   registers, the other's P from shared memory, V read as an MN-major view
-//   of the same swizzled KV tile).
+//   64 x 64 scores (wgmma m64n64k16, Q and K from shared memory), the row max
+//   runs along a chain (WG0's tile, then WG1's, then WG0 rescales), and each
+//   accumulates 256 of the 512 value columns of O over both tiles (wgmma
+//   m64n256k16: own P from registers, the other's P from shared memory, V
+//   read as an MN-major view of the same swizzled KV tile); O leaves through
+//   shared memory and bulk copies.
 // See docs/sparse_mla.md for the schedule and the synchronization argument.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/check.cuh"
 #include "cuda/sm90/sparse_mla/config.h"
@@ -84,13 +87,16 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // bf16 along K, 8-row groups 1024 B apart (SBO); LBO unused. MN-major (the V
 // view of a KV tile): 64 contiguous N values per 128-byte row, one row per K,
 // 8-row K groups 1024 B apart (SBO), 64-column N blocks 8192 B apart (LBO).
-__device__ __forceinline__ uint64_t desc_k_major(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
-         (uint64_t{1} << 62);
+// Built from a 32-bit low word: the address field (bits 0-13, addr / 16)
+// never carries into the high word for shared addresses below 256 KB, so a
+// k-step's descriptor is its base's low word plus a constant (one IADD), and
+// the high word (SBO, 128-byte swizzle mode) is a constant.
+__device__ __forceinline__ uint32_t desc_lo_k_major(uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | (1u << 16); }
+__device__ __forceinline__ uint32_t desc_lo_mn_major(uint32_t addr) {
+  return ((addr & 0x3FFFF) >> 4) | (static_cast<uint32_t>(kSegBytes >> 4) << 16);
 }
-__device__ __forceinline__ uint64_t desc_mn_major(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{kSegBytes >> 4} << 16) |
-         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+__device__ __forceinline__ uint64_t make_desc(uint32_t lo) {
+  return static_cast<uint64_t>(lo) | (static_cast<uint64_t>((1024 >> 4) | (1u << 30)) << 32);
 }
 
 // D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A and B from shared memory (descriptors).
@@ -142,51 +148,54 @@ __device__ __forceinline__ uint32_t swz(int row, int chunk) {
   return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
 }
 
-// Named barriers among the 256 consumer threads (0 is __syncthreads).
-enum : uint32_t { kBarMax = 1, kBarP0 = 2, kBarP1 = 3, kBarSum = 4 };
-
-// S (+)= Q K^T over 4 segments starting at segment `seg0` (a runtime value,
-// so that both consumer warpgroups run the same code: a wgmma in a branch
-// that ptxas sees as divergent gets serialized).
-__device__ __forceinline__ void qk_4_segments(float (&s)[32], uint32_t q_addr, uint32_t tile, int seg0, bool first) {
+// S (+)= Q K^T over 4 segments from segment seg0, descriptors from base low words.
+__device__ __forceinline__ void qk_4_segments(float (&s)[32], uint32_t q_lo, uint32_t k_lo, int seg0, bool first) {
 #pragma unroll
   for (int kk = 0; kk < 16; ++kk) {
-    const uint32_t off = (seg0 + (kk >> 2)) * kSegBytes + (kk & 3) * 32;
-    wgmma_m64n64k16_ss(s, desc_k_major(q_addr + off), desc_k_major(tile + off), (first && kk == 0) ? 0 : 1);
+    const uint32_t off = ((seg0 + (kk >> 2)) * kSegBytes + (kk & 3) * 32) >> 4;
+    wgmma_m64n64k16_ss(s, make_desc(q_lo + off), make_desc(k_lo + off), (first && kk == 0) ? 0 : 1);
   }
 }
-__device__ __forceinline__ void qk_rope_segment(float (&s)[32], uint32_t q_addr, uint32_t tile) {
+__device__ __forceinline__ void qk_rope_segment(float (&s)[32], uint32_t q_lo, uint32_t k_lo) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
-    const uint32_t off = 8 * kSegBytes + kk * 32;
-    wgmma_m64n64k16_ss(s, desc_k_major(q_addr + off), desc_k_major(tile + off), 1);
+    const uint32_t off = (8 * kSegBytes + kk * 32) >> 4;
+    wgmma_m64n64k16_ss(s, make_desc(q_lo + off), make_desc(k_lo + off), 1);
   }
 }
 
-template <int kHeadGroups>
+// Named barriers among the consumer threads (0 is __syncthreads): the row
+// max chain (A: WG0 -> WG1, B: WG1 -> WG0), the two P hand-offs, the row sums,
+// and each warpgroup's output staging (6 and 7).
+enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 5, kBarStage0 = 6 };
+
+// kDiag: 0 in the library. The dev bench (dev/sparse_mla_dev.cu) times two
+// diagnostic variants that split the bounds apart: 1 = gather only (the
+// consumers release each half as soon as it lands), 2 = math only (the
+// producer issues no copies; the tiles hold whatever shared memory held).
+template <int kHeadGroups, int kDiag = 0>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ SparseMlaParams p, float scale_log2) {
   extern __shared__ uint8_t smem_raw[];
-  // Swizzle atoms and the descriptors assume 1024-byte aligned tiles.
   const uint32_t raw_addr = smem_addr(smem_raw);
   uint8_t* smem = smem_raw + ((1024 - (raw_addr & 1023)) & 1023);
   const uint32_t base = smem_addr(smem);
   const uint32_t q_addr = base + SmemPlan::q;
-  // Tile buffer b at kv_addr + b * kTileBytes (arithmetic, not an array: a
-  // run-time index into a register array would go to local memory).
   const uint32_t kv_addr = base + SmemPlan::kv0;
-  static_assert(SmemPlan::kv1 == SmemPlan::kv0 + kTileBytes, "tile buffers are adjacent");
-  const uint32_t p0_addr = kv_addr + 8 * kSegBytes;  // P0 reuses WG0's RoPE segment once its Q K^T is done
+  const uint32_t p0_addr = kv_addr + 8 * kSegBytes;
   const uint32_t p1_addr = base + SmemPlan::p1;
-  float* s_row_max = reinterpret_cast<float*>(smem + SmemPlan::row_max);
+  const uint32_t s_max_addr = base + SmemPlan::chain_max;
   float* s_row_sum = reinterpret_cast<float*>(smem + SmemPlan::row_sum);
   const uint32_t q_ready = base + SmemPlan::bars;
-  // ready[b][h] / free[b][h]: tile buffer b (0, 1), half h (0 = L, 1 = R).
   auto ready_bar = [&](int b, int h) { return q_ready + 8 + 8 * (2 * b + h); };
   auto free_bar = [&](int b, int h) { return q_ready + 40 + 8 * (2 * b + h); };
+  // Row validity of both tiles of a pair, written by the producer (one byte
+  // per row, slot = pair parity) and published through valid_ready[slot]:
+  // the consumers read it from shared memory instead of re-reading indices
+  // from global memory behind the producer's flood of copies.
+  const uint32_t valid_addr = base + SmemPlan::valid;
+  auto valid_ready = [&](int slot) { return q_ready + 72 + 8 * slot; };
 
-  // Token on grid.x (T can exceed 65535); neighbouring CTAs of one token share
-  // its KV rows through L2.
   const int64_t t = blockIdx.x / kHeadGroups;
   const int g = static_cast<int>(blockIdx.x % kHeadGroups);
   const int H = kHeadGroups * BLOCK_H;
@@ -195,10 +204,11 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   const int32_t* idx_row = p.indices + t * p.topk;
 
   const int tid = threadIdx.x;
-  const int wg = tid / 128;
+  // Warp-uniform in the compiler's eyes, so the role branches hold no wgmma
+  // that ptxas would serialize.
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int lane = tid & 31;
   if (wg == 2) {
-    // Q does not depend on the scan below: start its copies first.
     const int ptid = tid - 256;
     const int r_base = ptid >> 3, cc = ptid & 7;
     const __nv_bfloat16* q_rows = p.q + t * p.stride_q_t + static_cast<int64_t>(g) * BLOCK_H * D_QK;
@@ -210,19 +220,19 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       for (int seg = 0; seg < NUM_SEG; ++seg) cp_async_16(q_addr + seg * kSegBytes + swz(r, cc), src + seg * SEG, 16);
     }
   }
-  int* s_last_valid = reinterpret_cast<int*>(s_row_sum);  // scratch: row sums are written only at the end
+  int* s_last_valid = reinterpret_cast<int*>(s_row_sum);
   if (tid == 0) {
     mbar_init(q_ready, 128);
     for (int b = 0; b < 2; ++b)
       for (int h = 0; h < 2; ++h) {
-        mbar_init(ready_bar(b, h), 128);  // every producer thread, once its copies landed
-        mbar_init(free_bar(b, h), 128);   // every thread of the one warpgroup that reads it last
+        mbar_init(ready_bar(b, h), 128);
+        mbar_init(free_bar(b, h), 128);
       }
+    mbar_init(valid_ready(0), 16);  // the producer threads that own a row (cc == 0)
+    mbar_init(valid_ready(1), 16);
     *s_last_valid = -1;
   }
   __syncthreads();
-  // Top-k pads short rows with invalid indices at the end: find the last valid
-  // position and skip the tiles after it (same result, less work).
   {
     int last = -1;
     for (int pos = tid; pos < n; pos += kNumThreads) {
@@ -235,21 +245,21 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   __syncthreads();
   n = *s_last_valid + 1;
   const int num_tiles = (n + BLOCK_KV - 1) / BLOCK_KV;
-  const int num_pairs = (num_tiles + 1) / 2;  // WG0 takes tile 2j, WG1 tile 2j+1 (past n: all invalid)
+  const int num_pairs = (num_tiles + 1) / 2;
 
   if (wg == 2) {
-    // ---------------- producer ----------------
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
+    // Q's copies are tracked even with nothing to attend to: the epilogue
+    // stages O in Q's space and must not race them.
+    cp_async_arrive(q_ready);
     if (num_pairs == 0) {
       cp_async_wait_all();
       return;
     }
-    cp_async_arrive(q_ready);
     const int ptid = tid - 256;
-    const int r_base = ptid >> 3;  // 16 rows per pass, 8 threads per 128-byte row segment
+    const int r_base = ptid >> 3;
     const int cc = ptid & 7;
     for (int j = 0; j < num_pairs; ++j) {
-      // Row pointers of both tiles (invalid -> no read, zero fill).
       const __nv_bfloat16* src[2][4];
       uint32_t bytes[2][4];
 #pragma unroll
@@ -259,19 +269,25 @@ __global__ void __launch_bounds__(kNumThreads, 1)
           const int pos = (2 * j + b) * BLOCK_KV + r_base + 16 * it;
           const int32_t idx = pos < n ? __ldg(idx_row + pos) : -1;
           const bool valid = idx >= 0 && idx < p.num_slots;
+          if (cc == 0) {
+            const uint32_t a = valid_addr + static_cast<uint32_t>(((j & 1) * 2 + b) * BLOCK_KV + r_base + 16 * it);
+            asm volatile("st.shared.u8 [%0], %1;" ::"r"(a), "r"(valid ? 1u : 0u) : "memory");
+          }
           src[b][it] = p.kv + (valid ? static_cast<int64_t>(idx) * D_QK : 0) + cc * 8;
           bytes[b][it] = valid ? 16u : 0u;
         }
+      if (cc == 0) mbar_arrive(valid_ready(j & 1));
       const uint32_t parity = (j - 1) & 1;
       auto load = [&](int b, int seg_begin, int seg_end) {
+        if constexpr (kDiag != 2) {
 #pragma unroll
-        for (int it = 0; it < 4; ++it) {
-          const int r = r_base + 16 * it;
-          for (int seg = seg_begin; seg < seg_end; ++seg)
-            cp_async_16(kv_addr + b * kTileBytes + seg * kSegBytes + swz(r, cc), src[b][it] + seg * SEG, bytes[b][it]);
+          for (int it = 0; it < 4; ++it) {
+            const int r = r_base + 16 * it;
+            for (int seg = seg_begin; seg < seg_end; ++seg)
+              cp_async_16(kv_addr + b * kTileBytes + seg * kSegBytes + swz(r, cc), src[b][it] + seg * SEG, bytes[b][it]);
+          }
         }
       };
-      // Order = the order in which the consumers free the halves.
       if (j > 0) mbar_wait(free_bar(0, 0), parity);
       load(0, 0, kHalfSplit);
       cp_async_arrive(ready_bar(0, 0));
@@ -291,82 +307,82 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 
   // ---------------- consumers ----------------
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kConsumerRegs));
-  const int w = wg;  // 0 or 1: owns tile buffer w, value columns [256 w, 256 w + 256)
+  const int w = wg;
   const int wtid = tid & 127;
   const int warp = wtid >> 5;
   const int r0 = warp * 16 + (lane >> 2), r1 = r0 + 8;
-  const int cq = (lane & 3) * 2;  // first of the two accumulator columns this thread holds per 8
+  const int cq = (lane & 3) * 2;
   const uint32_t my_tile = kv_addr + w * kTileBytes, other_tile = kv_addr + (1 - w) * kTileBytes;
-  // WG0 reads half L first (it frees it first), WG1 half R.
   const int first_half = w == 0 ? 0 : 1;
 
   float o[128];
 #pragma unroll
   for (int k = 0; k < 128; ++k) o[k] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  // rm: the max this warpgroup's O and l are relative to (log2 domain).
+  float rm0 = -INFINITY, rm1 = -INFINITY, l0 = 0.f, l1 = 0.f;
   float sc[32];
+  uint32_t pa[16];
 
-  // Q K^T in two parts, each waiting only for the half it reads. WG0 reads
-  // segments 0-3 (half L) then 4-8; WG1 segments 4-7 and 8 (half R) then 0-3.
+  // Descriptor bases pass through an opaque move at each use, so that ptxas
+  // does not hoist dozens of loop-invariant 64-bit descriptors into
+  // registers (that spilled).
+  auto opaque = [](uint32_t x) {
+    asm volatile("mov.b32 %0, %0;" : "+r"(x));
+    return x;
+  };
+  // The chained row max lives in shared memory as float [64] (rows r0, r1 =
+  // r0 + 8 of this thread); 32-bit shared addresses from an opaque base keep
+  // it to one register.
+  auto ld_max = [&](float& a, float& b) {
+    const uint32_t ad = opaque(s_max_addr + static_cast<uint32_t>(r0 * 4));
+    asm volatile("ld.shared.f32 %0, [%2];\n\tld.shared.f32 %1, [%2+32];" : "=f"(a), "=f"(b) : "r"(ad) : "memory");
+  };
+  auto st_max = [&](float a, float b) {
+    const uint32_t ad = opaque(s_max_addr + static_cast<uint32_t>(r0 * 4));
+    asm volatile("st.shared.f32 [%0], %1;\n\tst.shared.f32 [%0+32], %2;" ::"r"(ad), "f"(a), "f"(b) : "memory");
+  };
   auto issue_qk_first = [&](uint32_t parity) {
     mbar_wait(ready_bar(w, first_half), parity);
     fence_proxy_async();
     wgmma_fence();
-    qk_4_segments(sc, q_addr, my_tile, 4 * w, true);
+    qk_4_segments(sc, opaque(desc_lo_k_major(q_addr)), opaque(desc_lo_k_major(my_tile)), 4 * w, true);
     wgmma_commit();
   };
   auto issue_qk_second = [&](uint32_t parity) {
     mbar_wait(ready_bar(w, 1 - first_half), parity);
     fence_proxy_async();
-    wgmma_fence();  // explicit, on the uniform path (else ptxas injects one and serializes)
-    qk_4_segments(sc, q_addr, my_tile, 4 - 4 * w, false);
-    qk_rope_segment(sc, q_addr, my_tile);
+    wgmma_fence();
+    const uint32_t qa = opaque(desc_lo_k_major(q_addr)), ta = opaque(desc_lo_k_major(my_tile));
+    qk_4_segments(sc, qa, ta, 4 - 4 * w, false);
+    qk_rope_segment(sc, qa, ta);
     wgmma_commit();
   };
-
-  if (num_pairs > 0) mbar_wait(q_ready, 0);
-
-  for (int j = 0; j < num_pairs; ++j) {
-    // Q K^T of this pair's tile. Before each half, free what the previous
-    // pair's P V read last (groups retire in order: own P V, then the other's).
-    if (j > 0) {
-      // No fence_regs(o) here: O is still an operand of the pending P V, and
-      // touching it would make ptxas serialize the wgmma pipeline.
-      wgmma_wait<1>();  // own P V done: own half (WG0: L of tile 0, WG1: R of tile 1) is free
-      mbar_arrive(free_bar(w, first_half));
-    }
-    issue_qk_first(j & 1);
-    if (j > 0) {
-      wgmma_wait<1>();  // the other tile's P V done
-      mbar_arrive(free_bar(1 - w, first_half));
-    }
-    issue_qk_second(j & 1);
-
-    // Validity of this thread's 16 score columns (read while Q K^T runs).
-    uint32_t valid_bits = 0;
-    {
-      const int tile_pos = (2 * j + w) * BLOCK_KV;
+  // Validity of this thread's 16 score columns of tile 2j + w (bit k: column
+  // 8 (k / 2) + cq + k % 2), from the producer's bytes.
+  auto valid_bits_of = [&](int j) {
+    mbar_wait(valid_ready(j & 1), (j >> 1) & 1);
+    const uint32_t a = opaque(valid_addr + static_cast<uint32_t>(((j & 1) * 2 + w) * BLOCK_KV + cq));
+    uint32_t bits = 0;
 #pragma unroll
-      for (int k = 0; k < 16; ++k) {
-        const int col = (k >> 1) * 8 + cq + (k & 1);
-        const int pos = tile_pos + col;
-        // Branch-free: the clamped load is always in bounds, pos < n decides.
-        const int32_t idx = __ldg(idx_row + min(pos, p.topk - 1));
-        if (pos < n && idx >= 0 && idx < p.num_slots) valid_bits |= 1u << k;
-      }
+    for (int jj = 0; jj < 8; ++jj) {
+      uint32_t v;
+      asm volatile("ld.shared.u16 %0, [%1];" : "=r"(v) : "r"(a + jj * 8) : "memory");
+      bits |= ((v & 1u) | ((v >> 7) & 2u)) << (2 * jj);
     }
-    wgmma_wait<0>();
-    fence_regs(sc);
-    fence_regs(o);
-
-    // Mask, scale into the log2 domain, local row max over the 64 columns.
-    float mx0 = -INFINITY, mx1 = -INFINITY;
+    return bits;
+  };
+  // Mask invalid columns to -inf and take this tile's row max, in the log2
+  // domain (scale_log2 > 0 commutes with max, and rounding is monotonic: the
+  // same bits as the max of the scaled scores).
+  auto mask_and_max = [&](uint32_t bits, float& mx0, float& mx1) {
+    mx0 = -INFINITY;
+    mx1 = -INFINITY;
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
       const int jj = k >> 1, e = k & 1;
-      const bool v = (valid_bits >> k) & 1u;
-      sc[jj * 4 + e] = v ? sc[jj * 4 + e] * scale_log2 : -INFINITY;
-      sc[jj * 4 + 2 + e] = v ? sc[jj * 4 + 2 + e] * scale_log2 : -INFINITY;
+      const bool v = (bits >> k) & 1u;
+      sc[jj * 4 + e] = v ? sc[jj * 4 + e] : -INFINITY;
+      sc[jj * 4 + 2 + e] = v ? sc[jj * 4 + 2 + e] : -INFINITY;
       mx0 = fmaxf(mx0, sc[jj * 4 + e]);
       mx1 = fmaxf(mx1, sc[jj * 4 + 2 + e]);
     }
@@ -375,42 +391,44 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, o_));
       mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, o_));
     }
-    // Both warpgroups rescale by the same running max: exchange the tile maxima
-    // (double-buffered by pair parity) and combine them in a fixed order.
-    float* xmax = s_row_max + (j & 1) * 2 * BLOCK_H;
-    if ((lane & 3) == 0) {
-      xmax[w * BLOCK_H + r0] = mx0;
-      xmax[w * BLOCK_H + r1] = mx1;
+    mx0 *= scale_log2;
+    mx1 *= scale_log2;
+  };
+  // O *= (a0, a1) by row; skipped when the whole warp's factors are 1 (the
+  // max did not move: the common case after the first tiles; same bits).
+  auto scale_o = [&](float a0, float a1) {
+    if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
+#pragma unroll
+      for (int k = 0; k < 128; k += 4) {
+        o[k] *= a0;
+        o[k + 1] *= a0;
+        o[k + 2] *= a1;
+        o[k + 3] *= a1;
+      }
     }
-    named_barrier_sync(kBarMax, 256);
-    const float mn0 = fmaxf(m0, fmaxf(xmax[r0], xmax[BLOCK_H + r0]));
-    const float mn1 = fmaxf(m1, fmaxf(xmax[r1], xmax[BLOCK_H + r1]));
-    const float mu0 = mn0 == -INFINITY ? 0.f : mn0;  // no valid column yet: avoid -inf - -inf
+  };
+  // P = exp2(S - m) with the new max m (>= rm), rescale O and l to m.
+  auto exp_and_rescale = [&](float mn0, float mn1) {
+    const float mu0 = mn0 == -INFINITY ? 0.f : mn0;
     const float mu1 = mn1 == -INFINITY ? 0.f : mn1;
-    const float alpha0 = fast_exp2(m0 - mu0), alpha1 = fast_exp2(m1 - mu1);
-    m0 = mn0;
-    m1 = mn1;
+    const float a0 = fast_exp2(rm0 - mu0), a1 = fast_exp2(rm1 - mu1);
+    rm0 = mn0;
+    rm1 = mn1;
     float ps0 = 0.f, ps1 = 0.f;
 #pragma unroll
     for (int k = 0; k < 32; k += 4) {
-      sc[k] = fast_exp2(sc[k] - mu0);
-      sc[k + 1] = fast_exp2(sc[k + 1] - mu0);
-      sc[k + 2] = fast_exp2(sc[k + 2] - mu1);
-      sc[k + 3] = fast_exp2(sc[k + 3] - mu1);
+      sc[k] = fast_exp2(fmaf(sc[k], scale_log2, -mu0));
+      sc[k + 1] = fast_exp2(fmaf(sc[k + 1], scale_log2, -mu0));
+      sc[k + 2] = fast_exp2(fmaf(sc[k + 2], scale_log2, -mu1));
+      sc[k + 3] = fast_exp2(fmaf(sc[k + 3], scale_log2, -mu1));
       ps0 += sc[k] + sc[k + 1];
       ps1 += sc[k + 2] + sc[k + 3];
     }
-    l0 = l0 * alpha0 + ps0;
-    l1 = l1 * alpha1 + ps1;
-#pragma unroll
-    for (int k = 0; k < 128; k += 4) {
-      o[k] *= alpha0;
-      o[k + 1] *= alpha0;
-      o[k + 2] *= alpha1;
-      o[k + 3] *= alpha1;
-    }
-    // P as wgmma A fragments: k-step kk covers columns 16 kk .. 16 kk + 15.
-    uint32_t pa[16];
+    l0 = l0 * a0 + ps0;
+    l1 = l1 * a1 + ps1;
+    scale_o(a0, a1);
+  };
+  auto pack_p = [&]() {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       pa[kk * 4 + 0] = pack_bf16(sc[8 * kk + 0], sc[8 * kk + 1]);
@@ -418,89 +436,247 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       pa[kk * 4 + 2] = pack_bf16(sc[8 * kk + 4], sc[8 * kk + 5]);
       pa[kk * 4 + 3] = pack_bf16(sc[8 * kk + 6], sc[8 * kk + 7]);
     }
-    // Publish P for the other warpgroup (swizzled K-major [64 x 64]).
-    {
-      uint8_t* sp = smem + (w == 0 ? SmemPlan::kv0 + 8 * kSegBytes : SmemPlan::p1);
+  };
+  // P_A at WG1's max, for WG1: scaled from the fragments the own P V is
+  // still reading (reads do not disturb an in-flight wgmma) and stored a
+  // pair at a time, so WG1 gets P_A without waiting for that P V.
+  auto scale_bf16x2 = [](uint32_t v, float f) {
+    __nv_bfloat162 b = *reinterpret_cast<const __nv_bfloat162*>(&v);
+    return pack_bf16(__low2float(b) * f, __high2float(b) * f);
+  };
+  // P as swizzled K-major [64 x 64] bf16 at shared address sp, scaled by
+  // (s0, s1) per row unless kScale is false. Row r1 = r0 + 8 has the same
+  // swizzle phase, 1024 bytes further. Offsets are recomputed from opaque
+  // values at each call (hoisted, they cost 16 registers for the whole loop).
+  auto store_p = [&](uint32_t sp, auto scaled, float s0, float s1) {
+    const uint32_t row = opaque(sp + static_cast<uint32_t>(r0 * 128 + cq * 2));
+    const uint32_t x = opaque(static_cast<uint32_t>(r0 & 7));
 #pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        const int col = jj * 8 + cq;
-        const int chunk = col >> 3, within = (col & 7) * 2;
-        *reinterpret_cast<uint32_t*>(sp + swz(r0, chunk) + within) = pa[(jj >> 1) * 4 + (jj & 1) * 2];
-        *reinterpret_cast<uint32_t*>(sp + swz(r1, chunk) + within) = pa[(jj >> 1) * 4 + (jj & 1) * 2 + 1];
+    for (int jj = 0; jj < 8; ++jj) {
+      const uint32_t a = row + ((static_cast<uint32_t>(jj) ^ x) << 4);
+      uint32_t v0 = pa[(jj >> 1) * 4 + (jj & 1) * 2], v1 = pa[(jj >> 1) * 4 + (jj & 1) * 2 + 1];
+      if constexpr (decltype(scaled)::value) {
+        v0 = scale_bf16x2(v0, s0);
+        v1 = scale_bf16x2(v1, s1);
       }
-      fence_proxy_async();
-      named_barrier_arrive(w == 0 ? kBarP0 : kBarP1, 256);
+      asm volatile("st.shared.u32 [%0], %1;" ::"r"(a), "r"(v0) : "memory");
+      asm volatile("st.shared.u32 [%0+1024], %1;" ::"r"(a), "r"(v1) : "memory");
     }
-
-    // O += P_own V_own (this warpgroup's value columns of its own tile).
+    fence_proxy_async();
+  };
+  auto pv_own = [&]() {
+    const uint32_t v_lo = opaque(desc_lo_mn_major(my_tile + (w * 4) * kSegBytes));
     wgmma_fence();
     fence_regs(o);
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < 4; ++kk)
       wgmma_m64n256k16_rs_tb(o, pa[kk * 4], pa[kk * 4 + 1], pa[kk * 4 + 2], pa[kk * 4 + 3],
-                             desc_mn_major(my_tile + (w * 4) * kSegBytes + kk * 16 * 128));
-    }
+                             make_desc(v_lo + ((kk * 16 * 128) >> 4)));
     wgmma_commit();
-    // O += P_other V_other, once the other warpgroup has published its P.
-    named_barrier_sync(w == 0 ? kBarP1 : kBarP0, 256);
-    const uint32_t p_other = w == 0 ? p1_addr : p0_addr;
+  };
+  auto pv_other = [&](uint32_t p_other) {
+    const uint32_t v_lo = opaque(desc_lo_mn_major(other_tile + (w * 4) * kSegBytes));
+    const uint32_t p_lo = opaque(desc_lo_k_major(p_other));
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      wgmma_m64n256k16_ss_tb(o, desc_k_major(p_other + kk * 32),
-                             desc_mn_major(other_tile + (w * 4) * kSegBytes + kk * 16 * 128), 1);
-    }
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_m64n256k16_ss_tb(o, make_desc(p_lo + ((kk * 32) >> 4)), make_desc(v_lo + ((kk * 16 * 128) >> 4)), 1);
     wgmma_commit();
-    fence_regs(o);
+  };
 
-  }
-  wgmma_wait<0>();
-  fence_regs(o);
-
-  // Row sums: thread partials -> quad -> both warpgroups (fixed order: WG0 + WG1).
+  // Epilogue, called at the end of each role's branch: the two branches
+  // never merge, so ptxas need not agree on where O lives in both (a merge
+  // point made it spill).
+  auto finish = [&]() {
+    // Row sums: thread partials -> quad -> both warpgroups (fixed order: WG0 + WG1).
 #pragma unroll
-  for (int o_ = 1; o_ <= 2; o_ <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
-  }
-  if ((lane & 3) == 0) {
-    s_row_sum[w * BLOCK_H + r0] = l0;
-    s_row_sum[w * BLOCK_H + r1] = l1;
-  }
-  named_barrier_sync(kBarSum, 256);
-  const float lt0 = s_row_sum[r0] + s_row_sum[BLOCK_H + r0];
-  const float lt1 = s_row_sum[r1] + s_row_sum[BLOCK_H + r1];
-  const float inv0 = lt0 > 0.f ? 1.f / lt0 : 0.f;
-  const float inv1 = lt1 > 0.f ? 1.f / lt1 : 0.f;
-  const int64_t row0 = t * H + g * BLOCK_H + r0, row1 = row0 + 8;
-  __nv_bfloat16* out0 = p.out + row0 * D_V + w * 256;
-  __nv_bfloat16* out1 = p.out + row1 * D_V + w * 256;
-#pragma unroll
-  for (int jj = 0; jj < 32; ++jj) {
-    *reinterpret_cast<__nv_bfloat162*>(out0 + jj * 8 + cq) = __floats2bfloat162_rn(o[jj * 4] * inv0, o[jj * 4 + 1] * inv0);
-    *reinterpret_cast<__nv_bfloat162*>(out1 + jj * 8 + cq) =
-        __floats2bfloat162_rn(o[jj * 4 + 2] * inv1, o[jj * 4 + 3] * inv1);
-  }
-  if (w == 0 && (lane & 3) == 0) {
-    constexpr float kLn2 = 0.6931471805599453f;
-    p.lse[row0] = lt0 > 0.f ? (m0 + __log2f(lt0)) * kLn2 : INFINITY;
-    p.lse[row1] = lt1 > 0.f ? (m1 + __log2f(lt1)) * kLn2 : INFINITY;
-    if (p.row_max) {
-      p.row_max[row0] = lt0 > 0.f ? m0 * kLn2 : -INFINITY;
-      p.row_max[row1] = lt1 > 0.f ? m1 * kLn2 : -INFINITY;
+    for (int o_ = 1; o_ <= 2; o_ <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, o_);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
     }
+    if ((lane & 3) == 0) {
+      s_row_sum[w * BLOCK_H + r0] = l0;
+      s_row_sum[w * BLOCK_H + r1] = l1;
+    }
+    named_barrier_sync(kBarSum, 256);
+    const float lt0 = s_row_sum[r0] + s_row_sum[BLOCK_H + r0];
+    const float lt1 = s_row_sum[r1] + s_row_sum[BLOCK_H + r1];
+    const float inv0 = lt0 > 0.f ? 1.f / lt0 : 0.f;
+    const float inv1 = lt1 > 0.f ? 1.f / lt1 : 0.f;
+    const int64_t row0 = t * H + g * BLOCK_H + r0, row1 = row0 + 8;
+    // O leaves through shared memory: rows staged in Q's space (free: every
+    // Q K^T retired before the barrier above) with a 1040-byte stride
+    // (conflict-free for the accumulator layout), then one 512-byte bulk copy
+    // per row and warpgroup half. 64 scattered 4-byte stores per thread
+    // clogged the LSU queue for thousands of cycles at the end of each CTA.
+    constexpr uint32_t kStageStride = D_V * 2 + 16;
+    const uint32_t st0 = q_addr + static_cast<uint32_t>(r0) * kStageStride + w * 512 + cq * 2;
+#pragma unroll
+    for (int jj = 0; jj < 32; ++jj) {
+      const uint32_t v0 = pack_bf16(o[jj * 4] * inv0, o[jj * 4 + 1] * inv0);
+      const uint32_t v1 = pack_bf16(o[jj * 4 + 2] * inv1, o[jj * 4 + 3] * inv1);
+      asm volatile("st.shared.u32 [%0], %1;" ::"r"(st0 + jj * 16), "r"(v0) : "memory");
+      asm volatile("st.shared.u32 [%0], %1;" ::"r"(st0 + 8 * kStageStride + jj * 16), "r"(v1) : "memory");
+    }
+    fence_proxy_async();
+    named_barrier_sync(kBarStage0 + w, 128);
+    if (wtid < BLOCK_H) {
+      const uint32_t src = q_addr + static_cast<uint32_t>(wtid) * kStageStride + w * 512;
+      __nv_bfloat16* dst = p.out + (t * H + g * BLOCK_H + wtid) * D_V + w * 256;
+      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], 512;" ::"l"(dst), "r"(src) : "memory");
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
+    if (w == 0 && (lane & 3) == 0) {
+      constexpr float kLn2 = 0.6931471805599453f;
+      p.lse[row0] = lt0 > 0.f ? (rm0 + __log2f(lt0)) * kLn2 : INFINITY;
+      p.lse[row1] = lt1 > 0.f ? (rm1 + __log2f(lt1)) * kLn2 : INFINITY;
+      if (p.row_max) {
+        p.row_max[row0] = lt0 > 0.f ? rm0 * kLn2 : -INFINITY;
+        p.row_max[row1] = lt1 > 0.f ? rm1 * kLn2 : -INFINITY;
+      }
+    }
+    // Shared memory must outlive the bulk copies' reads.
+    if (wtid < BLOCK_H) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+  };
+
+  mbar_wait(q_ready, 0);
+  if constexpr (kDiag == 1) {
+    for (int j = 0; j < num_pairs; ++j) {
+      mbar_wait(ready_bar(w, first_half), j & 1);
+      mbar_wait(ready_bar(1 - w, first_half), j & 1);
+      mbar_arrive(free_bar(w, first_half));
+      mbar_arrive(free_bar(1 - w, first_half));
+    }
+    finish();
+  } else if (w == 0) {
+    // WG0: tile A = 2j in buffer 0; value columns 0-255.
+    uint32_t bits = 0;
+    // O's zeros must be in place before the first wgmma is in flight: ptxas
+    // serializes wgmma when accumulator registers are written mid-pipeline.
+    fence_regs(o);
+    // Every wgmma group is retired inside the iteration that issued it: a
+    // pipeline that stays open across the loop's back edge (or from before
+    // the loop) makes ptxas serialize all wgmma.
+    for (int j = 0; j < num_pairs; ++j) {
+      if (j == 0) {
+        issue_qk_first(0);
+        issue_qk_second(0);
+        bits = valid_bits_of(0);
+        wgmma_wait<0>();
+        fence_regs(sc);
+        fence_regs(o);
+      }
+      float mx0, mx1;
+      mask_and_max(bits, mx0, mx1);
+      const float mn0 = fmaxf(rm0, mx0), mn1 = fmaxf(rm1, mx1);
+      __syncwarp();
+      if ((lane & 3) == 0) {
+        st_max(mn0, mn1);
+      }
+      named_barrier_arrive(kBarMaxA, 256);
+      exp_and_rescale(mn0, mn1);
+      pack_p();
+      pv_own();
+      // WG1's max continues the chain: P_A rescaled for WG1 while the own
+      // P V still runs, then O and l once it is done.
+      named_barrier_sync(kBarMaxB, 256);
+      float mb0, mb1;
+      ld_max(mb0, mb1);
+      const float f0 = mb0 == -INFINITY ? 1.f : fast_exp2(rm0 - mb0);
+      const float f1 = mb1 == -INFINITY ? 1.f : fast_exp2(rm1 - mb1);
+      rm0 = mb0;
+      rm1 = mb1;
+      store_p(p0_addr, std::true_type{}, f0, f1);
+      named_barrier_arrive(kBarPA, 256);
+      l0 *= f0;
+      l1 *= f1;
+      wgmma_wait<0>();  // own P V done: buffer 0's half L is free
+      fence_regs(o);
+      mbar_arrive(free_bar(0, 0));
+      scale_o(f0, f1);
+      named_barrier_sync(kBarPB, 256);
+      pv_other(p1_addr);
+      if (j + 1 < num_pairs) {
+        issue_qk_first((j + 1) & 1);
+        wgmma_wait<1>();  // P_B V_B done: buffer 1's half L is free
+        mbar_arrive(free_bar(1, 0));
+        issue_qk_second((j + 1) & 1);
+        bits = valid_bits_of(j + 1);
+        wgmma_wait<0>();
+        fence_regs(sc);
+        fence_regs(o);
+      } else {
+        wgmma_wait<0>();
+        fence_regs(o);
+        mbar_arrive(free_bar(1, 0));
+      }
+    }
+    finish();
+  } else {
+    // WG1: tile B = 2j + 1 in buffer 1; value columns 256-511. (Issuing the
+    // next Q K^T on half R before P_A V_A retires was measured slower: WG1
+    // then blocks on the refill before it frees buffer 0's half R.)
+    uint32_t bits = 0;
+    fence_regs(o);
+    for (int j = 0; j < num_pairs; ++j) {
+      if (j == 0) {
+        issue_qk_first(0);
+        issue_qk_second(0);
+        bits = valid_bits_of(0);
+        wgmma_wait<0>();
+        fence_regs(sc);
+        fence_regs(o);
+      }
+      float mx0, mx1;
+      mask_and_max(bits, mx0, mx1);
+      named_barrier_sync(kBarMaxA, 256);
+      float ma0, ma1;
+      ld_max(ma0, ma1);
+      const float mn0 = fmaxf(ma0, mx0), mn1 = fmaxf(ma1, mx1);
+      __syncwarp();
+      if ((lane & 3) == 0) {
+        st_max(mn0, mn1);
+      }
+      named_barrier_arrive(kBarMaxB, 256);
+      exp_and_rescale(mn0, mn1);
+      pack_p();
+      pv_own();
+      store_p(p1_addr, std::false_type{}, 1.f, 1.f);
+      named_barrier_sync(kBarPA, 256);
+      pv_other(p0_addr);
+      named_barrier_arrive(kBarPB, 256);
+      wgmma_wait<1>();  // own P V done: buffer 1's half R is free
+      mbar_arrive(free_bar(1, 1));
+      wgmma_wait<0>();  // P_A V_A done: buffer 0's half R (and P_A) is free
+      fence_regs(o);
+      mbar_arrive(free_bar(0, 1));
+      if (j + 1 < num_pairs) {
+        issue_qk_first((j + 1) & 1);
+        issue_qk_second((j + 1) & 1);
+        bits = valid_bits_of(j + 1);
+        wgmma_wait<0>();
+        fence_regs(sc);
+        fence_regs(o);
+      }
+    }
+    finish();
   }
 }
 
-template <int kHeadGroups>
-void launch_sparse_mla_sm90(const SparseMlaParams& p) {
-  auto kernel = sparse_mla_fwd_kernel<kHeadGroups>;
+template <int kHeadGroups, int kDiag = 0>
+void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
+  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag>;
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(SmemPlan::bytes)));
   constexpr float kLog2e = 1.4426950408889634f;
   const dim3 grid(static_cast<unsigned>(p.T * kHeadGroups));
   kernel<<<grid, kNumThreads, SmemPlan::bytes, p.stream>>>(p, p.softmax_scale * kLog2e);
   DSA_CHECK_LAUNCH("sparse_mla_fwd_kernel");
+}
+
+template <int kHeadGroups>
+void launch_sparse_mla_sm90(const SparseMlaParams& p) {
+  launch_sparse_mla_sm90_variant<kHeadGroups, 0>(p);
 }
 
 }  // namespace dsa::cuda::sm90_sparse_mla

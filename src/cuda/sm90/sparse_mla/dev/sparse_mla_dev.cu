@@ -1,0 +1,214 @@
+// Development bench for the Hopper sparse MLA kernel: times kernel variants
+// side by side on issue 6's sweep inputs, including diagnostic variants that
+// isolate the gather (copies only) and the math (no copies), and checks each
+// real variant's output against the library kernel bit for bit or within a
+// tolerance. Not part of the library build; build and run on the GPU machine:
+//   src/cuda/sm90/sparse_mla/dev/run.sh [DEPS_DIR]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/sm90/sparse_mla/sm90_bf16_sparse_mla.cuh"
+// A candidate kernel under test can be added with -DDSA_DEV_CANDIDATE=header.cuh;
+// the header defines dev_candidate_variants(std::vector<Variant>&).
+#ifdef DSA_DEV_CANDIDATE
+#include DSA_DEV_CANDIDATE
+#endif
+
+using namespace dsa::cuda;
+
+#define CK(x)                                                                                   \
+  do {                                                                                          \
+    cudaError_t e_ = (x);                                                                       \
+    if (e_ != cudaSuccess) {                                                                    \
+      std::fprintf(stderr, "%s: %s at %s:%d\n", #x, cudaGetErrorString(e_), __FILE__, __LINE__); \
+      std::exit(1);                                                                             \
+    }                                                                                           \
+  } while (0)
+
+namespace {
+constexpr int kT = 4096, kTopk = 2048, kDqk = 576, kDv = 512;
+
+__global__ void fill_random_bf16(__nv_bfloat16* x, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = (static_cast<uint64_t>(i) + seed) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    x[i] = __float2bfloat16(static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f);
+  }
+}
+
+std::vector<int32_t> make_indices(int64_t s_kv, uint64_t seed, int64_t* valid_total) {
+  std::vector<int32_t> idx(static_cast<size_t>(kT) * kTopk, -1);
+  std::vector<uint32_t> stamp(static_cast<size_t>(s_kv), 0);
+  std::mt19937_64 rng(seed ^ static_cast<uint64_t>(s_kv));
+  int64_t total = 0;
+  for (int t = 0; t < kT; ++t) {
+    const int64_t pos = s_kv - kT + t;
+    const int k = static_cast<int>(std::min<int64_t>(kTopk, pos + 1));
+    int32_t* row = &idx[static_cast<size_t>(t) * kTopk];
+    if (k == pos + 1) {
+      for (int j = 0; j < k; ++j) row[j] = j;
+      std::shuffle(row, row + k, rng);
+    } else {
+      std::uniform_int_distribution<int64_t> d(0, pos);
+      const uint32_t mark = static_cast<uint32_t>(t) + 1;
+      for (int j = 0; j < k;) {
+        const int64_t c = d(rng);
+        if (stamp[c] == mark) continue;
+        stamp[c] = mark;
+        row[j++] = static_cast<int32_t>(c);
+      }
+    }
+    total += k;
+  }
+  *valid_total = total;
+  return idx;
+}
+
+struct Variant {
+  const char* name;
+  bool check;  // compare the output with the library kernel's
+  std::function<void(const SparseMlaParams&)> run;
+};
+
+template <int kDiag>
+void launch_diag(const SparseMlaParams& p) {
+  if (p.num_heads == 64)
+    sm90_sparse_mla::launch_sparse_mla_sm90_variant<1, kDiag>(p);
+  else
+    sm90_sparse_mla::launch_sparse_mla_sm90_variant<2, kDiag>(p);
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int iters = argc > 1 ? std::atoi(argv[1]) : 10;
+  std::vector<Variant> variants = {
+      {"library", false, launch_diag<0>},
+      {"gather-only", false, launch_diag<1>},
+      {"math-only", false, launch_diag<2>},
+  };
+#ifdef DSA_DEV_CANDIDATE
+  dev_candidate_variants(variants);
+#endif
+  const int64_t max_skv = 131072;
+  __nv_bfloat16 *kv, *q, *out, *out_ref;
+  float *lse, *lse_ref, *rmax;
+  int32_t* indices;
+  CK(cudaMalloc(&kv, max_skv * kDqk * 2));
+  CK(cudaMalloc(&q, int64_t(kT) * 128 * kDqk * 2));
+  CK(cudaMalloc(&out, int64_t(kT) * 128 * kDv * 2));
+  CK(cudaMalloc(&out_ref, int64_t(kT) * 128 * kDv * 2));
+  CK(cudaMalloc(&lse, int64_t(kT) * 128 * 4));
+  CK(cudaMalloc(&lse_ref, int64_t(kT) * 128 * 4));
+  CK(cudaMalloc(&rmax, int64_t(kT) * 128 * 4));
+  CK(cudaMalloc(&indices, int64_t(kT) * kTopk * 4));
+  fill_random_bf16<<<1024, 256>>>(kv, max_skv * kDqk, 8);
+  fill_random_bf16<<<1024, 256>>>(q, int64_t(kT) * 128 * kDqk, 9);
+  CK(cudaGetLastError());
+  cudaEvent_t e0, e1;
+  CK(cudaEventCreate(&e0));
+  CK(cudaEventCreate(&e1));
+  const char* env = std::getenv("SKV");
+  std::vector<int64_t> skvs = {4096, 8192, 32768, 65536, 131072};
+  if (env) {
+    skvs.clear();
+    for (const char* s = env; *s;) {
+      skvs.push_back(std::strtoll(s, const_cast<char**>(&s), 10));
+      if (*s == ',') ++s;
+    }
+  }
+  std::vector<int> hs = {128, 64};
+  std::printf("%-28s", "variant \\ H,s_kv (ms)");
+  for (int H : hs)
+    for (auto s : skvs) std::printf(" %4d,%-7ld", H, static_cast<long>(s));
+  std::printf("\n");
+  std::vector<std::vector<double>> res(variants.size());
+  std::vector<std::string> notes;
+  for (int H : hs)
+    for (int64_t s_kv : skvs) {
+      int64_t valid = 0;
+      auto idx = make_indices(s_kv, 1, &valid);
+      CK(cudaMemcpy(indices, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));
+      SparseMlaParams p;
+      p.q = q;
+      p.kv = kv;
+      p.indices = indices;
+      p.lse = lse_ref;
+      p.out = out_ref;
+      p.row_max = rmax;
+      p.T = kT;
+      p.topk = kTopk;
+      p.softmax_scale = 0.1352338f;
+      p.num_heads = H;
+      p.stride_q_t = int64_t(H) * kDqk;
+      p.num_slots = s_kv;
+      launch_diag<0>(p);
+      CK(cudaDeviceSynchronize());
+      const size_t n_out = size_t(kT) * H * kDv;
+      std::vector<__nv_bfloat16> ref(n_out), got(n_out);
+      CK(cudaMemcpy(ref.data(), out_ref, n_out * 2, cudaMemcpyDeviceToHost));
+      p.out = out;
+      p.lse = lse;
+      for (size_t v = 0; v < variants.size(); ++v) {
+        for (int i = 0; i < 3; ++i) variants[v].run(p);
+        CK(cudaDeviceSynchronize());
+        std::vector<float> ms;
+        for (int i = 0; i < iters; ++i) {
+          CK(cudaEventRecord(e0));
+          variants[v].run(p);
+          CK(cudaEventRecord(e1));
+          CK(cudaEventSynchronize(e1));
+          float m = 0;
+          CK(cudaEventElapsedTime(&m, e0, e1));
+          ms.push_back(m);
+        }
+        std::sort(ms.begin(), ms.end());
+        res[v].push_back(ms[ms.size() / 2]);
+        if (variants[v].check) {
+          CK(cudaMemset(out, 0xff, n_out * 2));
+          variants[v].run(p);
+          CK(cudaDeviceSynchronize());
+          CK(cudaMemcpy(got.data(), out, n_out * 2, cudaMemcpyDeviceToHost));
+          double worst = 0;
+          size_t bad = 0;
+          for (size_t i = 0; i < n_out; ++i) {
+            const float a = __bfloat162float(got[i]), b = __bfloat162float(ref[i]);
+            const double d = std::fabs(double(a) - b);
+            if (!(d <= 2e-2)) ++bad;
+            if (d > worst || std::isnan(d)) worst = std::isnan(d) ? INFINITY : d;
+          }
+          char buf[200];
+          std::snprintf(buf, sizeof buf, "%s H=%d s_kv=%ld: max |diff| vs library %.3g, %zu elements over 2e-2", variants[v].name,
+                        H, static_cast<long>(s_kv), worst, bad);
+          notes.push_back(buf);
+        }
+      }
+    }
+  for (size_t v = 0; v < variants.size(); ++v) {
+    std::printf("%-28s", variants[v].name);
+    for (double m : res[v]) std::printf(" %-12.3f", m);
+    std::printf("\n");
+  }
+  std::printf("%-28s", "FlashMLA (issue 6)");
+  const double fm[2][5] = {{3.57, 3.88, 4.02, 4.36, 4.48}, {1.96, 1.83, 2.17, 2.50, 3.02}};
+  for (int hi = 0; hi < 2; ++hi)
+    for (auto s : skvs) {
+      int si = s == 4096 ? 0 : s == 8192 ? 1 : s == 32768 ? 2 : s == 65536 ? 3 : s == 131072 ? 4 : -1;
+      std::printf(" %-12.2f", si < 0 ? NAN : fm[hi][si]);
+    }
+  std::printf("\n");
+  for (auto& n : notes) std::printf("%s\n", n.c_str());
+  return 0;
+}
