@@ -445,7 +445,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     return pack_bf16(__low2float(b) * f, __high2float(b) * f);
   };
   // P as swizzled K-major [64 x 64] bf16 at shared address sp, scaled by
-  // (s0, s1) per row unless kScale is false. Row r1 = r0 + 8 has the same
+  // (s0, s1) per row when `scaled` is std::true_type. Row r1 = r0 + 8 has the same
   // swizzle phase, 1024 bytes further. Offsets are recomputed from opaque
   // values at each call (hoisted, they cost 16 registers for the whole loop).
   auto store_p = [&](uint32_t sp, auto scaled, float s0, float s1) {
