@@ -13,11 +13,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
-#include <random>
+#include <iterator>
 #include <string>
 #include <vector>
 
 #include "cuda/sm90/sparse_mla/sm90_bf16_sparse_mla.cuh"
+#include "cuda/sm90/sparse_mla/sweep_inputs.cuh"
 // A candidate kernel under test can be added with -DDSA_DEV_CANDIDATE=header.cuh;
 // the header defines dev_candidate_variants(std::vector<Variant>&).
 #ifdef DSA_DEV_CANDIDATE
@@ -36,46 +37,7 @@ using namespace dsa::cuda;
   } while (0)
 
 namespace {
-constexpr int kT = 4096, kTopk = 2048, kDqk = 576, kDv = 512;
-
-__global__ void fill_random_bf16(__nv_bfloat16* x, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = (static_cast<uint64_t>(i) + seed) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    x[i] = __float2bfloat16(static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f);
-  }
-}
-
-std::vector<int32_t> make_indices(int64_t s_kv, uint64_t seed, int64_t* valid_total) {
-  std::vector<int32_t> idx(static_cast<size_t>(kT) * kTopk, -1);
-  std::vector<uint32_t> stamp(static_cast<size_t>(s_kv), 0);
-  std::mt19937_64 rng(seed ^ static_cast<uint64_t>(s_kv));
-  int64_t total = 0;
-  for (int t = 0; t < kT; ++t) {
-    const int64_t pos = s_kv - kT + t;
-    const int k = static_cast<int>(std::min<int64_t>(kTopk, pos + 1));
-    int32_t* row = &idx[static_cast<size_t>(t) * kTopk];
-    if (k == pos + 1) {
-      for (int j = 0; j < k; ++j) row[j] = j;
-      std::shuffle(row, row + k, rng);
-    } else {
-      std::uniform_int_distribution<int64_t> d(0, pos);
-      const uint32_t mark = static_cast<uint32_t>(t) + 1;
-      for (int j = 0; j < k;) {
-        const int64_t c = d(rng);
-        if (stamp[c] == mark) continue;
-        stamp[c] = mark;
-        row[j++] = static_cast<int32_t>(c);
-      }
-    }
-    total += k;
-  }
-  *valid_total = total;
-  return idx;
-}
+using namespace sparse_mla_sweep;
 
 struct Variant {
   const char* name;
@@ -121,7 +83,7 @@ int main(int argc, char** argv) {
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
   const char* env = std::getenv("SKV");
-  std::vector<int64_t> skvs = {4096, 8192, 32768, 65536, 131072};
+  std::vector<int64_t> skvs(std::begin(kSkv), std::end(kSkv));
   if (env) {
     skvs.clear();
     for (const char* s = env; *s;) {
@@ -202,11 +164,10 @@ int main(int argc, char** argv) {
     std::printf("\n");
   }
   std::printf("%-28s", "FlashMLA (issue 6)");
-  const double fm[2][5] = {{3.57, 3.88, 4.02, 4.36, 4.48}, {1.96, 1.83, 2.17, 2.50, 3.02}};
   for (int hi = 0; hi < 2; ++hi)
     for (auto s : skvs) {
-      int si = s == 4096 ? 0 : s == 8192 ? 1 : s == 32768 ? 2 : s == 65536 ? 3 : s == 131072 ? 4 : -1;
-      std::printf(" %-12.2f", si < 0 ? NAN : fm[hi][si]);
+      const int64_t* it = std::find(std::begin(kSkv), std::end(kSkv), s);
+      std::printf(" %-12.2f", it == std::end(kSkv) ? NAN : kFlashMlaMs[hi][it - std::begin(kSkv)]);
     }
   std::printf("\n");
   for (auto& n : notes) std::printf("%s\n", n.c_str());

@@ -1,0 +1,67 @@
+#pragma once
+// Issue 6's sparse MLA sweep inputs, shared by `dsa bench --sweep-sparse-mla`
+// (sweep.cu) and the development bench (dev/sparse_mla_dev.cu): T = 4096
+// queries at the end of a context of s_kv tokens, topk 2048, each query at
+// position p attending to min(2048, p + 1) distinct random positions among
+// 0..p, and FlashMLA's sparse prefill times on an H100 80GB HBM3 (issue 6).
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace dsa::cuda::sparse_mla_sweep {
+
+constexpr int kT = 4096;
+constexpr int kTopk = 2048;
+constexpr int kDqk = 576;
+constexpr int kDv = 512;
+constexpr double kPeakTflops = 790.0;
+constexpr int64_t kSkv[] = {4096, 8192, 32768, 65536, 131072};
+// FlashMLA sparse prefill, ms, issue 6 (H100 80GB HBM3): rows H = 128, 64.
+constexpr double kFlashMlaMs[2][5] = {{3.57, 3.88, 4.02, 4.36, 4.48}, {1.96, 1.83, 2.17, 2.50, 3.02}};
+
+// Deterministic pseudo-random bf16 in [-1, 1) from the element index.
+static __global__ void fill_random_bf16(__nv_bfloat16* x, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint64_t z = (static_cast<uint64_t>(i) + seed) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    x[i] = __float2bfloat16(static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f);
+  }
+}
+
+// Query t sits at position p = s_kv - T + t and picks min(topk, p + 1)
+// distinct positions in [0, p] (slot = position), random order, -1 padded.
+inline std::vector<int32_t> make_indices(int64_t s_kv, uint64_t seed, int64_t* valid_total) {
+  std::vector<int32_t> idx(static_cast<size_t>(kT) * kTopk, -1);
+  std::vector<uint32_t> stamp(static_cast<size_t>(s_kv), 0);
+  std::mt19937_64 rng(seed ^ static_cast<uint64_t>(s_kv));
+  int64_t total = 0;
+  for (int t = 0; t < kT; ++t) {
+    const int64_t pos = s_kv - kT + t;
+    const int k = static_cast<int>(std::min<int64_t>(kTopk, pos + 1));
+    int32_t* row = &idx[static_cast<size_t>(t) * kTopk];
+    if (k == pos + 1) {
+      for (int j = 0; j < k; ++j) row[j] = j;
+      std::shuffle(row, row + k, rng);
+    } else {
+      std::uniform_int_distribution<int64_t> d(0, pos);
+      const uint32_t mark = static_cast<uint32_t>(t) + 1;
+      for (int j = 0; j < k;) {
+        const int64_t c = d(rng);
+        if (stamp[c] == mark) continue;
+        stamp[c] = mark;
+        row[j++] = static_cast<int32_t>(c);
+      }
+    }
+    total += k;
+  }
+  *valid_total = total;
+  return idx;
+}
+
+}  // namespace dsa::cuda::sparse_mla_sweep
