@@ -11,26 +11,12 @@
 #include "dsa/cache.h"
 #include "dsa/error.h"
 #include "dsa/reference.h"
+#include "small_layer_config.h"
 
 using namespace dsa;
+using dsa::test::small_layer_config;
 
 namespace {
-
-LayerConfig small_config(int64_t H = 64) {
-  LayerConfig c;
-  c.hidden_size = 256;
-  c.num_heads = H;
-  c.q_lora_rank = 128;
-  c.kv_lora_rank = 128;
-  c.qk_nope_head_dim = 32;
-  c.qk_rope_head_dim = 64;
-  c.v_head_dim = 32;
-  c.index_n_heads = 8;
-  c.index_topk = 64;
-  c.tokens_per_block = 16;
-  validate(c);
-  return c;
-}
 
 // One step on a fresh (or given) cache. hidden rows are in request order.
 struct Runner {
@@ -76,7 +62,7 @@ std::vector<double> to_double(const std::vector<float>& v) { return std::vector<
 class LayerDense : public ::testing::TestWithParam<int64_t> {};
 
 TEST_P(LayerDense, MatchesFloat64DenseMlaWhenTopkCoversEverything) {
-  const LayerConfig cfg = small_config(GetParam());
+  const LayerConfig cfg = small_layer_config(GetParam());
   const int64_t T = 40, H = cfg.num_heads, nope = cfg.qk_nope_head_dim, rope = cfg.qk_rope_head_dim, dkv = cfg.kv_lora_rank,
                 dv = cfg.v_head_dim, dqk = cfg.qk_head_dim();
   Runner run(cfg, 21);
@@ -131,7 +117,7 @@ TEST_P(LayerDense, MatchesFloat64DenseMlaWhenTopkCoversEverything) {
 INSTANTIATE_TEST_SUITE_P(Heads, LayerDense, ::testing::Values(64, 128));
 
 TEST(LayerReference, StagesAreNamedAndOrderedLikeTheGpuBackend) {
-  LayerConfig cfg = small_config();
+  LayerConfig cfg = small_layer_config();
   cfg.o_proj = true;
   Runner run(cfg, 1);
   std::vector<std::pair<std::string, double>> ms;
@@ -152,7 +138,7 @@ TEST(LayerReference, StagesAreNamedAndOrderedLikeTheGpuBackend) {
 }
 
 TEST(LayerReference, TwoChunksEqualOneStep) {
-  const LayerConfig cfg = small_config();
+  const LayerConfig cfg = small_layer_config();
   const int64_t T = 150, W = cfg.num_heads * cfg.v_head_dim;
   const auto hidden = generate_hidden(cfg, T, 5);
   Runner one(cfg, 3), two(cfg, 3);
@@ -168,7 +154,7 @@ TEST(LayerReference, TwoChunksEqualOneStep) {
 }
 
 TEST(LayerReference, DecodeAfterPrefillEqualsLastTokenOfFullPrefill) {
-  const LayerConfig cfg = small_config();
+  const LayerConfig cfg = small_layer_config();
   const int64_t T = 130, W = cfg.num_heads * cfg.v_head_dim;
   const auto hidden = generate_hidden(cfg, T, 6);
   Runner full(cfg, 4), inc(cfg, 4);
@@ -181,7 +167,7 @@ TEST(LayerReference, DecodeAfterPrefillEqualsLastTokenOfFullPrefill) {
 }
 
 TEST(LayerReference, ReorderingRequestsReordersOutputsOnly) {
-  const LayerConfig cfg = small_config();
+  const LayerConfig cfg = small_layer_config();
   const int64_t W = cfg.num_heads * cfg.v_head_dim, hs = cfg.hidden_size;
   const auto ha = generate_hidden(cfg, 70, 8), hb = generate_hidden(cfg, 100, 9), hc = generate_hidden(cfg, 3, 10);
   auto cat = [](std::initializer_list<const std::vector<bf16_t>*> parts) {
@@ -204,7 +190,7 @@ TEST(LayerReference, ReorderingRequestsReordersOutputsOnly) {
 
 TEST(LayerReference, CachesHoldWhatTheStepWrote) {
   for (auto dt : {LatentCacheDType::BF16, LatentCacheDType::FP8}) {
-    LayerConfig cfg = small_config();
+    LayerConfig cfg = small_layer_config();
     cfg.kv_cache_dtype = dt;
     Runner run(cfg, 13);
     const int64_t T = 20, dkv = cfg.kv_lora_rank, rope = cfg.qk_rope_head_dim;
@@ -244,7 +230,7 @@ TEST(LayerReference, CachesHoldWhatTheStepWrote) {
 }
 
 TEST(LayerReference, RejectsMismatchedInputs) {
-  const LayerConfig cfg = small_config();
+  const LayerConfig cfg = small_layer_config();
   Runner run(cfg, 15);
   const std::vector<StepRequest> reqs = {{0, 0, 4}};
   reserve_step(run.cache, reqs);
@@ -260,7 +246,7 @@ TEST(LayerReference, RejectsMismatchedInputs) {
 }
 
 TEST(LayerReference, PreparedWeightsGiveTheSameBits) {
-  LayerConfig cfg = small_config(128);
+  LayerConfig cfg = small_layer_config(128);
   cfg.o_proj = true;
   Runner a(cfg, 17), b(cfg, 17);
   const std::vector<StepRequest> reqs = {{0, 0, 30}};

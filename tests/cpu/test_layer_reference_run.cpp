@@ -13,29 +13,18 @@
 #include "dsa/layer.h"
 #include "dsa/reference.h"
 #include "dsa/safetensors.h"
+#include "small_layer_config.h"
 
 using namespace dsa;
+using dsa::test::small_layer_config;
 namespace fs = std::filesystem;
 
 namespace {
 
+// small_layer_config() as dsa CLI flags.
 const char* kDims =
     " --hidden-size 256 --num-heads 64 --q-lora-rank 128 --kv-lora-rank 128 --qk-nope-head-dim 32 --v-head-dim 32"
     " --index-n-heads 8 --topk 64 --tokens-per-block 16";
-
-LayerConfig small_config() {
-  LayerConfig c;
-  c.hidden_size = 256;
-  c.num_heads = 64;
-  c.q_lora_rank = 128;
-  c.kv_lora_rank = 128;
-  c.qk_nope_head_dim = 32;
-  c.v_head_dim = 32;
-  c.index_n_heads = 8;
-  c.index_topk = 64;
-  c.tokens_per_block = 16;
-  return c;
-}
 
 // A fresh folder per process, removed at exit.
 struct TmpDir {
@@ -74,7 +63,7 @@ TEST(DsaRun, FilesReplayBitForBitAndMatchTheLibrary) {
   EXPECT_EQ(a.info("topk_local").shape, (std::vector<int64_t>{72, 64}));
 
   // The first request (no cache) matches the library run directly on the same files.
-  const LayerConfig cfg = small_config();
+  const LayerConfig cfg = small_layer_config();
   const LayerWeights w = load_weights(cfg, d + "/w.st", 0);
   st::Reader in(d + "/in.st");
   const auto hidden = in.read_bf16("hidden");
@@ -94,7 +83,7 @@ TEST(DsaRun, FilesReplayBitForBitAndMatchTheLibrary) {
 
 TEST(DsaRun, PrefixHiddenEqualsTheLongerPrefill) {
   const std::string d = dir();
-  const LayerConfig cfg = small_config();
+  const LayerConfig cfg = small_layer_config();
   const int64_t T = 90, C = 80;
   const auto hidden = generate_hidden(cfg, T, 41);
   // Full prefill of T tokens in one step.

@@ -15,8 +15,10 @@
 #include "dsa/layer.h"
 #include "dsa/reference.h"
 #include "dsa/safetensors.h"
+#include "small_layer_config.h"
 
 using namespace dsa;
+using dsa::test::small_layer_config;
 namespace fs = std::filesystem;
 
 namespace {
@@ -67,20 +69,6 @@ void expect_bad(const std::string& name, const std::string& file, std::initializ
   write_bytes(p, file);
   SCOPED_TRACE(name);
   expect_file_error([&] { st::Reader r(p); }, fragments);
-}
-
-LayerConfig small_config() {
-  LayerConfig c;
-  c.hidden_size = 256;
-  c.num_heads = 64;
-  c.q_lora_rank = 128;
-  c.kv_lora_rank = 128;
-  c.qk_nope_head_dim = 32;
-  c.v_head_dim = 32;
-  c.index_n_heads = 8;
-  c.index_topk = 64;
-  c.tokens_per_block = 16;
-  return c;
 }
 
 bool same(const LayerWeights& a, const LayerWeights& b) {
@@ -171,7 +159,7 @@ TEST(Safetensors, MalformedFilesAreFileErrors) {
 }
 
 TEST(WeightsFile, WriteThenReadIsBitExactAndGivesIdenticalLayerResults) {
-  const LayerConfig cfg = small_config();
+  const LayerConfig cfg = small_layer_config();
   const LayerWeights w = generate_weights(cfg, 31);
   const std::string p = tmp("layer3.safetensors");
   save_weights(cfg, w, p, 3);
@@ -197,7 +185,7 @@ TEST(WeightsFile, WriteThenReadIsBitExactAndGivesIdenticalLayerResults) {
 }
 
 TEST(WeightsFile, Fp8WithBlockScalesIsDequantizedOnLoadAndShardsFollowTheIndex) {
-  const LayerConfig cfg = small_config();
+  const LayerConfig cfg = small_layer_config();
   const LayerWeights w = generate_weights(cfg, 33);
   const std::string pre = weight_prefix(0);
   // Quantize the 2-D weights the way the released checkpoint stores them:
