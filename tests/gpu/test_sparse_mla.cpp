@@ -273,6 +273,11 @@ TEST(SparseMlaSm90, H64Topk128RaggedT) { run_case({77, 64, 128, 300, false, Kern
 TEST(SparseMlaSm90, H128Topk256ValidLen) { run_case({45, 128, 256, 1000, true, Kernel::Sm90, 22}); }
 TEST(SparseMlaSm90, H64Topk64) { run_case({33, 64, 64, 100, true, Kernel::Sm90, 23}); }
 TEST(SparseMlaSm90, H128Topk2048) { run_case({20, 128, 2048, 20000, true, Kernel::Sm90, 24}); }
+// More items (token x 64 heads) than SMs with several pairs each: every
+// persistent CTA runs a sequence of items, with empty rows and valid_len 0
+// among them, so barrier phases and Q's reuse carry across items.
+TEST(SparseMlaSm90, H64Topk256ItemsPerCta) { run_case({300, 64, 256, 4000, true, Kernel::Sm90, 27}); }
+TEST(SparseMlaSm90, H128Topk384ItemsPerCta) { run_case({150, 128, 384, 3000, true, Kernel::Sm90, 28}); }
 TEST(SparseMlaSm90, H64TAbove65535) { run_case({65600, 64, 64, 2000, true, Kernel::Sm90, 25}); }
 TEST(SparseMlaSm90, H128TAbove65535) { run_case({65540, 128, 128, 3000, false, Kernel::Sm90, 26}); }
 

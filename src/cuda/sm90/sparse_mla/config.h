@@ -5,7 +5,9 @@
 // full 64 x 64 scores of its own tile, and each accumulates 256 of the 512
 // value columns of O over both tiles (its own P from registers, the other's
 // P from shared memory), with the row max handed along a chain (WG0 -> WG1
-// -> WG0). The producer warpgroup gathers KV rows by index.
+// -> WG0). The producer warpgroup gathers KV rows by index. The grid is
+// persistent: a CTA runs the items (token, head group) blockIdx.x,
+// blockIdx.x + gridDim.x, ... back to back.
 #include <cstddef>
 #include <cstdint>
 
@@ -18,7 +20,11 @@ constexpr int D_V = 512;
 constexpr int SEG = 64;            // bf16 columns per 128-byte swizzle row
 constexpr int NUM_SEG = D_QK / SEG;  // 9
 constexpr int kNumThreads = 384;   // WG0, WG1 consumers; WG2 producer
-constexpr int kConsumerRegs = 232;  // setmaxnreg: 2*128*232 + 128*40 <= 65536; 224 spilled
+// setmaxnreg moves registers within the CTA's launch allocation (168 x 384 =
+// 64512 under __launch_bounds__(384, 1)): 2 x 128 x 232 + 128 x 40 = 64512.
+// A larger producer share leaves the consumers' increase waiting forever;
+// 224 for the consumers spilled.
+constexpr int kConsumerRegs = 232;
 constexpr int kProducerRegs = 40;
 
 // One [64 rows x 576] bf16 tile stored as 9 segments of [64 rows x 128 B],
@@ -32,20 +38,20 @@ constexpr int kTileBytes = NUM_SEG * kSegBytes;   // 73728
 constexpr int kHalfSplit = 4;                     // first segment of half R
 
 struct SmemPlan {
-  static constexpr size_t q = 0;                        // Q [64 heads x 576]; O is staged here at the end
+  static constexpr size_t q = 0;                        // Q [64 heads x 576] of the current item
   static constexpr size_t kv0 = q + kTileBytes;         // WG0's tile; its RoPE segment later holds P_A
   static constexpr size_t kv1 = kv0 + kTileBytes;       // WG1's tile
   static constexpr size_t p1 = kv1 + kTileBytes;        // P_B [64 x 64] bf16, swizzled K-major
   static constexpr size_t chain_max = p1 + BLOCK_H * 128;  // float [64]: the row max handed WG0 <-> WG1
   static constexpr size_t valid = chain_max + BLOCK_H * 4;  // uint8 [2 pair parity][2 tile][64 rows]
-  static constexpr size_t row_sum = valid + 2 * 2 * BLOCK_KV;  // float [2 WG][64]
-  // uint64 mbarriers: q_ready, ready[2 tile][2 half], free[2][2], valid_ready[2 pair parity]
-  static constexpr size_t bars = row_sum + 2 * BLOCK_H * 4;
-  static constexpr size_t end = bars + 11 * 8;
+  static constexpr size_t row_sum = valid + 2 * 2 * BLOCK_KV;  // float [2 item parity][2 WG][64]
+  // uint64 mbarriers: q_ready, ready[2 tile][2 half], free[2][2], valid_ready[2 pair parity], q_free
+  static constexpr size_t bars = row_sum + 2 * 2 * BLOCK_H * 4;
+  // int [2 item parity]: the item's pair count; int [2 item parity][4 warps]: the producer's index scan
+  static constexpr size_t item_pairs = bars + 12 * 8;
+  static constexpr size_t end = item_pairs + 48;
   static constexpr size_t bytes = end + 1024;  // slack to align the base to 1024 (swizzle atoms)
 };
-// O staged in Q's space: 64 rows of 1024 bytes plus 16 bytes of padding.
-static_assert(BLOCK_H * (D_V * 2 + 16) <= kTileBytes, "O staging must fit in Q's space");
 static_assert(SmemPlan::kv0 % 1024 == 0 && SmemPlan::kv1 % 1024 == 0 && SmemPlan::p1 % 1024 == 0,
               "swizzled tiles need 1024-byte alignment");
 static_assert(SmemPlan::bytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block may opt in to");

@@ -1,6 +1,7 @@
 #pragma once
-// Hopper (sm_90a) sparse MLA prefill kernel, warp-specialized. One CTA =
-// one token x 64 heads:
+// Hopper (sm_90a) sparse MLA prefill kernel, warp-specialized and
+// persistent. One work item = one token x 64 heads; a CTA runs one item after
+// another:
 //   WG2 (producer) gathers the 64 selected KV rows of each tile with 16-byte
 //   cp.async copies (invalid index -> zero-filled row, no read), into two
 //   tile buffers whose halves are released and refilled independently, and
@@ -10,12 +11,14 @@
 //   runs along a chain (WG0's tile, then WG1's, then WG0 rescales), and each
 //   accumulates 256 of the 512 value columns of O over both tiles (wgmma
 //   m64n256k16: own P from registers, the other's P from shared memory, V
-//   read as an MN-major view of the same swizzled KV tile); O leaves through
-//   shared memory and bulk copies.
+//   read as an MN-major view of the same swizzled KV tile); O goes from
+//   registers to global memory in 16-byte stores, so Q's space is free for
+//   the next item's Q before the epilogue.
 // See docs/sparse_mla.md for the schedule and the synchronization argument.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -164,15 +167,23 @@ __device__ __forceinline__ void qk_rope_segment(float (&s)[32], uint32_t q_lo, u
   }
 }
 
-// Named barriers among the consumer threads (0 is __syncthreads): the row
-// max chain (A: WG0 -> WG1, B: WG1 -> WG0), the two P hand-offs, the row sums,
-// and each warpgroup's output staging (6 and 7).
-enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 5, kBarStage0 = 6 };
+// Named barriers (0 is __syncthreads). Among the consumer threads: the row
+// max chain (A: WG0 -> WG1, B: WG1 -> WG0), the two P hand-offs and the row
+// sums; among the producer's: its index scan.
+enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 5, kBarScan = 6 };
 
 // kDiag: 0 in the library. The dev bench (dev/sparse_mla_dev.cu) times two
 // diagnostic variants that split the bounds apart: 1 = gather only (the
 // consumers release each half as soon as it lands), 2 = math only (the
 // producer issues no copies; the tiles hold whatever shared memory held).
+//
+// Persistent: a CTA takes the work items (token, head group) blockIdx.x,
+// blockIdx.x + gridDim.x, ... so that the next item's index scan, Q and
+// first KV tiles load while the current item's last pair and epilogue run
+// (a fresh CTA per item spent 8000 - 14000 cycles before its first scores,
+// against a pair period of ~6300). The barriers' phases run on across items:
+// `gp`, the CTA's global pair count, picks every buffer and validity parity;
+// `kk`, the item count, the phase of q_ready / q_free.
 template <int kHeadGroups, int kDiag = 0>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ SparseMlaParams p, float scale_log2) {
@@ -185,7 +196,6 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   const uint32_t p0_addr = kv_addr + 8 * kSegBytes;
   const uint32_t p1_addr = base + SmemPlan::p1;
   const uint32_t s_max_addr = base + SmemPlan::chain_max;
-  float* s_row_sum = reinterpret_cast<float*>(smem + SmemPlan::row_sum);
   const uint32_t q_ready = base + SmemPlan::bars;
   auto ready_bar = [&](int b, int h) { return q_ready + 8 + 8 * (2 * b + h); };
   auto free_bar = [&](int b, int h) { return q_ready + 40 + 8 * (2 * b + h); };
@@ -195,23 +205,32 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   // from global memory behind the producer's flood of copies.
   const uint32_t valid_addr = base + SmemPlan::valid;
   auto valid_ready = [&](int slot) { return q_ready + 72 + 8 * slot; };
+  const uint32_t q_free = q_ready + 88;
+  // Pair count of the item (slot = item parity), written by the producer
+  // before its plain arrival on q_ready.
+  volatile int* s_item_pairs = reinterpret_cast<volatile int*>(smem + SmemPlan::item_pairs);
 
-  const int64_t t = blockIdx.x / kHeadGroups;
-  const int g = static_cast<int>(blockIdx.x % kHeadGroups);
+  const uint32_t num_items = static_cast<uint32_t>(p.T) * kHeadGroups;  // T * H / 64 < 2^32
   const int H = kHeadGroups * BLOCK_H;
-  int n = p.topk;
-  if (p.valid_len) n = min(max(p.valid_len[t], 0), p.topk);
-  const int32_t* idx_row = p.indices + t * p.topk;
-
   const int tid = threadIdx.x;
   // Warp-uniform in the compiler's eyes, so the role branches hold no wgmma
   // that ptxas would serialize.
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int lane = tid & 31;
+  auto item_rows = [&](uint32_t item, int& n) {
+    const int64_t t = item / kHeadGroups;
+    n = p.topk;
+    if (p.valid_len) n = min(max(p.valid_len[t], 0), p.topk);
+    return p.indices + t * p.topk;
+  };
+  auto q_rows_of = [&](uint32_t item) {
+    return p.q + (item / kHeadGroups) * p.stride_q_t + static_cast<int64_t>(item % kHeadGroups) * BLOCK_H * D_QK;
+  };
   if (wg == 2) {
+    // The first item's Q copies go out before anything else.
     const int ptid = tid - 256;
     const int r_base = ptid >> 3, cc = ptid & 7;
-    const __nv_bfloat16* q_rows = p.q + t * p.stride_q_t + static_cast<int64_t>(g) * BLOCK_H * D_QK;
+    const __nv_bfloat16* q_rows = q_rows_of(blockIdx.x);
 #pragma unroll
     for (int it = 0; it < 4; ++it) {
       const int r = r_base + 16 * it;
@@ -220,9 +239,8 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       for (int seg = 0; seg < NUM_SEG; ++seg) cp_async_16(q_addr + seg * kSegBytes + swz(r, cc), src + seg * SEG, 16);
     }
   }
-  int* s_last_valid = reinterpret_cast<int*>(s_row_sum);
   if (tid == 0) {
-    mbar_init(q_ready, 128);
+    mbar_init(q_ready, 128 + 1);  // the producer's Q copies + its plain arrival after writing the pair count
     for (int b = 0; b < 2; ++b)
       for (int h = 0; h < 2; ++h) {
         mbar_init(ready_bar(b, h), 128);
@@ -230,76 +248,113 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       }
     mbar_init(valid_ready(0), 16);  // the producer threads that own a row (cc == 0)
     mbar_init(valid_ready(1), 16);
-    *s_last_valid = -1;
+    mbar_init(q_free, 256);
   }
   __syncthreads();
-  {
-    int last = -1;
-    for (int pos = tid; pos < n; pos += kNumThreads) {
-      const int32_t idx = __ldg(idx_row + pos);
-      if (idx >= 0 && idx < p.num_slots) last = pos;
-    }
-    last = __reduce_max_sync(0xffffffffu, last);
-    if (lane == 0 && last >= 0) atomicMax(s_last_valid, last);
-  }
-  __syncthreads();
-  n = *s_last_valid + 1;
-  const int num_tiles = (n + BLOCK_KV - 1) / BLOCK_KV;
-  const int num_pairs = (num_tiles + 1) / 2;
 
   if (wg == 2) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kProducerRegs));
-    // Q's copies are tracked even with nothing to attend to: the epilogue
-    // stages O in Q's space and must not race them.
-    cp_async_arrive(q_ready);
-    if (num_pairs == 0) {
-      cp_async_wait_all();
-      return;
-    }
     const int ptid = tid - 256;
     const int r_base = ptid >> 3;
     const int cc = ptid & 7;
-    for (int j = 0; j < num_pairs; ++j) {
-      const __nv_bfloat16* src[2][4];
-      uint32_t bytes[2][4];
+    int* s_scan = const_cast<int*>(s_item_pairs) + 2;  // int [2 item parity][4 warps]
+    uint32_t gp = 0;
+    int kk = 0;
+    for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++kk) {
+      int n;
+      const int32_t* idx_row = item_rows(item, n);
+      // Last valid position: tiles after it are never loaded or computed
+      // (top-k pads the tail with -1). Loads 8 at a time so that they
+      // overlap; they also bring pair 0's indices into L1. (Holding pair 0's
+      // indices in registers across the scan spilled at 48 registers.)
+      int last = -1;
+      for (int pos0 = ptid; pos0 < n; pos0 += 8 * 128) {
+        int32_t v[8];
 #pragma unroll
-      for (int b = 0; b < 2; ++b)
+        for (int u = 0; u < 8; ++u) v[u] = pos0 + u * 128 < n ? __ldg(idx_row + pos0 + u * 128) : -1;
 #pragma unroll
-        for (int it = 0; it < 4; ++it) {
-          const int pos = (2 * j + b) * BLOCK_KV + r_base + 16 * it;
-          const int32_t idx = pos < n ? __ldg(idx_row + pos) : -1;
-          const bool valid = idx >= 0 && idx < p.num_slots;
-          if (cc == 0) {
-            const uint32_t a = valid_addr + static_cast<uint32_t>(((j & 1) * 2 + b) * BLOCK_KV + r_base + 16 * it);
-            asm volatile("st.shared.u8 [%0], %1;" ::"r"(a), "r"(valid ? 1u : 0u) : "memory");
-          }
-          src[b][it] = p.kv + (valid ? static_cast<int64_t>(idx) * D_QK : 0) + cc * 8;
-          bytes[b][it] = valid ? 16u : 0u;
-        }
-      if (cc == 0) mbar_arrive(valid_ready(j & 1));
-      const uint32_t parity = (j - 1) & 1;
-      auto load = [&](int b, int seg_begin, int seg_end) {
-        if constexpr (kDiag != 2) {
+        for (int u = 0; u < 8; ++u)
+          if (v[u] >= 0 && v[u] < p.num_slots) last = pos0 + u * 128;
+      }
+      last = __reduce_max_sync(0xffffffffu, last);
+      if (lane == 0) s_scan[(kk & 1) * 4 + (ptid >> 5)] = last;
+      named_barrier_sync(kBarScan, 128);
+      last = max(max(s_scan[(kk & 1) * 4], s_scan[(kk & 1) * 4 + 1]), max(s_scan[(kk & 1) * 4 + 2], s_scan[(kk & 1) * 4 + 3]));
+      const int num_pairs = ((last + 1 + BLOCK_KV - 1) / BLOCK_KV + 1) / 2;
+      // Q, then the pair count through q_ready. The first item's copies are
+      // in flight; a later item's wait for the consumers to release Q's space
+      // at the top of the previous item's last pair (after its last Q K^T),
+      // before that pair frees the tile buffers for this item's pair 0.
+      if (kk > 0) {
+        mbar_wait(q_free, (kk - 1) & 1);
+        if (num_pairs > 0) {
+          const __nv_bfloat16* q_rows = q_rows_of(item);
 #pragma unroll
           for (int it = 0; it < 4; ++it) {
-            const int r = r_base + 16 * it;
-            for (int seg = seg_begin; seg < seg_end; ++seg)
-              cp_async_16(kv_addr + b * kTileBytes + seg * kSegBytes + swz(r, cc), src[b][it] + seg * SEG, bytes[b][it]);
+            // Recomputed per item from an opaque row: hoisted out of the
+            // item loop, these offsets were spilled.
+            int r = r_base + 16 * it;
+            asm volatile("mov.b32 %0, %0;" : "+r"(r));
+            const __nv_bfloat16* src = q_rows + r * D_QK + cc * 8;
+#pragma unroll
+            for (int seg = 0; seg < NUM_SEG; ++seg) cp_async_16(q_addr + seg * kSegBytes + swz(r, cc), src + seg * SEG, 16);
           }
         }
+      }
+      cp_async_arrive(q_ready);
+      if (ptid == 0) {
+        s_item_pairs[kk & 1] = num_pairs;
+        mbar_arrive(q_ready);
+      }
+      auto issue_pair = [&](int j) {
+        const uint32_t gj = gp + j;
+        int32_t rows[2][4];  // cache slot of each of this thread's rows, -1 when invalid
+#pragma unroll
+        for (int b = 0; b < 2; ++b)
+#pragma unroll
+          for (int it = 0; it < 4; ++it) {
+            const int pos = (2 * j + b) * BLOCK_KV + r_base + 16 * it;
+            const int32_t idx = pos < n ? __ldg(idx_row + pos) : -1;
+            const bool valid = idx >= 0 && idx < p.num_slots;
+            if (cc == 0) {
+              const uint32_t a = valid_addr + static_cast<uint32_t>(((gj & 1) * 2 + b) * BLOCK_KV + r_base + 16 * it);
+              asm volatile("st.shared.u8 [%0], %1;" ::"r"(a), "r"(valid ? 1u : 0u) : "memory");
+            }
+            rows[b][it] = valid ? idx : -1;
+          }
+        if (cc == 0) mbar_arrive(valid_ready(gj & 1));
+        const uint32_t parity = (gj - 1) & 1;
+        auto load = [&](int b, int seg_begin, int seg_end) {
+          if constexpr (kDiag != 2) {
+#pragma unroll
+            for (int it = 0; it < 4; ++it) {
+              const int r = r_base + 16 * it;
+              const int32_t row = rows[b][it];
+              const __nv_bfloat16* src = p.kv + static_cast<int64_t>(max(row, 0)) * D_QK + cc * 8;
+              for (int seg = seg_begin; seg < seg_end; ++seg)
+                cp_async_16(kv_addr + b * kTileBytes + seg * kSegBytes + swz(r, cc), src + seg * SEG, row >= 0 ? 16u : 0u);
+            }
+          }
+        };
+        if (gj > 0) mbar_wait(free_bar(0, 0), parity);
+        load(0, 0, kHalfSplit);
+        cp_async_arrive(ready_bar(0, 0));
+        if (gj > 0) mbar_wait(free_bar(1, 1), parity);
+        load(1, kHalfSplit, NUM_SEG);
+        cp_async_arrive(ready_bar(1, 1));
+        if (gj > 0) mbar_wait(free_bar(0, 1), parity);
+        load(0, kHalfSplit, NUM_SEG);
+        cp_async_arrive(ready_bar(0, 1));
+        if (gj > 0) mbar_wait(free_bar(1, 0), parity);
+        load(1, 0, kHalfSplit);
+        cp_async_arrive(ready_bar(1, 0));
       };
-      if (j > 0) mbar_wait(free_bar(0, 0), parity);
-      load(0, 0, kHalfSplit);
-      cp_async_arrive(ready_bar(0, 0));
-      if (j > 0) mbar_wait(free_bar(1, 1), parity);
-      load(1, kHalfSplit, NUM_SEG);
-      cp_async_arrive(ready_bar(1, 1));
-      if (j > 0) mbar_wait(free_bar(0, 1), parity);
-      load(0, kHalfSplit, NUM_SEG);
-      cp_async_arrive(ready_bar(0, 1));
-      if (j > 0) mbar_wait(free_bar(1, 0), parity);
-      load(1, 0, kHalfSplit);
-      cp_async_arrive(ready_bar(1, 0));
+      for (int j = 0; j < num_pairs; ++j) issue_pair(j);
+      // The next item's Q into L2 while this item's last pair runs.
+      if (ptid == 0 && num_items - item > gridDim.x)
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(q_rows_of(item + gridDim.x)), "r"(BLOCK_H * D_QK * 2)
+                     : "memory");
+      gp += num_pairs;
     }
     cp_async_wait_all();
     return;
@@ -316,10 +371,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   const int first_half = w == 0 ? 0 : 1;
 
   float o[128];
-#pragma unroll
-  for (int k = 0; k < 128; ++k) o[k] = 0.f;
   // rm: the max this warpgroup's O and l are relative to (log2 domain).
-  float rm0 = -INFINITY, rm1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  float rm0, rm1, l0, l1;
+  float* s_row_sum = reinterpret_cast<float*>(smem + SmemPlan::row_sum);  // float [2 item parity][2 WG][64]
   float sc[32];
   uint32_t pa[16];
 
@@ -357,11 +411,11 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     qk_rope_segment(sc, qa, ta);
     wgmma_commit();
   };
-  // Validity of this thread's 16 score columns of tile 2j + w (bit k: column
+  // Validity of this thread's 16 score columns of the pair's tile w (bit k: column
   // 8 (k / 2) + cq + k % 2), from the producer's bytes.
-  auto valid_bits_of = [&](int j) {
-    mbar_wait(valid_ready(j & 1), (j >> 1) & 1);
-    const uint32_t a = opaque(valid_addr + static_cast<uint32_t>(((j & 1) * 2 + w) * BLOCK_KV + cq));
+  auto valid_bits_of = [&](uint32_t gj) {
+    mbar_wait(valid_ready(gj & 1), (gj >> 1) & 1);
+    const uint32_t a = opaque(valid_addr + static_cast<uint32_t>(((gj & 1) * 2 + w) * BLOCK_KV + cq));
     uint32_t bits = 0;
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
@@ -487,7 +541,10 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   // Epilogue, called at the end of each role's branch: the two branches
   // never merge, so ptxas need not agree on where O lives in both (a merge
   // point made it spill).
-  auto finish = [&]() {
+  auto finish = [&](uint32_t item, int kk, int num_pairs_of_item) {
+    const int64_t t = item / kHeadGroups;
+    const int g = static_cast<int>(item % kHeadGroups);
+    float* row_sum = s_row_sum + (kk & 1) * 2 * BLOCK_H;
     // Row sums: thread partials -> quad -> both warpgroups (fixed order: WG0 + WG1).
 #pragma unroll
     for (int o_ = 1; o_ <= 2; o_ <<= 1) {
@@ -495,36 +552,53 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       l1 += __shfl_xor_sync(0xffffffffu, l1, o_);
     }
     if ((lane & 3) == 0) {
-      s_row_sum[w * BLOCK_H + r0] = l0;
-      s_row_sum[w * BLOCK_H + r1] = l1;
+      row_sum[w * BLOCK_H + r0] = l0;
+      row_sum[w * BLOCK_H + r1] = l1;
     }
     named_barrier_sync(kBarSum, 256);
-    const float lt0 = s_row_sum[r0] + s_row_sum[BLOCK_H + r0];
-    const float lt1 = s_row_sum[r1] + s_row_sum[BLOCK_H + r1];
+    const float lt0 = row_sum[r0] + row_sum[BLOCK_H + r0];
+    const float lt1 = row_sum[r1] + row_sum[BLOCK_H + r1];
     const float inv0 = lt0 > 0.f ? 1.f / lt0 : 0.f;
     const float inv1 = lt1 > 0.f ? 1.f / lt1 : 0.f;
     const int64_t row0 = t * H + g * BLOCK_H + r0, row1 = row0 + 8;
-    // O leaves through shared memory: rows staged in Q's space (free: every
-    // Q K^T retired before the barrier above) with a 1040-byte stride
-    // (conflict-free for the accumulator layout), then one 512-byte bulk copy
-    // per row and warpgroup half. 64 scattered 4-byte stores per thread
-    // clogged the LSU queue for thousands of cycles at the end of each CTA.
-    constexpr uint32_t kStageStride = D_V * 2 + 16;
-    const uint32_t st0 = q_addr + static_cast<uint32_t>(r0) * kStageStride + w * 512 + cq * 2;
+    // O goes straight from registers to global memory, 16 bytes per store:
+    // a quad holds 8 consecutive columns of a row for each 8-column chunk,
+    // so a 4 x 4 transpose of bf16x2 values within the quad (two
+    // shuffle-exchange steps) gives each lane one whole chunk. Shared
+    // memory is left alone, so Q's space is free for the next item.
+    const int q = lane & 3;
+    __nv_bfloat16* out0 = p.out + row0 * D_V + w * 256 + q * 8;
+    __nv_bfloat16* out1 = out0 + 8 * D_V;
+    auto quad_transpose = [&](uint32_t (&a)[4]) {
 #pragma unroll
-    for (int jj = 0; jj < 32; ++jj) {
-      const uint32_t v0 = pack_bf16(o[jj * 4] * inv0, o[jj * 4 + 1] * inv0);
-      const uint32_t v1 = pack_bf16(o[jj * 4 + 2] * inv1, o[jj * 4 + 3] * inv1);
-      asm volatile("st.shared.u32 [%0], %1;" ::"r"(st0 + jj * 16), "r"(v0) : "memory");
-      asm volatile("st.shared.u32 [%0], %1;" ::"r"(st0 + 8 * kStageStride + jj * 16), "r"(v1) : "memory");
-    }
-    fence_proxy_async();
-    named_barrier_sync(kBarStage0 + w, 128);
-    if (wtid < BLOCK_H) {
-      const uint32_t src = q_addr + static_cast<uint32_t>(wtid) * kStageStride + w * 512;
-      __nv_bfloat16* dst = p.out + (t * H + g * BLOCK_H + wtid) * D_V + w * 256;
-      asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], 512;" ::"l"(dst), "r"(src) : "memory");
-      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      for (int x = 2; x >= 1; x >>= 1) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          if (i & x) continue;
+          const uint32_t send = (q & x) ? a[i] : a[i + x];
+          const uint32_t got = __shfl_xor_sync(0xffffffffu, send, x);
+          if (q & x)
+            a[i] = got;
+          else
+            a[i + x] = got;
+        }
+      }
+    };
+#pragma unroll
+    for (int m = 0; m < 8; ++m) {
+      uint32_t a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int jj = 4 * m + i;
+        a[i] = pack_bf16(o[jj * 4] * inv0, o[jj * 4 + 1] * inv0);
+        b[i] = pack_bf16(o[jj * 4 + 2] * inv1, o[jj * 4 + 3] * inv1);
+      }
+      quad_transpose(a);
+      quad_transpose(b);
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(out0 + m * 32), "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3])
+                   : "memory");
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(out1 + m * 32), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3])
+                   : "memory");
     }
     if (w == 0 && (lane & 3) == 0) {
       constexpr float kLn2 = 0.6931471805599453f;
@@ -535,131 +609,164 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         p.row_max[row1] = lt1 > 0.f ? rm1 * kLn2 : -INFINITY;
       }
     }
-    // Shared memory must outlive the bulk copies' reads.
-    if (wtid < BLOCK_H) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    // Q's space is released at the top of an item's last pair (after its
+    // last Q K^T), or here when the item had no pairs.
+    if (num_pairs_of_item == 0) mbar_arrive(q_free);
+  };
+  // Per item: wait for Q and the pair count, reset the running state.
+  auto start_item = [&](int kk) {
+    mbar_wait(q_ready, kk & 1);
+    const int num_pairs = s_item_pairs[kk & 1];
+#pragma unroll
+    for (int k = 0; k < 128; ++k) o[k] = 0.f;
+    rm0 = -INFINITY;
+    rm1 = -INFINITY;
+    l0 = 0.f;
+    l1 = 0.f;
+    return num_pairs;
   };
 
-  mbar_wait(q_ready, 0);
+  uint32_t gp = 0;
+  int kk = 0;
   if constexpr (kDiag == 1) {
-    for (int j = 0; j < num_pairs; ++j) {
-      mbar_wait(ready_bar(w, first_half), j & 1);
-      mbar_wait(ready_bar(1 - w, first_half), j & 1);
-      mbar_arrive(free_bar(w, first_half));
-      mbar_arrive(free_bar(1 - w, first_half));
+    for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++kk) {
+      const int num_pairs = start_item(kk);
+      if (num_pairs > 0) mbar_arrive(q_free);  // no Q K^T here
+      for (int j = 0; j < num_pairs; ++j) {
+        mbar_wait(ready_bar(w, first_half), (gp + j) & 1);
+        mbar_wait(ready_bar(1 - w, first_half), (gp + j) & 1);
+        mbar_arrive(free_bar(w, first_half));
+        mbar_arrive(free_bar(1 - w, first_half));
+      }
+      gp += num_pairs;
+      finish(item, kk, num_pairs);
     }
-    finish();
   } else if (w == 0) {
     // WG0: tile A = 2j in buffer 0; value columns 0-255.
-    uint32_t bits = 0;
-    // O's zeros must be in place before the first wgmma is in flight: ptxas
-    // serializes wgmma when accumulator registers are written mid-pipeline.
-    fence_regs(o);
-    // Every wgmma group is retired inside the iteration that issued it: a
-    // pipeline that stays open across the loop's back edge (or from before
-    // the loop) makes ptxas serialize all wgmma.
-    for (int j = 0; j < num_pairs; ++j) {
-      if (j == 0) {
-        issue_qk_first(0);
-        issue_qk_second(0);
-        bits = valid_bits_of(0);
-        wgmma_wait<0>();
-        fence_regs(sc);
-        fence_regs(o);
-      }
-      float mx0, mx1;
-      mask_and_max(bits, mx0, mx1);
-      const float mn0 = fmaxf(rm0, mx0), mn1 = fmaxf(rm1, mx1);
-      __syncwarp();
-      if ((lane & 3) == 0) {
-        st_max(mn0, mn1);
-      }
-      named_barrier_arrive(kBarMaxA, 256);
-      exp_and_rescale(mn0, mn1);
-      pack_p();
-      pv_own();
-      // WG1's max continues the chain: P_A rescaled for WG1 while the own
-      // P V still runs, then O and l once it is done.
-      named_barrier_sync(kBarMaxB, 256);
-      float mb0, mb1;
-      ld_max(mb0, mb1);
-      const float f0 = mb0 == -INFINITY ? 1.f : fast_exp2(rm0 - mb0);
-      const float f1 = mb1 == -INFINITY ? 1.f : fast_exp2(rm1 - mb1);
-      rm0 = mb0;
-      rm1 = mb1;
-      store_p(p0_addr, std::true_type{}, f0, f1);
-      named_barrier_arrive(kBarPA, 256);
-      l0 *= f0;
-      l1 *= f1;
-      wgmma_wait<0>();  // own P V done: buffer 0's half L is free
+    for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++kk) {
+      const int num_pairs = start_item(kk);
+      uint32_t bits = 0;
+      // O's zeros must be in place before the first wgmma is in flight: ptxas
+      // serializes wgmma when accumulator registers are written mid-pipeline.
       fence_regs(o);
-      mbar_arrive(free_bar(0, 0));
-      scale_o(f0, f1);
-      named_barrier_sync(kBarPB, 256);
-      pv_other(p1_addr);
-      if (j + 1 < num_pairs) {
-        issue_qk_first((j + 1) & 1);
-        wgmma_wait<1>();  // P_B V_B done: buffer 1's half L is free
-        mbar_arrive(free_bar(1, 0));
-        issue_qk_second((j + 1) & 1);
-        bits = valid_bits_of(j + 1);
-        wgmma_wait<0>();
-        fence_regs(sc);
+      // Every wgmma group is retired inside the iteration that issued it: a
+      // pipeline that stays open across the loop's back edge (or from before
+      // the loop) makes ptxas serialize all wgmma.
+      for (int j = 0; j < num_pairs; ++j) {
+        const uint32_t gj = gp + j;
+        if (j == 0) {
+          issue_qk_first(gj & 1);
+          issue_qk_second(gj & 1);
+          bits = valid_bits_of(gj);
+          wgmma_wait<0>();
+          fence_regs(sc);
+          fence_regs(o);
+        }
+        // The item's last Q K^T has retired: Q's space may take the next item's Q.
+        if (j == num_pairs - 1) mbar_arrive(q_free);
+        float mx0, mx1;
+        mask_and_max(bits, mx0, mx1);
+        const float mn0 = fmaxf(rm0, mx0), mn1 = fmaxf(rm1, mx1);
+        __syncwarp();
+        if ((lane & 3) == 0) {
+          st_max(mn0, mn1);
+        }
+        named_barrier_arrive(kBarMaxA, 256);
+        exp_and_rescale(mn0, mn1);
+        pack_p();
+        pv_own();
+        // WG1's max continues the chain: P_A rescaled for WG1 while the own
+        // P V still runs, then O and l once it is done.
+        named_barrier_sync(kBarMaxB, 256);
+        float mb0, mb1;
+        ld_max(mb0, mb1);
+        const float f0 = mb0 == -INFINITY ? 1.f : fast_exp2(rm0 - mb0);
+        const float f1 = mb1 == -INFINITY ? 1.f : fast_exp2(rm1 - mb1);
+        rm0 = mb0;
+        rm1 = mb1;
+        store_p(p0_addr, std::true_type{}, f0, f1);
+        named_barrier_arrive(kBarPA, 256);
+        l0 *= f0;
+        l1 *= f1;
+        wgmma_wait<0>();  // own P V done: buffer 0's half L is free
         fence_regs(o);
-      } else {
-        wgmma_wait<0>();
-        fence_regs(o);
-        mbar_arrive(free_bar(1, 0));
+        mbar_arrive(free_bar(0, 0));
+        scale_o(f0, f1);
+        named_barrier_sync(kBarPB, 256);
+        pv_other(p1_addr);
+        if (j + 1 < num_pairs) {
+          issue_qk_first((gj + 1) & 1);
+          wgmma_wait<1>();  // P_B V_B done: buffer 1's half L is free
+          mbar_arrive(free_bar(1, 0));
+          issue_qk_second((gj + 1) & 1);
+          bits = valid_bits_of(gj + 1);
+          wgmma_wait<0>();
+          fence_regs(sc);
+          fence_regs(o);
+        } else {
+          wgmma_wait<0>();
+          fence_regs(o);
+          mbar_arrive(free_bar(1, 0));
+        }
       }
+      gp += num_pairs;
+      finish(item, kk, num_pairs);
     }
-    finish();
   } else {
     // WG1: tile B = 2j + 1 in buffer 1; value columns 256-511. (Issuing the
     // next Q K^T on half R before P_A V_A retires was measured slower: WG1
     // then blocks on the refill before it frees buffer 0's half R.)
-    uint32_t bits = 0;
-    fence_regs(o);
-    for (int j = 0; j < num_pairs; ++j) {
-      if (j == 0) {
-        issue_qk_first(0);
-        issue_qk_second(0);
-        bits = valid_bits_of(0);
-        wgmma_wait<0>();
-        fence_regs(sc);
-        fence_regs(o);
-      }
-      float mx0, mx1;
-      mask_and_max(bits, mx0, mx1);
-      named_barrier_sync(kBarMaxA, 256);
-      float ma0, ma1;
-      ld_max(ma0, ma1);
-      const float mn0 = fmaxf(ma0, mx0), mn1 = fmaxf(ma1, mx1);
-      __syncwarp();
-      if ((lane & 3) == 0) {
-        st_max(mn0, mn1);
-      }
-      named_barrier_arrive(kBarMaxB, 256);
-      exp_and_rescale(mn0, mn1);
-      pack_p();
-      pv_own();
-      store_p(p1_addr, std::false_type{}, 1.f, 1.f);
-      named_barrier_sync(kBarPA, 256);
-      pv_other(p0_addr);
-      named_barrier_arrive(kBarPB, 256);
-      wgmma_wait<1>();  // own P V done: buffer 1's half R is free
-      mbar_arrive(free_bar(1, 1));
-      wgmma_wait<0>();  // P_A V_A done: buffer 0's half R (and P_A) is free
+    for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++kk) {
+      const int num_pairs = start_item(kk);
+      uint32_t bits = 0;
       fence_regs(o);
-      mbar_arrive(free_bar(0, 1));
-      if (j + 1 < num_pairs) {
-        issue_qk_first((j + 1) & 1);
-        issue_qk_second((j + 1) & 1);
-        bits = valid_bits_of(j + 1);
-        wgmma_wait<0>();
-        fence_regs(sc);
+      for (int j = 0; j < num_pairs; ++j) {
+        const uint32_t gj = gp + j;
+        if (j == 0) {
+          issue_qk_first(gj & 1);
+          issue_qk_second(gj & 1);
+          bits = valid_bits_of(gj);
+          wgmma_wait<0>();
+          fence_regs(sc);
+          fence_regs(o);
+        }
+        // The item's last Q K^T has retired: Q's space may take the next item's Q.
+        if (j == num_pairs - 1) mbar_arrive(q_free);
+        float mx0, mx1;
+        mask_and_max(bits, mx0, mx1);
+        named_barrier_sync(kBarMaxA, 256);
+        float ma0, ma1;
+        ld_max(ma0, ma1);
+        const float mn0 = fmaxf(ma0, mx0), mn1 = fmaxf(ma1, mx1);
+        __syncwarp();
+        if ((lane & 3) == 0) {
+          st_max(mn0, mn1);
+        }
+        named_barrier_arrive(kBarMaxB, 256);
+        exp_and_rescale(mn0, mn1);
+        pack_p();
+        pv_own();
+        store_p(p1_addr, std::false_type{}, 1.f, 1.f);
+        named_barrier_sync(kBarPA, 256);
+        pv_other(p0_addr);
+        named_barrier_arrive(kBarPB, 256);
+        wgmma_wait<1>();  // own P V done: buffer 1's half R is free
+        mbar_arrive(free_bar(1, 1));
+        wgmma_wait<0>();  // P_A V_A done: buffer 0's half R (and P_A) is free
         fence_regs(o);
+        mbar_arrive(free_bar(0, 1));
+        if (j + 1 < num_pairs) {
+          issue_qk_first((gj + 1) & 1);
+          issue_qk_second((gj + 1) & 1);
+          bits = valid_bits_of(gj + 1);
+          wgmma_wait<0>();
+          fence_regs(sc);
+          fence_regs(o);
+        }
       }
+      gp += num_pairs;
+      finish(item, kk, num_pairs);
     }
-    finish();
   }
 }
 
@@ -669,7 +776,12 @@ void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(SmemPlan::bytes)));
   constexpr float kLog2e = 1.4426950408889634f;
-  const dim3 grid(static_cast<unsigned>(p.T * kHeadGroups));
+  // One CTA per SM (shared memory allows no more), each looping over items.
+  int dev = 0, sms = 0;
+  DSA_CUDA_CHECK(cudaGetDevice(&dev));
+  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t items = static_cast<int64_t>(p.T) * kHeadGroups;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(items, sms)));
   kernel<<<grid, kNumThreads, SmemPlan::bytes, p.stream>>>(p, p.softmax_scale * kLog2e);
   DSA_CHECK_LAUNCH("sparse_mla_fwd_kernel");
 }

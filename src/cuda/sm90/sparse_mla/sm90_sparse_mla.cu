@@ -37,7 +37,7 @@ bool sparse_mla_sm90_can_implement(const SparseMlaParams& p) {
   if (p.topk <= 0 || p.topk % BLOCK_KV != 0) return false;
   if (p.T < 0 || p.T * (p.num_heads / BLOCK_H) > 0x7fffffff) return false;
   if (p.num_slots < 0 || p.num_slots > 0x7fffffff) return false;
-  // 16-byte cp.async of q and kv rows; 512-byte bulk copies of out rows (16-byte aligned).
+  // 16-byte cp.async of q and kv rows; 16-byte stores of out rows.
   if (!aligned(p.q, 16) || !aligned(p.kv, 16) || p.stride_q_t % 8 != 0 || !aligned(p.out, 16)) return false;
   if (p.stride_q_t < static_cast<int64_t>(p.num_heads) * D_QK) return false;
   if (!p.q || !p.kv || !p.indices || !p.out || !p.lse) return false;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs the sparse MLA dev bench (see sparse_mla_dev.cu). From the
-# repo root: src/cuda/sm90/sparse_mla/dev/run.sh [DEPS_DIR] [iters]
+# repo root: src/cuda/sm90/sparse_mla/dev/run.sh [DEPS_DIR] [iters] [rounds]
 # Extra nvcc flags in $DEV_FLAGS (e.g. -DDSA_DEV_CANDIDATE=\"path/to/candidate.cuh\").
 set -euo pipefail
 deps=${1:-.device-deps}
@@ -11,7 +11,7 @@ nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -lineinfo --expt-relax
   -Xptxas=-v,-warn-spills,-warn-lmem-usage ${DEV_FLAGS:-} "${inc[@]}" \
   src/cuda/sm90/sparse_mla/dev/sparse_mla_dev.cu -o "$out" 2> "$out.ptxas.log" || { cat "$out.ptxas.log"; exit 1; }
 grep -E "spill|Local|sparse_mla_fwd|Used" "$out.ptxas.log" | grep -B1 -E "spill|lmem|Local" | head -20 || true
-"$out" "${2:-10}"
+"$out" "${2:-10}" "${3:-3}"
 if [[ -n "${SASS_GREP:-}" ]]; then
   cuobjdump -sass "$out" > "$out.sass"
   python3 - "$out.sass" "$SASS_GREP" <<'PY'

@@ -3,7 +3,7 @@
 // isolate the gather (copies only) and the math (no copies), and checks each
 // real variant's output against the library kernel bit for bit or within a
 // tolerance. Not part of the library build; build and run on the GPU machine:
-//   src/cuda/sm90/sparse_mla/dev/run.sh [DEPS_DIR]
+//   src/cuda/sm90/sparse_mla/dev/run.sh [DEPS_DIR] [iters] [rounds]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -56,6 +56,7 @@ void launch_diag(const SparseMlaParams& p) {
 
 int main(int argc, char** argv) {
   const int iters = argc > 1 ? std::atoi(argv[1]) : 10;
+  const int rounds = argc > 2 ? std::max(1, std::atoi(argv[2])) : 3;
   std::vector<Variant> variants = {
       {"library", false, launch_diag<0>},
       {"gather-only", false, launch_diag<1>},
@@ -123,21 +124,30 @@ int main(int argc, char** argv) {
       CK(cudaMemcpy(ref.data(), out_ref, n_out * 2, cudaMemcpyDeviceToHost));
       p.out = out;
       p.lse = lse;
-      for (size_t v = 0; v < variants.size(); ++v) {
-        for (int i = 0; i < 3; ++i) variants[v].run(p);
-        CK(cudaDeviceSynchronize());
-        std::vector<float> ms;
-        for (int i = 0; i < iters; ++i) {
-          CK(cudaEventRecord(e0));
-          variants[v].run(p);
-          CK(cudaEventRecord(e1));
-          CK(cudaEventSynchronize(e1));
-          float m = 0;
-          CK(cudaEventElapsedTime(&m, e0, e1));
-          ms.push_back(m);
+      // Rounds interleave the variants so that slow drifts of the card (clocks,
+      // DRAM) hit all of them alike; each variant's figure is the median over
+      // rounds of its per-round medians.
+      std::vector<std::vector<double>> per_round(variants.size());
+      for (int round = 0; round < rounds; ++round)
+        for (size_t v = 0; v < variants.size(); ++v) {
+          for (int i = 0; i < 3; ++i) variants[v].run(p);
+          CK(cudaDeviceSynchronize());
+          std::vector<float> ms;
+          for (int i = 0; i < iters; ++i) {
+            CK(cudaEventRecord(e0));
+            variants[v].run(p);
+            CK(cudaEventRecord(e1));
+            CK(cudaEventSynchronize(e1));
+            float m = 0;
+            CK(cudaEventElapsedTime(&m, e0, e1));
+            ms.push_back(m);
+          }
+          std::sort(ms.begin(), ms.end());
+          per_round[v].push_back(ms[ms.size() / 2]);
         }
-        std::sort(ms.begin(), ms.end());
-        res[v].push_back(ms[ms.size() / 2]);
+      for (size_t v = 0; v < variants.size(); ++v) {
+        std::sort(per_round[v].begin(), per_round[v].end());
+        res[v].push_back(per_round[v][per_round[v].size() / 2]);
         if (variants[v].check) {
           CK(cudaMemset(out, 0xff, n_out * 2));
           variants[v].run(p);
