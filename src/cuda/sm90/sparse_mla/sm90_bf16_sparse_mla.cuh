@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       // Last valid position: tiles after it are never loaded or computed
       // (top-k pads the tail with -1). Loads 8 at a time so that they
       // overlap; they also bring pair 0's indices into L1. (Holding pair 0's
-      // indices in registers across the scan spilled at 48 registers.)
+      // indices in registers across the scan spilled.)
       int last = -1;
       for (int pos0 = ptid; pos0 < n; pos0 += 8 * 128) {
         int32_t v[8];
@@ -538,9 +538,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     wgmma_commit();
   };
 
-  // Epilogue, called at the end of each role's branch: the two branches
-  // never merge, so ptxas need not agree on where O lives in both (a merge
-  // point made it spill).
+  // An item's epilogue, called inside each role's own item loop: the two
+  // branches never merge, so ptxas need not agree on where O lives in both
+  // (a merge point made it spill).
   auto finish = [&](uint32_t item, int kk, int num_pairs_of_item) {
     const int64_t t = item / kHeadGroups;
     const int g = static_cast<int>(item % kHeadGroups);
