@@ -5,7 +5,9 @@
 // of a pair (every event's clock offset from WG0's "scores ready" of the
 // same pair, inner pairs of an item), the pair period, the switch from one
 // item to the next (offsets from the last pair's scores) and the first
-// item's prologue (CTA start to its first scores).
+// item's prologue (CTA start to its first scores). ptxas may schedule a
+// clock64() read across a barrier: offsets between warpgroups are good to a
+// few hundred cycles, within one warpgroup's sequence they are reliable.
 //   python3 src/cuda/sm90/sparse_mla/dev/make_trace.py > /tmp/trace_kernel.cuh
 //   DEV_FLAGS='-DDSA_DEV_CANDIDATE="cuda/sm90/sparse_mla/dev/trace.cuh" -DDSA_TRACE_KERNEL="/tmp/trace_kernel.cuh"' \
 //     src/cuda/sm90/sparse_mla/dev/run.sh
