@@ -8,8 +8,10 @@
 #include "dsa/batch.h"
 #include "dsa/cache.h"
 #include "dsa/reference.h"
+#include "small_layer_config.h"
 
 using namespace dsa;
+using dsa::test::small_layer_config;
 
 namespace {
 
@@ -79,16 +81,7 @@ void hadamard64(double* v) {
 }  // namespace
 
 TEST(LayerStages, EachStageMatchesFloat64OnTheRecordedInputs) {
-  LayerConfig cfg;
-  cfg.hidden_size = 256;
-  cfg.num_heads = 64;
-  cfg.q_lora_rank = 128;
-  cfg.kv_lora_rank = 128;
-  cfg.qk_nope_head_dim = 32;
-  cfg.v_head_dim = 32;
-  cfg.index_n_heads = 8;
-  cfg.index_topk = 64;
-  cfg.tokens_per_block = 16;
+  LayerConfig cfg = small_layer_config();
   cfg.o_proj = true;
   const int64_t T = 100, hs = 256, H = 64, qr = 128, dkv = 128, rope = 64, nope = 32, dv = 32, dqk = 96, lat = 192, HI = 8, DI = 128,
                 K = 64;

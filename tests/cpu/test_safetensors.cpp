@@ -15,9 +15,11 @@
 #include "dsa/layer.h"
 #include "dsa/reference.h"
 #include "dsa/safetensors.h"
+#include "expect_error.h"
 #include "small_layer_config.h"
 
 using namespace dsa;
+using dsa::test::expect_error;
 using dsa::test::small_layer_config;
 namespace fs = std::filesystem;
 
@@ -53,22 +55,11 @@ std::string raw_file(const std::string& header, size_t data_bytes, uint64_t len_
   return s + header + std::string(data_bytes, '\x11');
 }
 
-template <class Fn>
-void expect_file_error(Fn fn, std::initializer_list<const char*> fragments) {
-  try {
-    fn();
-    FAIL() << "expected a FileError";
-  } catch (const FileError& e) {
-    const std::string msg = e.what();
-    for (const char* f : fragments) EXPECT_NE(msg.find(f), std::string::npos) << "message lacks '" << f << "': " << msg;
-  }
-}
-
 void expect_bad(const std::string& name, const std::string& file, std::initializer_list<const char*> fragments) {
   const std::string p = tmp(name);
   write_bytes(p, file);
   SCOPED_TRACE(name);
-  expect_file_error([&] { st::Reader r(p); }, fragments);
+  expect_error<FileError>([&] { st::Reader r(p); }, fragments);
 }
 
 bool same(const LayerWeights& a, const LayerWeights& b) {
@@ -113,10 +104,10 @@ TEST(Safetensors, RoundTripsEveryKindOfTensor) {
   uint64_t n = 0;
   f.read(reinterpret_cast<char*>(&n), 8);
   EXPECT_EQ((8 + n) % 8, 0u);
-  expect_file_error([&] { r.info("nope"); }, {"nope"});
-  expect_file_error([&] { r.read_i64("f"); }, {"'f'", "F32", "integer"});
-  expect_file_error([&] { r.read_f32("i"); }, {"'i'", "I32"});
-  expect_file_error([&] { r.expect_shape("b", {3, 2}); }, {"[2, 3]", "[3, 2]"});
+  expect_error<FileError>([&] { r.info("nope"); }, {"nope"});
+  expect_error<FileError>([&] { r.read_i64("f"); }, {"'f'", "F32", "integer"});
+  expect_error<FileError>([&] { r.read_f32("i"); }, {"'i'", "I32"});
+  expect_error<FileError>([&] { r.expect_shape("b", {3, 2}); }, {"[2, 3]", "[3, 2]"});
 }
 
 TEST(Safetensors, MalformedFilesAreFileErrors) {
@@ -147,7 +138,7 @@ TEST(Safetensors, MalformedFilesAreFileErrors) {
   expect_bad("dup", raw_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", 16),
              {"'a' appears twice"});
   expect_bad("meta", raw_file(R"({"__metadata__":{"k":1}})", 0), {"__metadata__"});
-  expect_file_error([] { st::Reader r(tmp("does_not_exist.safetensors")); }, {"does_not_exist"});
+  expect_error<FileError>([] { st::Reader r(tmp("does_not_exist.safetensors")); }, {"does_not_exist"});
 
   // A valid file cut short anywhere in its data is caught before any read.
   st::Writer w;
@@ -155,7 +146,7 @@ TEST(Safetensors, MalformedFilesAreFileErrors) {
   const std::string p = tmp("trunc.safetensors");
   w.write(p);
   fs::resize_file(p, fs::file_size(p) - 3);
-  expect_file_error([&] { st::Reader r(p); }, {"'x'", "run past"});
+  expect_error<FileError>([&] { st::Reader r(p); }, {"'x'", "run past"});
 }
 
 TEST(WeightsFile, WriteThenReadIsBitExactAndGivesIdenticalLayerResults) {
@@ -168,10 +159,10 @@ TEST(WeightsFile, WriteThenReadIsBitExactAndGivesIdenticalLayerResults) {
   EXPECT_EQ(r.info("model.layers.3.self_attn.kv_b_proj.weight").shape, (std::vector<int64_t>{64 * 64, 128}));
   const LayerWeights back = load_weights(cfg, p, 3);
   EXPECT_TRUE(same(w, back));
-  expect_file_error([&] { load_weights(cfg, p, 0); }, {"model.layers.0.self_attn.q_a_proj.weight", "--layer"});
+  expect_error<FileError>([&] { load_weights(cfg, p, 0); }, {"model.layers.0.self_attn.q_a_proj.weight", "--layer"});
   LayerConfig other = cfg;
   other.num_heads = 128;
-  expect_file_error([&] { load_weights(other, p, 3); }, {"q_b_proj.weight", "[6144, 128]", "[12288, 128]"});
+  expect_error<FileError>([&] { load_weights(other, p, 3); }, {"q_b_proj.weight", "[6144, 128]", "[12288, 128]"});
 
   // Same weights -> the same output, bit for bit.
   auto run = [&](const LayerWeights& lw) {
@@ -263,5 +254,5 @@ TEST(WeightsFile, Fp8WithBlockScalesIsDequantizedOnLoadAndShardsFollowTheIndex) 
   st::Writer c;
   c.add_u8(pre + "q_a_proj.weight", st::DType::F8_E4M3, {128, 256}, std::vector<uint8_t>(128 * 256, 0x38));
   c.write(tmp("noscale.safetensors"));
-  expect_file_error([&] { load_weights(cfg, tmp("noscale.safetensors"), 0); }, {"q_a_proj.weight_scale_inv"});
+  expect_error<FileError>([&] { load_weights(cfg, tmp("noscale.safetensors"), 0); }, {"q_a_proj.weight_scale_inv"});
 }
