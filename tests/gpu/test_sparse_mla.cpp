@@ -278,6 +278,10 @@ TEST(SparseMlaSm90, H128Topk2048) { run_case({20, 128, 2048, 20000, true, Kernel
 // among them, so barrier phases and Q's reuse carry across items.
 TEST(SparseMlaSm90, H64Topk256ItemsPerCta) { run_case({300, 64, 256, 4000, true, Kernel::Sm90, 27}); }
 TEST(SparseMlaSm90, H128Topk384ItemsPerCta) { run_case({150, 128, 384, 3000, true, Kernel::Sm90, 28}); }
+// A cache larger than L2 (60000 rows of 1152 B = 69 MB): at H = 64 the
+// launcher takes the variant that releases buffer 1's half L before queuing
+// the next Q K^T.
+TEST(SparseMlaSm90, H64CacheLargerThanL2) { run_case({300, 64, 256, 60000, true, Kernel::Sm90, 29}); }
 TEST(SparseMlaSm90, H64TAbove65535) { run_case({65600, 64, 64, 2000, true, Kernel::Sm90, 25}); }
 TEST(SparseMlaSm90, H128TAbove65535) { run_case({65540, 128, 128, 3000, false, Kernel::Sm90, 26}); }
 

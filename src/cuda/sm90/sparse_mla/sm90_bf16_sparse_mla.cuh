@@ -184,7 +184,11 @@ enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 
 // against a pair period of ~6300). The barriers' phases run on across items:
 // `gp`, the CTA's global pair count, picks every buffer and validity parity;
 // `kk`, the item count, the phase of q_ready / q_free.
-template <int kHeadGroups, int kDiag = 0>
+//
+// kReleaseFirst: WG0 retires P_B V_B and releases buffer 1's half L before it
+// queues the next Q K^T, instead of after queuing its first half. Chosen by
+// the launcher when the gathers come from DRAM (see there).
+template <int kHeadGroups, int kDiag = 0, bool kReleaseFirst = false>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ SparseMlaParams p, float scale_log2) {
   extern __shared__ uint8_t smem_raw[];
@@ -684,7 +688,13 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         const float f1 = mb1 == -INFINITY ? 1.f : fast_exp2(rm1 - mb1);
         rm0 = mb0;
         rm1 = mb1;
-        store_p(p0_addr, std::true_type{}, f0, f1);
+        // Mostly m_B did not move the max: P_A is then already relative to
+        // it (same bits; 16 bf16 packs and 32 multiplies fewer per thread,
+        // a change within the run-to-run spread of the sweep).
+        if (__any_sync(0xffffffffu, f0 != 1.f || f1 != 1.f))
+          store_p(p0_addr, std::true_type{}, f0, f1);
+        else
+          store_p(p0_addr, std::false_type{}, 1.f, 1.f);
         named_barrier_arrive(kBarPA, 256);
         l0 *= f0;
         l1 *= f1;
@@ -695,9 +705,16 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         named_barrier_sync(kBarPB, 256);
         pv_other(p1_addr);
         if (j + 1 < num_pairs) {
-          issue_qk_first((gj + 1) & 1);
-          wgmma_wait<1>();  // P_B V_B done: buffer 1's half L is free
-          mbar_arrive(free_bar(1, 0));
+          if constexpr (kReleaseFirst) {
+            wgmma_wait<0>();  // P_B V_B done: buffer 1's half L is free
+            fence_regs(o);
+            mbar_arrive(free_bar(1, 0));
+            issue_qk_first((gj + 1) & 1);
+          } else {
+            issue_qk_first((gj + 1) & 1);
+            wgmma_wait<1>();  // P_B V_B done: buffer 1's half L is free
+            mbar_arrive(free_bar(1, 0));
+          }
           issue_qk_second((gj + 1) & 1);
           bits = valid_bits_of(gj + 1);
           wgmma_wait<0>();
@@ -772,14 +789,24 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 
 template <int kHeadGroups, int kDiag = 0>
 void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
-  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag>;
+  int dev = 0, sms = 0, l2_bytes = 0;
+  DSA_CUDA_CHECK(cudaGetDevice(&dev));
+  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, dev));
+  // At H = 64 with a cache larger than L2 the refills come from DRAM and
+  // are the critical path: releasing buffer 1's half L a few hundred cycles
+  // earlier measured 3-5% faster at s_kv 65536 and 131072 (four calls), and
+  // 3-11% slower at 8192 and 32768, where the rows stay in L2 and the next
+  // Q K^T must be queued before P_B V_B retires. At H = 128 it was slower or
+  // level in every cell (the two CTAs of a token share each row through L2).
+  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, false>;
+  if constexpr (kHeadGroups == 1) {
+    if (p.num_slots * static_cast<int64_t>(D_QK * 2) > l2_bytes) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, true>;
+  }
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(SmemPlan::bytes)));
   constexpr float kLog2e = 1.4426950408889634f;
   // One CTA per SM (shared memory allows no more), each looping over items.
-  int dev = 0, sms = 0;
-  DSA_CUDA_CHECK(cudaGetDevice(&dev));
-  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const int64_t items = static_cast<int64_t>(p.T) * kHeadGroups;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(items, sms)));
   kernel<<<grid, kNumThreads, SmemPlan::bytes, p.stream>>>(p, p.softmax_scale * kLog2e);

@@ -106,10 +106,10 @@ after('named_barrier_arrive(kBarPA, 256);', 4)
 after("wgmma_wait<0>();  // own P V done: buffer 0's half L is free", 5)
 after('named_barrier_sync(kBarPB, 256);', 6)
 after('pv_other(p1_addr);', 7)
-sub("        issue_qk_first((gj + 1) & 1);\n        wgmma_wait<1>();  // P_B V_B done: buffer 1's half L is free\n"
-    "        mbar_arrive(free_bar(1, 0));\n        issue_qk_second((gj + 1) & 1);\n        bits = valid_bits_of(gj + 1);\n",
-    "        issue_qk_first((gj + 1) & 1);\n        TR(8);\n        wgmma_wait<1>();  // P_B V_B done: buffer 1's half L is free\n        TR(9);\n"
-    "        mbar_arrive(free_bar(1, 0));\n        issue_qk_second((gj + 1) & 1);\n        TR(10);\n        bits = valid_bits_of(gj + 1);\n        TR(11);\n")
+sub("            issue_qk_first((gj + 1) & 1);\n            wgmma_wait<1>();  // P_B V_B done: buffer 1's half L is free\n"
+    "            mbar_arrive(free_bar(1, 0));\n          }\n          issue_qk_second((gj + 1) & 1);\n          bits = valid_bits_of(gj + 1);\n",
+    "            issue_qk_first((gj + 1) & 1);\n            TR(8);\n            wgmma_wait<1>();  // P_B V_B done: buffer 1's half L is free\n            TR(9);\n"
+    "            mbar_arrive(free_bar(1, 0));\n          }\n          issue_qk_second((gj + 1) & 1);\n          TR(10);\n          bits = valid_bits_of(gj + 1);\n          TR(11);\n")
 # WG1
 before('mask_and_max(bits, mx0, mx1);\n      named_barrier_sync(kBarMaxA, 256);', 0)
 after('named_barrier_sync(kBarMaxA, 256);', 1)
