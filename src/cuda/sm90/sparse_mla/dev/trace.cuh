@@ -80,7 +80,7 @@ inline void report(const char* label, int H, long s_kv) {
   }
 }
 
-template <int kHeadGroups>
+template <int kHeadGroups, int kDiag>
 void run_traced(const char* label, const dsa::cuda::SparseMlaParams& p) {
   static std::set<std::pair<int, long>> done;
   const auto key = std::make_pair(p.num_heads, static_cast<long>(p.num_slots));
@@ -89,7 +89,7 @@ void run_traced(const char* label, const dsa::cuda::SparseMlaParams& p) {
     std::vector<unsigned long long> z(tk::kTraceSamples * tk::kTraceStride, 0);
     cudaMemcpyToSymbol(tk::g_trace, z.data(), z.size() * 8);
   }
-  tk::launch_sparse_mla_sm90_variant<kHeadGroups, 0>(p);
+  tk::launch_sparse_mla_sm90_variant<kHeadGroups, kDiag>(p);
   if (first) {
     cudaDeviceSynchronize();
     report(label, p.num_heads, static_cast<long>(p.num_slots));
@@ -97,13 +97,14 @@ void run_traced(const char* label, const dsa::cuda::SparseMlaParams& p) {
 }
 }  // namespace dev_trace
 
-template <typename V>
+// kDiag as in the library kernel: 2 traces the math-only build (no copies).
+template <int kDiag = 0, typename V>
 void dev_trace_variants(std::vector<V>& v, const char* label) {
-  v.push_back({label, true, [label](const dsa::cuda::SparseMlaParams& p) {
+  v.push_back({label, kDiag == 0, [label](const dsa::cuda::SparseMlaParams& p) {
                  if (p.num_heads == 64)
-                   dev_trace::run_traced<1>(label, p);
+                   dev_trace::run_traced<1, kDiag>(label, p);
                  else
-                   dev_trace::run_traced<2>(label, p);
+                   dev_trace::run_traced<2, kDiag>(label, p);
                }});
 }
 #ifndef DSA_DEV_MULTI
