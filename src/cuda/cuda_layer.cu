@@ -155,7 +155,7 @@ struct CudaLayer::Impl {
   DevBuf positions, token_request, visible_end, block_table, slot_mapping, k_off, k_scale_off, valid_len;
   // Activations.
   DevBuf hidden, qa, q_lat, kv, c_kv, k_pe, q, q_cat, qi, kx, wraw, qi8, q_scale, weights, logits, topk_local, topk_global,
-      topk_ws, attn_out, lse, row_max, v, out, kv_gather, idx_gather;
+      topk_ws, mla_ws, attn_out, lse, row_max, v, out, kv_gather, idx_gather;
   DevBuf dbg_q, dbg_k, dbg_k8, dbg_ks;
   bool trace_mode = false;
   bool poison = false;
@@ -318,6 +318,7 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       p.T = T, p.stride_q_t = H() * lat(), p.num_heads = static_cast<int>(H());
       p.topk = static_cast<int>(c.index_topk), p.d_qk = static_cast<int>(lat()), p.d_v = static_cast<int>(kvl);
       p.softmax_scale = static_cast<float>(c.softmax_scale()), p.stream = st;
+      p.workspace = mla_ws.as<float>(), p.workspace_bytes = mla_ws.bytes;
       sparse_mla(p);
       break;
     }
@@ -468,6 +469,7 @@ void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, co
   m.topk_local.ensure(T * k * f4);
   m.topk_global.ensure(T * k * f4);
   m.topk_ws.ensure(topk_workspace_bytes(T, m.logits_stride, static_cast<int>(k)));
+  m.mla_ws.ensure(sparse_mla_workspace_bytes(T, static_cast<int>(H)));
   m.attn_out.ensure(T * H * c.kv_lora_rank * bf);
   m.lse.ensure(T * H * f4);
   m.row_max.ensure(T * H * f4);
@@ -587,7 +589,7 @@ std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const 
     if (T) DSA_CUDA_CHECK(cudaMemcpyAsync(x, hidden.data(), hidden.size() * 2, cudaMemcpyHostToDevice, stream));
     if (m.poison) {
       for (DevBuf* b : {&m.xproj, &m.qa, &m.q_lat, &m.kv, &m.c_kv, &m.k_pe, &m.q, &m.q_cat, &m.qi, &m.kx, &m.wraw, &m.qi8, &m.q_scale,
-                        &m.weights, &m.logits, &m.topk_local, &m.topk_global, &m.attn_out, &m.lse, &m.row_max, &m.v, &m.out,
+                        &m.weights, &m.logits, &m.topk_local, &m.topk_global, &m.mla_ws, &m.attn_out, &m.lse, &m.row_max, &m.v, &m.out,
                         &m.dbg_q, &m.dbg_k, &m.dbg_k8, &m.dbg_ks}) {
         if (b->p) fill_u32(b->p, 0xffffffffu, b->bytes / 4, stream);
       }

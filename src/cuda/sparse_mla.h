@@ -24,8 +24,18 @@ struct SparseMlaParams {
   int d_qk = 576;
   int d_v = 512;
   float softmax_scale = 0.f;
+  // Optional, sparse_mla_workspace_bytes(T, num_heads) bytes (device memory,
+  // no initialization needed; null, or 0 bytes needed: not used). With it the
+  // sm90 kernel splits the items of its last, partial round over the SMs that
+  // would idle and a second kernel combines the parts.
+  float* workspace = nullptr;
+  size_t workspace_bytes = 0;  // size of workspace; smaller than needed: not used
   cudaStream_t stream = nullptr;
 };
+
+// Workspace the sm90 kernel can use for T tokens of num_heads heads on the
+// current device (0 when it would not split anything).
+size_t sparse_mla_workspace_bytes(int64_t T, int num_heads);
 
 // Straightforward kernel: any T, H, topk; the correctness baseline.
 void sparse_mla_simple(const SparseMlaParams& p);

@@ -35,6 +35,7 @@ struct Case {
   bool with_valid_len;
   Kernel kernel;
   uint64_t seed;
+  bool workspace = true;  // pass sparse_mla_workspace_bytes() of workspace (the sm90 kernel may split its last round)
 };
 
 using dsa::test::DevBuf;
@@ -185,6 +186,11 @@ void run_case(const Case& c) {
   p.softmax_scale = kScale;
   if (c.kernel == Kernel::Sm90 && !dsa::cuda::sparse_mla_sm90_can_implement(p))
     GTEST_SKIP() << "sm90 kernel does not take this shape on this device";
+  const size_t ws_bytes = c.workspace ? dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H) : 0;
+  DevBuf<float> dws(std::max<size_t>(ws_bytes / sizeof(float), 1));
+  ASSERT_TRUE(dws.p) << "cudaMalloc failed";
+  p.workspace = dws.p;
+  p.workspace_bytes = ws_bytes;
 
   std::vector<uint16_t> out[2];
   std::vector<float> lse[2], rmax[2];
@@ -192,6 +198,7 @@ void run_case(const Case& c) {
     CK(cudaMemset(dout.p, 0xff, dout.bytes()));  // NaN poison
     CK(cudaMemset(dlse.p, 0xff, dlse.bytes()));
     CK(cudaMemset(dmax.p, 0xff, dmax.bytes()));
+    CK(cudaMemset(dws.p, 0xff, dws.bytes()));  // the workspace needs no initialization
     switch (c.kernel) {
       case Kernel::Simple: dsa::cuda::sparse_mla_simple(p); break;
       case Kernel::Sm90: dsa::cuda::sparse_mla_sm90(p); break;
@@ -282,6 +289,16 @@ TEST(SparseMlaSm90, H128Topk384ItemsPerCta) { run_case({150, 128, 384, 3000, tru
 // launcher takes the variant that releases buffer 1's half L before queuing
 // the next Q K^T.
 TEST(SparseMlaSm90, H64CacheLargerThanL2) { run_case({300, 64, 256, 60000, true, Kernel::Sm90, 29}); }
+// Without a workspace the last round runs whole items (T = 300 above splits
+// it into 3 parts per item on 132 SMs).
+TEST(SparseMlaSm90, H64Topk256ItemsPerCtaNoWorkspace) {
+  run_case({300, 64, 256, 4000, true, Kernel::Sm90, 27, false});
+}
+// 136 (H = 64) and 140 (H = 128) items on 132 SMs: the last round's 4 or 8
+// items are split into 16 parts each, of one pair or none (topk 512), and
+// combined by the second kernel.
+TEST(SparseMlaSm90, H64SplitLastRound) { run_case({136, 64, 512, 3000, true, Kernel::Sm90, 30}); }
+TEST(SparseMlaSm90, H128SplitLastRound) { run_case({70, 128, 512, 3000, false, Kernel::Sm90, 31}); }
 TEST(SparseMlaSm90, H64TAbove65535) { run_case({65600, 64, 64, 2000, true, Kernel::Sm90, 25}); }
 TEST(SparseMlaSm90, H128TAbove65535) { run_case({65540, 128, 128, 3000, false, Kernel::Sm90, 26}); }
 

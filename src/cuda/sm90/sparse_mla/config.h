@@ -8,6 +8,7 @@
 // -> WG0). The producer warpgroup gathers KV rows by index. The grid is
 // persistent: a CTA runs the items (token, head group) blockIdx.x,
 // blockIdx.x + gridDim.x, ... back to back.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -64,4 +65,37 @@ namespace dsa::cuda::sm90_sparse_mla {
 // kHeadGroups = H / 64; one explicit instantiation per file in instantiations/.
 template <int kHeadGroups>
 void launch_sparse_mla_sm90(const SparseMlaParams& p);
+
+// The last round's split. With N items over G CTAs, N / G full rounds leave
+// r = N % G items for a last round that would keep G - r SMs idle for an
+// item's time (3% of the time at H = 64 in the sweep: 4096 items, 132 SMs).
+// With a workspace, each of those r items is split into `parts` ranges of
+// its pairs, one per CTA, and a second kernel combines the parts.
+constexpr int kMaxParts = 16;
+// Per part: O [2 warpgroups][32 chunks][128 threads][4] fp32 in the
+// accumulator layout (unnormalized), then (max, sum) per head row.
+constexpr size_t kPartFloats = 2 * 32 * 128 * 4 + BLOCK_H * 2;
+struct TailSplit {
+  uint32_t num_full = 0;  // items run whole (a multiple of the grid)
+  int parts = 0;          // 0: no split; else parts per leftover item
+  uint32_t leftover = 0;  // items split
+};
+inline TailSplit tail_split(int64_t items, int64_t grid) {
+  TailSplit s;
+  s.num_full = static_cast<uint32_t>(items);
+  if (grid <= 0 || items <= grid) return s;
+  const int64_t r = items % grid;
+  if (r == 0) return s;
+  const int64_t parts = std::min<int64_t>(kMaxParts, grid / r);
+  if (parts < 2) return s;
+  s.num_full = static_cast<uint32_t>(items - r);
+  s.parts = static_cast<int>(parts);
+  s.leftover = static_cast<uint32_t>(r);
+  return s;
+}
+// Workspace bytes the launcher uses for `items` items with `sms` SMs (0: no split).
+inline size_t split_workspace_bytes(int64_t items, int sms) {
+  const TailSplit s = tail_split(items, std::min<int64_t>(items, sms));
+  return s.parts ? static_cast<size_t>(s.leftover) * s.parts * kPartFloats * sizeof(float) : 0;
+}
 }  // namespace dsa::cuda::sm90_sparse_mla

@@ -188,9 +188,14 @@ enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 
 // kReleaseFirst: WG0 retires P_B V_B and releases buffer 1's half L before it
 // queues the next Q K^T, instead of after queuing its first half. Chosen by
 // the launcher when the gathers come from DRAM (see there).
+//
+// Work units: the items below split.num_full whole; with a split, unit
+// num_full + k is part k % parts of item num_full + k / parts (each CTA gets
+// at most one), which writes its partial O and row (max, sum) to the
+// workspace for sparse_mla_combine_kernel.
 template <int kHeadGroups, int kDiag = 0, bool kReleaseFirst = false>
 __global__ void __launch_bounds__(kNumThreads, 1)
-    sparse_mla_fwd_kernel(const __grid_constant__ SparseMlaParams p, float scale_log2) {
+    sparse_mla_fwd_kernel(const __grid_constant__ SparseMlaParams p, float scale_log2, const TailSplit split) {
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
   uint8_t* smem = smem_raw + ((1024 - (raw_addr & 1023)) & 1023);
@@ -215,6 +220,14 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   volatile int* s_item_pairs = reinterpret_cast<volatile int*>(smem + SmemPlan::item_pairs);
 
   const uint32_t num_items = static_cast<uint32_t>(p.T) * kHeadGroups;  // T * H / 64 < 2^32
+  const uint32_t num_units = split.parts ? split.num_full + split.leftover * split.parts : num_items;
+  auto unit_item = [&](uint32_t u, int& part) {
+    part = -1;
+    if (u < split.num_full) return u;
+    const uint32_t k = u - split.num_full;
+    part = static_cast<int>(k % split.parts);
+    return split.num_full + k / split.parts;
+  };
   const int H = kHeadGroups * BLOCK_H;
   const int tid = threadIdx.x;
   // Warp-uniform in the compiler's eyes, so the role branches hold no wgmma
@@ -234,7 +247,8 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     // The first item's Q copies go out before anything else.
     const int ptid = tid - 256;
     const int r_base = ptid >> 3, cc = ptid & 7;
-    const __nv_bfloat16* q_rows = q_rows_of(blockIdx.x);
+    int part0;
+    const __nv_bfloat16* q_rows = q_rows_of(unit_item(blockIdx.x, part0));
 #pragma unroll
     for (int it = 0; it < 4; ++it) {
       const int r = r_base + 16 * it;
@@ -264,7 +278,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     int* s_scan = const_cast<int*>(s_item_pairs) + 2;  // int [2 item parity][4 warps]
     uint32_t gp = 0;
     int kk = 0;
-    for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++kk) {
+    for (uint32_t u = blockIdx.x; u < num_units; u += gridDim.x, ++kk) {
+      int part;
+      const uint32_t item = unit_item(u, part);
       int n;
       const int32_t* idx_row = item_rows(item, n);
       // Last valid position: tiles after it are never loaded or computed
@@ -284,7 +300,10 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       if (lane == 0) s_scan[(kk & 1) * 4 + (ptid >> 5)] = last;
       named_barrier_sync(kBarScan, 128);
       last = max(max(s_scan[(kk & 1) * 4], s_scan[(kk & 1) * 4 + 1]), max(s_scan[(kk & 1) * 4 + 2], s_scan[(kk & 1) * 4 + 3]));
-      const int num_pairs = ((last + 1 + BLOCK_KV - 1) / BLOCK_KV + 1) / 2;
+      const int item_pairs = ((last + 1 + BLOCK_KV - 1) / BLOCK_KV + 1) / 2;
+      // A part of a split item takes its share of the item's pairs (maybe none).
+      const int pair0 = part < 0 ? 0 : part * item_pairs / split.parts;
+      const int num_pairs = part < 0 ? item_pairs : (part + 1) * item_pairs / split.parts - pair0;
       // Q, then the pair count through q_ready. The first item's copies are
       // in flight; a later item's wait for the consumers to release Q's space
       // at the top of the previous item's last pair (after its last Q K^T),
@@ -317,7 +336,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         for (int b = 0; b < 2; ++b)
 #pragma unroll
           for (int it = 0; it < 4; ++it) {
-            const int pos = (2 * j + b) * BLOCK_KV + r_base + 16 * it;
+            const int pos = (2 * (pair0 + j) + b) * BLOCK_KV + r_base + 16 * it;
             const int32_t idx = pos < n ? __ldg(idx_row + pos) : -1;
             const bool valid = idx >= 0 && idx < p.num_slots;
             if (cc == 0) {
@@ -355,9 +374,12 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       };
       for (int j = 0; j < num_pairs; ++j) issue_pair(j);
       // The next item's Q into L2 while this item's last pair runs.
-      if (ptid == 0 && num_items - item > gridDim.x)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(q_rows_of(item + gridDim.x)), "r"(BLOCK_H * D_QK * 2)
+      if (ptid == 0 && u + gridDim.x < num_units) {
+        int next_part;
+        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(q_rows_of(unit_item(u + gridDim.x, next_part))),
+                     "r"(BLOCK_H * D_QK * 2)
                      : "memory");
+      }
       gp += num_pairs;
     }
     cp_async_wait_all();
@@ -545,7 +567,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   // An item's epilogue, called inside each role's own item loop: the two
   // branches never merge, so ptxas need not agree on where O lives in both
   // (a merge point made it spill).
-  auto finish = [&](uint32_t item, int kk, int num_pairs_of_item) {
+  auto finish = [&](uint32_t item, int kk, int num_pairs_of_item, int part, uint32_t u) {
     const int64_t t = item / kHeadGroups;
     const int g = static_cast<int>(item % kHeadGroups);
     float* row_sum = s_row_sum + (kk & 1) * 2 * BLOCK_H;
@@ -562,6 +584,22 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     named_barrier_sync(kBarSum, 256);
     const float lt0 = row_sum[r0] + row_sum[BLOCK_H + r0];
     const float lt1 = row_sum[r1] + row_sum[BLOCK_H + r1];
+    if (part >= 0) {
+      // A part of a split item: O (unnormalized, accumulator layout) and
+      // the rows' (max, sum) go to the workspace; the combine kernel writes
+      // out, lse and row_max.
+      float* ws = p.workspace + static_cast<size_t>(u - split.num_full) * kPartFloats;
+      float4* wo = reinterpret_cast<float4*>(ws) + w * 32 * 128 + (tid & 127);
+#pragma unroll
+      for (int c = 0; c < 32; ++c) wo[c * 128] = make_float4(o[4 * c], o[4 * c + 1], o[4 * c + 2], o[4 * c + 3]);
+      if (w == 0 && (lane & 3) == 0) {
+        float2* ml = reinterpret_cast<float2*>(ws + 2 * 32 * 128 * 4);
+        ml[r0] = make_float2(rm0, lt0);
+        ml[r1] = make_float2(rm1, lt1);
+      }
+      if (num_pairs_of_item == 0) mbar_arrive(q_free);
+      return;
+    }
     const float inv0 = lt0 > 0.f ? 1.f / lt0 : 0.f;
     const float inv1 = lt1 > 0.f ? 1.f / lt1 : 0.f;
     const int64_t row0 = t * H + g * BLOCK_H + r0, row1 = row0 + 8;
@@ -633,7 +671,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   uint32_t gp = 0;
   int kk = 0;
   if constexpr (kDiag == 1) {
-    for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++kk) {
+    for (uint32_t u = blockIdx.x; u < num_units; u += gridDim.x, ++kk) {
+      int part;
+      const uint32_t item = unit_item(u, part);
       const int num_pairs = start_item(kk);
       if (num_pairs > 0) mbar_arrive(q_free);  // no Q K^T here
       for (int j = 0; j < num_pairs; ++j) {
@@ -643,11 +683,13 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         mbar_arrive(free_bar(1 - w, first_half));
       }
       gp += num_pairs;
-      finish(item, kk, num_pairs);
+      finish(item, kk, num_pairs, part, u);
     }
   } else if (w == 0) {
     // WG0: tile A = 2j in buffer 0; value columns 0-255.
-    for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++kk) {
+    for (uint32_t u = blockIdx.x; u < num_units; u += gridDim.x, ++kk) {
+      int part;
+      const uint32_t item = unit_item(u, part);
       const int num_pairs = start_item(kk);
       uint32_t bits = 0;
       // O's zeros must be in place before the first wgmma is in flight: ptxas
@@ -727,13 +769,15 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         }
       }
       gp += num_pairs;
-      finish(item, kk, num_pairs);
+      finish(item, kk, num_pairs, part, u);
     }
   } else {
     // WG1: tile B = 2j + 1 in buffer 1; value columns 256-511. (Issuing the
     // next Q K^T on half R before P_A V_A retires was measured slower: WG1
     // then blocks on the refill before it frees buffer 0's half R.)
-    for (uint32_t item = blockIdx.x; item < num_items; item += gridDim.x, ++kk) {
+    for (uint32_t u = blockIdx.x; u < num_units; u += gridDim.x, ++kk) {
+      int part;
+      const uint32_t item = unit_item(u, part);
       const int num_pairs = start_item(kk);
       uint32_t bits = 0;
       fence_regs(o);
@@ -782,7 +826,60 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         }
       }
       gp += num_pairs;
-      finish(item, kk, num_pairs);
+      finish(item, kk, num_pairs, part, u);
+    }
+  }
+}
+
+// Combines the parts of the split items: one block per (split item,
+// warpgroup, 8-column chunk c), thread t in the place of consumer thread t,
+// so it reads the parts' accumulator layout as written. Parts in order
+// (deterministic); a part without valid columns in a row has max -inf, sum 0.
+template <int kHeadGroups>
+__global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_constant__ SparseMlaParams p,
+                                                                 const TailSplit split) {
+  const uint32_t k = blockIdx.x / 64;
+  const int w = (blockIdx.x / 32) & 1, c = blockIdx.x & 31;
+  const int t = threadIdx.x, lane = t & 31;
+  const int r0 = (t >> 5) * 16 + (lane >> 2), r1 = r0 + 8, q = lane & 3;
+  const float* ws = p.workspace + static_cast<size_t>(k) * split.parts * kPartFloats;
+  constexpr int kMl = 2 * 32 * 128 * 4;
+  float m0 = -INFINITY, m1 = -INFINITY;
+  for (int u = 0; u < split.parts; ++u) {
+    const float2* ml = reinterpret_cast<const float2*>(ws + u * kPartFloats + kMl);
+    m0 = fmaxf(m0, ml[r0].x);
+    m1 = fmaxf(m1, ml[r1].x);
+  }
+  float l0 = 0.f, l1 = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int u = 0; u < split.parts; ++u) {
+    const float* pw = ws + u * kPartFloats;
+    const float2 a = reinterpret_cast<const float2*>(pw + kMl)[r0];
+    const float2 b = reinterpret_cast<const float2*>(pw + kMl)[r1];
+    const float f0 = a.x == -INFINITY ? 0.f : exp2f(a.x - m0);
+    const float f1 = b.x == -INFINITY ? 0.f : exp2f(b.x - m1);
+    const float4 v = reinterpret_cast<const float4*>(pw)[(w * 32 + c) * 128 + t];
+    l0 += a.y * f0;
+    l1 += b.y * f1;
+    acc.x += v.x * f0;
+    acc.y += v.y * f0;
+    acc.z += v.z * f1;
+    acc.w += v.w * f1;
+  }
+  const uint32_t item = split.num_full + k;
+  const int64_t row0 = static_cast<int64_t>(item / kHeadGroups) * (kHeadGroups * BLOCK_H) + (item % kHeadGroups) * BLOCK_H + r0;
+  const int64_t row1 = row0 + 8;
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  const int col = w * 256 + c * 8 + q * 2;
+  *reinterpret_cast<uint32_t*>(p.out + row0 * D_V + col) = pack_bf16(acc.x * inv0, acc.y * inv0);
+  *reinterpret_cast<uint32_t*>(p.out + row1 * D_V + col) = pack_bf16(acc.z * inv1, acc.w * inv1);
+  if (w == 0 && c == 0 && q == 0) {
+    constexpr float kLn2 = 0.6931471805599453f;
+    p.lse[row0] = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : INFINITY;
+    p.lse[row1] = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : INFINITY;
+    if (p.row_max) {
+      p.row_max[row0] = l0 > 0.f ? m0 * kLn2 : -INFINITY;
+      p.row_max[row1] = l1 > 0.f ? m1 * kLn2 : -INFINITY;
     }
   }
 }
@@ -809,8 +906,16 @@ void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
   // One CTA per SM (shared memory allows no more), each looping over items.
   const int64_t items = static_cast<int64_t>(p.T) * kHeadGroups;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(items, sms)));
-  kernel<<<grid, kNumThreads, SmemPlan::bytes, p.stream>>>(p, p.softmax_scale * kLog2e);
+  TailSplit split;
+  split.num_full = static_cast<uint32_t>(items);
+  const size_t ws_bytes = split_workspace_bytes(items, sms);
+  if (ws_bytes > 0 && p.workspace != nullptr && p.workspace_bytes >= ws_bytes) split = tail_split(items, grid.x);
+  kernel<<<grid, kNumThreads, SmemPlan::bytes, p.stream>>>(p, p.softmax_scale * kLog2e, split);
   DSA_CHECK_LAUNCH("sparse_mla_fwd_kernel");
+  if (split.parts) {
+    sparse_mla_combine_kernel<kHeadGroups><<<split.leftover * 64, 128, 0, p.stream>>>(p, split);
+    DSA_CHECK_LAUNCH("sparse_mla_combine_kernel");
+  }
 }
 
 template <int kHeadGroups>

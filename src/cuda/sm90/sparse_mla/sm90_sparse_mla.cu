@@ -44,6 +44,14 @@ bool sparse_mla_sm90_can_implement(const SparseMlaParams& p) {
   return device_is_hopper();
 }
 
+size_t sparse_mla_workspace_bytes(int64_t T, int num_heads) {
+  if ((num_heads != 64 && num_heads != 128) || T <= 0 || !device_is_hopper()) return 0;
+  int dev = 0, sms = 0;
+  DSA_CUDA_CHECK(cudaGetDevice(&dev));
+  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sm90_sparse_mla::split_workspace_bytes(T * (num_heads / sm90_sparse_mla::BLOCK_H), sms);
+}
+
 void sparse_mla_sm90(const SparseMlaParams& p) {
   if (!sparse_mla_sm90_can_implement(p))
     throw ShapeError(fmt::format(

@@ -44,6 +44,8 @@ std::string sweep_sparse_mla(const BenchOptions& opt) {
   Dev<__nv_bfloat16> out(static_cast<size_t>(kT) * 128 * kDv);
   Dev<float> lse(static_cast<size_t>(kT) * 128), row_max(static_cast<size_t>(kT) * 128);
   Dev<int32_t> indices(static_cast<size_t>(kT) * kTopk);
+  const size_t ws_bytes = std::max(sparse_mla_workspace_bytes(kT, 128), sparse_mla_workspace_bytes(kT, 64));
+  Dev<float> workspace(std::max<size_t>(ws_bytes / sizeof(float), 1));
   fill_random_bf16<<<1024, 256>>>(kv.p, max_skv * kDqk, opt.seed * 7 + 1);
   DSA_CHECK_LAUNCH("fill_random_bf16");
   fill_random_bf16<<<1024, 256>>>(q.p, static_cast<int64_t>(kT) * 128 * kDqk, opt.seed * 7 + 2);
@@ -59,6 +61,8 @@ std::string sweep_sparse_mla(const BenchOptions& opt) {
   p.out = out.p;
   p.lse = lse.p;
   p.row_max = row_max.p;
+  p.workspace = workspace.p;
+  p.workspace_bytes = ws_bytes;
   p.T = kT;
   p.topk = kTopk;
   p.softmax_scale = 0.1352338f;

@@ -78,6 +78,14 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&lse_ref, int64_t(kT) * 128 * 4));
   CK(cudaMalloc(&rmax, int64_t(kT) * 128 * 4));
   CK(cudaMalloc(&indices, int64_t(kT) * kTopk * 4));
+  // The library kernel splits its last round with a workspace (NO_SPLIT=1: without).
+  float* workspace = nullptr;
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const size_t ws_bytes = std::getenv("NO_SPLIT") ? 0
+                                                  : std::max(sm90_sparse_mla::split_workspace_bytes(int64_t(kT) * 2, sms),
+                                                             sm90_sparse_mla::split_workspace_bytes(kT, sms));
+  if (ws_bytes) CK(cudaMalloc(&workspace, ws_bytes));
   fill_random_bf16<<<1024, 256>>>(kv, max_skv * kDqk, 8);
   fill_random_bf16<<<1024, 256>>>(q, int64_t(kT) * 128 * kDqk, 9);
   CK(cudaGetLastError());
@@ -118,6 +126,8 @@ int main(int argc, char** argv) {
       p.num_heads = H;
       p.stride_q_t = int64_t(H) * kDqk;
       p.num_slots = s_kv;
+      p.workspace = workspace;
+      p.workspace_bytes = ws_bytes;
       launch_diag<0>(p);
       CK(cudaDeviceSynchronize());
       const size_t n_out = size_t(kT) * H * kDv;
