@@ -289,6 +289,10 @@ TEST(SparseMlaSm90, H128Topk384ItemsPerCta) { run_case({150, 128, 384, 3000, tru
 // launcher takes the variant that releases buffer 1's half L before queuing
 // the next Q K^T.
 TEST(SparseMlaSm90, H64CacheLargerThanL2) { run_case({300, 64, 256, 60000, true, Kernel::Sm90, 29}); }
+// Caches over half of L2 (30000 rows, 35 MB): the launcher takes the build in
+// which WG1 publishes m_B before its exponentials.
+TEST(SparseMlaSm90, H128CacheOverHalfL2) { run_case({150, 128, 384, 30000, true, Kernel::Sm90, 32}); }
+TEST(SparseMlaSm90, H64CacheOverHalfL2) { run_case({300, 64, 256, 30000, true, Kernel::Sm90, 33}); }
 // Without a workspace the last round runs whole items (T = 300 above splits
 // it into 3 parts per item on 132 SMs).
 TEST(SparseMlaSm90, H64Topk256ItemsPerCtaNoWorkspace) {

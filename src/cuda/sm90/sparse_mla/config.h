@@ -50,6 +50,8 @@ struct SmemPlan {
   static constexpr size_t bars = row_sum + 2 * 2 * BLOCK_H * 4;
   // int [2 item parity]: the item's pair count; int [2 item parity][4 warps]: the producer's index scan
   static constexpr size_t item_pairs = bars + 12 * 8;
+  // uint32 0, read to pin an instruction order ptxas would change (kEarlyMaxB)
+  static constexpr size_t zero = item_pairs + 40;
   static constexpr size_t end = item_pairs + 48;
   static constexpr size_t bytes = end + 1024;  // slack to align the base to 1024 (swizzle atoms)
 };

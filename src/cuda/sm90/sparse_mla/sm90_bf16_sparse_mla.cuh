@@ -186,14 +186,19 @@ enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 
 // `kk`, the item count, the phase of q_ready / q_free.
 //
 // kReleaseFirst: WG0 retires P_B V_B and releases buffer 1's half L before it
-// queues the next Q K^T, instead of after queuing its first half. Chosen by
-// the launcher when the gathers come from DRAM (see there).
+// queues the next Q K^T, instead of after queuing its first half.
+// kEarlyMaxB: WG1 publishes m_B before its exponentials. ptxas otherwise
+// schedules them above the barrier arrival (they only read registers), so
+// WG0 waits for them before it rescales and stores P_A', and buffer 0's half
+// R (read by WG1's P_A' V_A) comes free that much later; the exponentials
+// are pinned below the arrival through a shared load of 0 they depend on.
+// Both are chosen by the launcher by cache size (see there).
 //
 // Work units: the items below split.num_full whole; with a split, unit
 // num_full + k is part k % parts of item num_full + k / parts (each CTA gets
 // at most one), which writes its partial O and row (max, sum) to the
 // workspace for sparse_mla_combine_kernel.
-template <int kHeadGroups, int kDiag = 0, bool kReleaseFirst = false>
+template <int kHeadGroups, int kDiag = 0, bool kReleaseFirst = false, bool kEarlyMaxB = false>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ SparseMlaParams p, float scale_log2, const TailSplit split) {
   extern __shared__ uint8_t smem_raw[];
@@ -257,7 +262,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       for (int seg = 0; seg < NUM_SEG; ++seg) cp_async_16(q_addr + seg * kSegBytes + swz(r, cc), src + seg * SEG, 16);
     }
   }
+  const uint32_t zero_addr = base + SmemPlan::zero;
   if (tid == 0) {
+    asm volatile("st.shared.u32 [%0], %1;" ::"r"(zero_addr), "r"(0u) : "memory");
     mbar_init(q_ready, 128 + 1);  // the producer's Q copies + its plain arrival after writing the pair count
     for (int b = 0; b < 2; ++b)
       for (int h = 0; h < 2; ++h) {
@@ -804,7 +811,14 @@ __global__ void __launch_bounds__(kNumThreads, 1)
           st_max(mn0, mn1);
         }
         named_barrier_arrive(kBarMaxB, 256);
-        exp_and_rescale(mn0, mn1);
+        float e0 = mn0, e1 = mn1;
+        if constexpr (kEarlyMaxB) {
+          uint32_t z;  // 0; a shared load stays below the arrival, and the exponentials depend on it
+          asm volatile("ld.shared.u32 %0, [%1];" : "=r"(z) : "r"(zero_addr) : "memory");
+          e0 = __uint_as_float(__float_as_uint(e0) | z);
+          e1 = __uint_as_float(__float_as_uint(e1) | z);
+        }
+        exp_and_rescale(e0, e1);
         pack_p();
         pv_own();
         store_p(p1_addr, std::false_type{}, 1.f, 1.f);
@@ -890,15 +904,21 @@ void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
   DSA_CUDA_CHECK(cudaGetDevice(&dev));
   DSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   DSA_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, dev));
-  // At H = 64 with a cache larger than L2 the refills come from DRAM and
-  // are the critical path: releasing buffer 1's half L a few hundred cycles
-  // earlier measured 3-5% faster at s_kv 65536 and 131072 (four calls), and
-  // 3-11% slower at 8192 and 32768, where the rows stay in L2 and the next
-  // Q K^T must be queued before P_B V_B retires. At H = 128 it was slower or
-  // level in every cell (the two CTAs of a token share each row through L2).
-  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, false>;
+  // The larger the cache, the more the refills (L2 misses, DRAM) and not
+  // the tensor cores bound the pair loop. With a cache over half of L2,
+  // WG1's early m_B (earlier release of buffer 0's half R) measured 2-3%
+  // faster at H = 128 from s_kv 32768 and up to 2% at H = 64, and 1-2% slower
+  // at s_kv 4096 and 8192. At H = 64 with a cache larger than L2, releasing
+  // buffer 1's half L a few hundred cycles earlier measured 3-5% faster at
+  // s_kv 65536 and 131072 (four calls), and 3-11% slower at 8192 and 32768,
+  // where the next Q K^T must be queued before P_B V_B retires; at H = 128 it
+  // was slower or level in every cell (the two CTAs of a token share each
+  // row through L2).
+  const int64_t cache_bytes = p.num_slots * static_cast<int64_t>(D_QK * 2);
+  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, false, false>;
+  if (2 * cache_bytes > l2_bytes) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, false, true>;
   if constexpr (kHeadGroups == 1) {
-    if (p.num_slots * static_cast<int64_t>(D_QK * 2) > l2_bytes) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, true>;
+    if (cache_bytes > l2_bytes) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, true, true>;
   }
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(SmemPlan::bytes)));

@@ -67,10 +67,10 @@ sub('  const uint32_t base = smem_addr(smem);\n', '''  const uint32_t base = sme
   if (tr != nullptr && threadIdx.x == 0) tr[0] = clock64();
 ''')
 # producer
-sub('    uint32_t gp = 0;\n    int kk = 0;\n    for (uint32_t item = blockIdx.x;',
+sub('    uint32_t gp = 0;\n    int kk = 0;\n    for (uint32_t u = blockIdx.x;',
     '    unsigned long long* trr = (tr != nullptr && ptid == 0) ? tr + kTracePairs + 2 * kTraceMaxPairs * kTraceEv : nullptr;\n'
     '    unsigned long long* tri = (tr != nullptr && ptid == 0) ? tr + kTraceItems : nullptr;\n'
-    '    uint32_t gp = 0;\n    int kk = 0;\n    for (uint32_t item = blockIdx.x;')
+    '    uint32_t gp = 0;\n    int kk = 0;\n    for (uint32_t u = blockIdx.x;')
 after('named_barrier_sync(kBarScan, 128);', 0)
 sub('      named_barrier_sync(kBarScan, 128);\n      TR(0);', '      named_barrier_sync(kBarScan, 128);\n      TI(3, clock64());')
 after('if (gj > 0) mbar_wait(free_bar(0, 0), parity);', 1)
@@ -89,8 +89,8 @@ sub('  const int w = wg;\n',
     '  unsigned long long* trr = (tr != nullptr && (tid & 127) == 0) ? tr + kTracePairs + w * kTraceMaxPairs * kTraceEv : nullptr;\n'
     '  unsigned long long* tri = (tr != nullptr && tid == 0) ? tr + kTraceItems : nullptr;\n')
 sub('const int num_pairs = start_item(kk);\n', 'const int num_pairs = start_item(kk);\n    TI(0, clock64());\n    TI(7, gp);\n', 3)
-sub('''  auto finish = [&](uint32_t item, int kk, int num_pairs_of_item) {
-''', '''  auto finish = [&](uint32_t item, int kk, int num_pairs_of_item) {
+sub('''  auto finish = [&](uint32_t item, int kk, int num_pairs_of_item, int part, uint32_t u) {
+''', '''  auto finish = [&](uint32_t item, int kk, int num_pairs_of_item, int part, uint32_t u) {
     TI(1, clock64());
 ''')
 sub('''    if (num_pairs_of_item == 0) mbar_arrive(q_free);
