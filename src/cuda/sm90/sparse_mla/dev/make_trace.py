@@ -123,4 +123,6 @@ after('wgmma_wait<0>();  // P_A V_A done: buffer 0\'s half R (and P_A) is free',
 sub("        issue_qk_first((gj + 1) & 1);\n        issue_qk_second((gj + 1) & 1);\n",
     "        issue_qk_first((gj + 1) & 1);\n        TR(9);\n        issue_qk_second((gj + 1) & 1);\n        TR(10);\n")
 sub('void launch_sparse_mla_sm90(const SparseMlaParams& p) {', 'void launch_sparse_mla_sm90_unused(const SparseMlaParams& p) {')
+# The library's combine kernel is visible here too (using-directive): name the copy's.
+sub('sparse_mla_combine_kernel<kHeadGroups><<<', '::dsa::cuda::sm90_sparse_mla_trace::sparse_mla_combine_kernel<kHeadGroups><<<')
 sys.stdout.write(src)

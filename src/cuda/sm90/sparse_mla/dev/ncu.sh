@@ -3,9 +3,10 @@
 # H = 128, s_kv = 8192) with ncu and writes, under $OUT, the details page and
 # the per-SASS-instruction stall samples (source.csv). From the repo root:
 #   src/cuda/sm90/sparse_mla/dev/ncu.sh [KERNEL_REGEX]
-# e.g. 'sparse_mla_fwd_kernel<.int.2, .int.2>' for the math-only variant.
+# e.g. 'sparse_mla_fwd_kernel<.int.2, .int.2, .bool.0, .bool.0>' for the math-only
+# variant (template arguments: head groups, kDiag, kReleaseFirst, kEarlyMaxB).
 set -e
-re=${1:-'sparse_mla_fwd_kernel<.int.2, .int.0>'}
+re=${1:-'sparse_mla_fwd_kernel<.int.2, .int.0, .bool.0, .bool.0>'}
 deps=.device-deps
 nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -lineinfo --expt-relaxed-constexpr ${DEV_FLAGS:-} \
   -isystem $deps/include -DFMT_HEADER_ONLY -Iinclude -Isrc src/cuda/sm90/sparse_mla/dev/sparse_mla_dev.cu -o /tmp/dev
