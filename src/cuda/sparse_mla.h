@@ -24,12 +24,13 @@ struct SparseMlaParams {
   int d_qk = 576;
   int d_v = 512;
   float softmax_scale = 0.f;
-  // Optional, sparse_mla_workspace_bytes(T, num_heads) bytes (device memory,
-  // no initialization needed; null, or 0 bytes needed: not used). With it the
-  // sm90 kernel splits the items of its last, partial round over the SMs that
-  // would idle and a second kernel combines the parts.
+  // Optional device memory of sparse_mla_workspace_bytes(T, num_heads) bytes,
+  // contents irrelevant. With it the sm90 kernel splits the items of its
+  // last, partial round over the SMs that would idle, and a second kernel on
+  // the same stream combines the parts (those rows then differ from a run
+  // without a workspace in the last bits; each way is deterministic).
   float* workspace = nullptr;
-  size_t workspace_bytes = 0;  // size of workspace; smaller than needed: not used
+  size_t workspace_bytes = 0;  // bytes at workspace; null or too small: no split
   cudaStream_t stream = nullptr;
 };
 
