@@ -54,6 +54,17 @@ void launch_diag(const SparseMlaParams& p) {
 }
 }  // namespace
 
+// SMID_PROBE=1: which SM each CTA of a persistent-size grid lands on (same
+// block size and shared memory as the kernel), to relate the sweep's
+// per-process modes to where the two CTAs of a token (H = 128) run.
+__global__ void smid_probe(int* out) {
+  if (threadIdx.x == 0) {
+    int s;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+    out[blockIdx.x] = s;
+  }
+}
+
 int main(int argc, char** argv) {
   const int iters = argc > 1 ? std::atoi(argv[1]) : 10;
   const int rounds = argc > 2 ? std::max(1, std::atoi(argv[2])) : 3;
@@ -106,6 +117,26 @@ int main(int argc, char** argv) {
     for (const char* s = env; *s;) {
       skvs.push_back(std::strtoll(s, const_cast<char**>(&s), 10));
       if (*s == ',') ++s;
+    }
+  }
+  if (std::getenv("SMID_PROBE")) {
+    int sms = 0;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    int* d = nullptr;
+    CK(cudaMalloc(&d, sms * sizeof(int)));
+    CK(cudaFuncSetAttribute(smid_probe, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                            static_cast<int>(sm90_sparse_mla::SmemPlan::bytes)));
+    std::vector<int> h(sms);
+    for (int rep = 0; rep < 2; ++rep) {
+      smid_probe<<<sms, 384, sm90_sparse_mla::SmemPlan::bytes>>>(d);
+      CK(cudaMemcpy(h.data(), d, sms * sizeof(int), cudaMemcpyDeviceToHost));
+      int same_tpc = 0, maxid = 0;
+      for (int b = 0; b + 1 < sms; b += 2) same_tpc += (h[b] >> 1) == (h[b + 1] >> 1);
+      for (int x : h) maxid = std::max(maxid, x);
+      std::printf("smid probe %d: block pairs (2k, 2k+1) on one TPC %d of %d, max smid %d, first blocks ->", rep, same_tpc,
+                  sms / 2, maxid);
+      for (int b = 0; b < 8; ++b) std::printf(" %d", h[b]);
+      std::printf("\n");
     }
   }
   std::vector<int> hs = {128, 64};
