@@ -30,7 +30,7 @@ struct SparseMlaParams {
   // the same stream combines the parts (those rows then differ from a run
   // without a workspace in the last bits; each way is deterministic).
   float* workspace = nullptr;
-  size_t workspace_bytes = 0;  // bytes at workspace; null or too small: no split
+  size_t workspace_bytes = 0;  // bytes at workspace; null, too small or not 16-byte aligned: no split
   cudaStream_t stream = nullptr;
 };
 

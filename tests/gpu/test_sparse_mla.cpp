@@ -36,6 +36,7 @@ struct Case {
   Kernel kernel;
   uint64_t seed;
   bool workspace = true;  // pass sparse_mla_workspace_bytes() of workspace (the sm90 kernel may split its last round)
+  int workspace_offset = 0;  // floats into the allocation (1: not 16-byte aligned, so no split)
 };
 
 using dsa::test::DevBuf;
@@ -187,9 +188,9 @@ void run_case(const Case& c) {
   if (c.kernel == Kernel::Sm90 && !dsa::cuda::sparse_mla_sm90_can_implement(p))
     GTEST_SKIP() << "sm90 kernel does not take this shape on this device";
   const size_t ws_bytes = c.workspace ? dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H) : 0;
-  DevBuf<float> dws(std::max<size_t>(ws_bytes / sizeof(float), 1));
+  DevBuf<float> dws(std::max<size_t>(ws_bytes / sizeof(float), 1) + c.workspace_offset);
   ASSERT_TRUE(dws.p) << "cudaMalloc failed";
-  p.workspace = dws.p;
+  p.workspace = dws.p + c.workspace_offset;
   p.workspace_bytes = ws_bytes;
 
   std::vector<uint16_t> out[2];
@@ -303,6 +304,8 @@ TEST(SparseMlaSm90, H64Topk256ItemsPerCtaNoWorkspace) {
 // combined by the second kernel.
 TEST(SparseMlaSm90, H64SplitLastRound) { run_case({136, 64, 512, 3000, true, Kernel::Sm90, 30}); }
 TEST(SparseMlaSm90, H128SplitLastRound) { run_case({70, 128, 512, 3000, false, Kernel::Sm90, 31}); }
+// A workspace 4 bytes off 16-byte alignment is not used (no split, no fault).
+TEST(SparseMlaSm90, H64MisalignedWorkspace) { run_case({136, 64, 512, 3000, true, Kernel::Sm90, 30, true, 1}); }
 TEST(SparseMlaSm90, H64TAbove65535) { run_case({65600, 64, 64, 2000, true, Kernel::Sm90, 25}); }
 TEST(SparseMlaSm90, H128TAbove65535) { run_case({65540, 128, 128, 3000, false, Kernel::Sm90, 26}); }
 

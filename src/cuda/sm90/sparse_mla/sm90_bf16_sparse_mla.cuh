@@ -929,7 +929,10 @@ void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
   TailSplit split;
   split.num_full = static_cast<uint32_t>(items);
   const size_t ws_bytes = split_workspace_bytes(items, sms);
-  if (ws_bytes > 0 && p.workspace != nullptr && p.workspace_bytes >= ws_bytes) split = tail_split(items, grid.x);
+  // The parts are written as float4: a workspace off 16 bytes runs whole items instead.
+  if (ws_bytes > 0 && p.workspace != nullptr && p.workspace_bytes >= ws_bytes &&
+      reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0)
+    split = tail_split(items, grid.x);
   kernel<<<grid, kNumThreads, SmemPlan::bytes, p.stream>>>(p, p.softmax_scale * kLog2e, split);
   DSA_CHECK_LAUNCH("sparse_mla_fwd_kernel");
   if (split.parts) {
