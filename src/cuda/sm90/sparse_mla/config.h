@@ -95,9 +95,11 @@ inline TailSplit tail_split(int64_t items, int64_t grid) {
   s.leftover = static_cast<uint32_t>(r);
   return s;
 }
+inline size_t split_bytes(const TailSplit& s) {
+  return static_cast<size_t>(s.leftover) * s.parts * kPartFloats * sizeof(float);
+}
 // Workspace bytes the launcher uses for `items` items with `sms` SMs (0: no split).
 inline size_t split_workspace_bytes(int64_t items, int sms) {
-  const TailSplit s = tail_split(items, std::min<int64_t>(items, sms));
-  return s.parts ? static_cast<size_t>(s.leftover) * s.parts * kPartFloats * sizeof(float) : 0;
+  return split_bytes(tail_split(items, std::min<int64_t>(items, sms)));
 }
 }  // namespace dsa::cuda::sm90_sparse_mla

@@ -458,6 +458,17 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     }
     return bits;
   };
+  // An item's first scores (pair gj), issued and retired in iteration 0 of
+  // the pair loop (see there); returns the tile's validity bits.
+  auto first_scores = [&](uint32_t gj) {
+    issue_qk_first(gj & 1);
+    issue_qk_second(gj & 1);
+    const uint32_t bits = valid_bits_of(gj);
+    wgmma_wait<0>();
+    fence_regs(sc);
+    fence_regs(o);
+    return bits;
+  };
   // Mask invalid columns to -inf and take this tile's row max, in the log2
   // domain (scale_log2 > 0 commutes with max, and rounding is monotonic: the
   // same bits as the max of the scaled scores).
@@ -707,14 +718,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       // the loop) makes ptxas serialize all wgmma.
       for (int j = 0; j < num_pairs; ++j) {
         const uint32_t gj = gp + j;
-        if (j == 0) {
-          issue_qk_first(gj & 1);
-          issue_qk_second(gj & 1);
-          bits = valid_bits_of(gj);
-          wgmma_wait<0>();
-          fence_regs(sc);
-          fence_regs(o);
-        }
+        if (j == 0) bits = first_scores(gj);
         // The item's last Q K^T has retired: Q's space may take the next item's Q.
         if (j == num_pairs - 1) mbar_arrive(q_free);
         float mx0, mx1;
@@ -790,14 +794,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       fence_regs(o);
       for (int j = 0; j < num_pairs; ++j) {
         const uint32_t gj = gp + j;
-        if (j == 0) {
-          issue_qk_first(gj & 1);
-          issue_qk_second(gj & 1);
-          bits = valid_bits_of(gj);
-          wgmma_wait<0>();
-          fence_regs(sc);
-          fence_regs(o);
-        }
+        if (j == 0) bits = first_scores(gj);
         // The item's last Q K^T has retired: Q's space may take the next item's Q.
         if (j == num_pairs - 1) mbar_arrive(q_free);
         float mx0, mx1;
@@ -926,13 +923,13 @@ void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
   // One CTA per SM (shared memory allows no more), each looping over items.
   const int64_t items = static_cast<int64_t>(p.T) * kHeadGroups;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(items, sms)));
-  TailSplit split;
-  split.num_full = static_cast<uint32_t>(items);
-  const size_t ws_bytes = split_workspace_bytes(items, sms);
+  TailSplit split = tail_split(items, grid.x);
   // The parts are written as float4: a workspace off 16 bytes runs whole items instead.
-  if (ws_bytes > 0 && p.workspace != nullptr && p.workspace_bytes >= ws_bytes &&
-      reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0)
-    split = tail_split(items, grid.x);
+  if (split.parts && (p.workspace == nullptr || p.workspace_bytes < split_bytes(split) ||
+                      reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0)) {
+    split = TailSplit{};
+    split.num_full = static_cast<uint32_t>(items);
+  }
   kernel<<<grid, kNumThreads, SmemPlan::bytes, p.stream>>>(p, p.softmax_scale * kLog2e, split);
   DSA_CHECK_LAUNCH("sparse_mla_fwd_kernel");
   if (split.parts) {

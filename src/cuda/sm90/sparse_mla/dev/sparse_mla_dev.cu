@@ -120,8 +120,6 @@ int main(int argc, char** argv) {
     }
   }
   if (std::getenv("SMID_PROBE")) {
-    int sms = 0;
-    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     int* d = nullptr;
     CK(cudaMalloc(&d, sms * sizeof(int)));
     CK(cudaFuncSetAttribute(smid_probe, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -182,10 +180,10 @@ int main(int argc, char** argv) {
       for (int round = 0; round < rounds; ++round)
         for (size_t i = 0; i < variants.size(); ++i) {
           const size_t v = (i + round) % variants.size();
-          for (int i = 0; i < 3; ++i) variants[v].run(p);
+          for (int warm = 0; warm < 3; ++warm) variants[v].run(p);
           CK(cudaDeviceSynchronize());
           std::vector<float> ms;
-          for (int i = 0; i < iters; ++i) {
+          for (int it = 0; it < iters; ++it) {
             CK(cudaEventRecord(e0));
             variants[v].run(p);
             CK(cudaEventRecord(e1));
