@@ -469,7 +469,9 @@ void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, co
   m.topk_local.ensure(T * k * f4);
   m.topk_global.ensure(T * k * f4);
   m.topk_ws.ensure(topk_workspace_bytes(T, m.logits_stride, static_cast<int>(k)));
-  m.mla_ws.ensure(sparse_mla_workspace_bytes(T, static_cast<int>(H)));
+  // The sparse MLA call's cache: the gathered rows when the latent cache is fp8 (see Stage::sparse_mla).
+  const int64_t mla_slots = cache.latent_dtype == LatentCacheDType::FP8 ? T * k : cache.num_slots();
+  m.mla_ws.ensure(sparse_mla_workspace_bytes(T, static_cast<int>(H), static_cast<int>(k), mla_slots));
   m.attn_out.ensure(T * H * c.kv_lora_rank * bf);
   m.lse.ensure(T * H * f4);
   m.row_max.ensure(T * H * f4);

@@ -24,19 +24,24 @@ struct SparseMlaParams {
   int d_qk = 576;
   int d_v = 512;
   float softmax_scale = 0.f;
-  // Optional device memory of sparse_mla_workspace_bytes(T, num_heads) bytes,
-  // contents irrelevant. With it the sm90 kernel splits the items of its
-  // last, partial round over the SMs that would idle, and a second kernel on
-  // the same stream combines the parts (those rows then differ from a run
-  // without a workspace in the last bits; each way is deterministic).
+  // Optional device memory of sparse_mla_workspace_bytes(T, num_heads, topk,
+  // num_slots) bytes, contents irrelevant. With it the sm90 kernel
+  // - splits the items of its last, partial round over the SMs that would
+  //   idle, and a second kernel on the same stream combines the parts;
+  // - with a cache larger than L2 and topk <= 2048, first reorders each
+  //   token's indices by slot (a pre-pass on the same stream), so that the
+  //   CTAs gather from a narrow band of the cache at a time.
+  // Either changes the order of the fp32 sums, so results differ from a run
+  // without a workspace in the last bits; each way is deterministic.
   float* workspace = nullptr;
-  size_t workspace_bytes = 0;  // bytes at workspace; null, too small or not 16-byte aligned: no split
+  size_t workspace_bytes = 0;  // bytes at workspace; null or not 16-byte aligned: neither; too small for one: not that one
   cudaStream_t stream = nullptr;
 };
 
-// Workspace the sm90 kernel can use for T tokens of num_heads heads on the
-// current device (0 when it would not split anything).
-size_t sparse_mla_workspace_bytes(int64_t T, int num_heads);
+// Workspace the sm90 kernel can use for T tokens of num_heads heads, topk
+// indices each, over a cache of num_slots rows, on the current device (0 when
+// it would neither split nor reorder anything).
+size_t sparse_mla_workspace_bytes(int64_t T, int num_heads, int topk, int64_t num_slots);
 
 // Straightforward kernel: any T, H, topk; the correctness baseline.
 void sparse_mla_simple(const SparseMlaParams& p);

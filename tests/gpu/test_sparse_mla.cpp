@@ -37,6 +37,7 @@ struct Case {
   uint64_t seed;
   bool workspace = true;  // pass sparse_mla_workspace_bytes() of workspace (the sm90 kernel may split its last round)
   int workspace_offset = 0;  // floats into the allocation (1: not 16-byte aligned, so no split)
+  int64_t ws_slots = -1;     // >= 0: size the workspace as for that many cache rows (too small to reorder)
 };
 
 using dsa::test::DevBuf;
@@ -187,7 +188,9 @@ void run_case(const Case& c) {
   p.softmax_scale = kScale;
   if (c.kernel == Kernel::Sm90 && !dsa::cuda::sparse_mla_sm90_can_implement(p))
     GTEST_SKIP() << "sm90 kernel does not take this shape on this device";
-  const size_t ws_bytes = c.workspace ? dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H) : 0;
+  // ws_slots < 0: the workspace for this cache; else sized as for a cache of ws_slots rows.
+  const size_t ws_bytes =
+      c.workspace ? dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H, c.topk, c.ws_slots < 0 ? c.num_slots : c.ws_slots) : 0;
   DevBuf<float> dws(std::max<size_t>(ws_bytes / sizeof(float), 1) + c.workspace_offset);
   ASSERT_TRUE(dws.p) << "cudaMalloc failed";
   p.workspace = dws.p + c.workspace_offset;
@@ -286,10 +289,21 @@ TEST(SparseMlaSm90, H128Topk2048) { run_case({20, 128, 2048, 20000, true, Kernel
 // among them, so barrier phases and Q's reuse carry across items.
 TEST(SparseMlaSm90, H64Topk256ItemsPerCta) { run_case({300, 64, 256, 4000, true, Kernel::Sm90, 27}); }
 TEST(SparseMlaSm90, H128Topk384ItemsPerCta) { run_case({150, 128, 384, 3000, true, Kernel::Sm90, 28}); }
-// A cache larger than L2 (60000 rows of 1152 B = 69 MB): at H = 64 the
-// launcher takes the variant that releases buffer 1's half L before queuing
-// the next Q K^T.
+// A cache larger than L2 (60000 rows of 1152 B = 69 MB): with the workspace
+// the launcher first reorders each token's indices by slot (invalid and
+// masked ones last, as -1) and runs the attention on that copy.
 TEST(SparseMlaSm90, H64CacheLargerThanL2) { run_case({300, 64, 256, 60000, true, Kernel::Sm90, 29}); }
+TEST(SparseMlaSm90, H128CacheLargerThanL2) { run_case({150, 128, 256, 60000, true, Kernel::Sm90, 34}); }
+// topk 2048, the most the reordering takes (one block of 256 threads x 8).
+TEST(SparseMlaSm90, H64Topk2048CacheLargerThanL2) { run_case({20, 64, 2048, 60000, true, Kernel::Sm90, 35}); }
+// topk 2112 is not reordered.
+TEST(SparseMlaSm90, H64Topk2112CacheLargerThanL2) { run_case({20, 64, 2112, 60000, true, Kernel::Sm90, 36}); }
+// A workspace sized for a small cache has room for the split only: the
+// indices stay in their order and, at H = 64, the launcher takes the variant
+// that releases buffer 1's half L before queuing the next Q K^T.
+TEST(SparseMlaSm90, H64CacheLargerThanL2SplitOnly) {
+  run_case({300, 64, 256, 60000, true, Kernel::Sm90, 29, true, 0, 1});
+}
 // Caches over half of L2 (30000 rows, 35 MB): the launcher takes the build in
 // which WG1 publishes m_B before its exponentials.
 TEST(SparseMlaSm90, H128CacheOverHalfL2) { run_case({150, 128, 384, 30000, true, Kernel::Sm90, 32}); }

@@ -102,4 +102,26 @@ inline size_t split_bytes(const TailSplit& s) {
 inline size_t split_workspace_bytes(int64_t items, int sms) {
   return split_bytes(tail_split(items, std::min<int64_t>(items, sms)));
 }
+
+// Gather order (sort_indices.cuh). With a cache larger than L2, the indices
+// are first reordered by slot into the workspace, after the split parts
+// (whether the split is used or not, so that the layout depends on the
+// shape alone). topk above 2048 is not reordered (one block of the sort
+// holds 2048).
+constexpr int kSortMaxTopkPerToken = 2048;
+inline bool sort_wanted(int64_t num_slots, int topk, int64_t l2_bytes) {
+  return num_slots * static_cast<int64_t>(D_QK * 2) > l2_bytes && topk <= kSortMaxTopkPerToken;
+}
+inline size_t sort_offset(const TailSplit& plan) { return (split_bytes(plan) + 255) / 256 * 256; }
+inline size_t sort_bytes(int64_t T, int topk) { return static_cast<size_t>(T) * topk * sizeof(int32_t); }
+// Writes p.indices reordered into sorted ([T, topk] int32, -1 for invalid
+// and masked entries, which come last) on p.stream (sort_indices.cu).
+void launch_sort_indices(const SparseMlaParams& p, int32_t* sorted, int sms);
+// All the workspace the launcher can use for this shape.
+inline size_t workspace_bytes(int64_t T, int head_groups, int topk, int64_t num_slots, int sms, int64_t l2_bytes) {
+  const int64_t items = T * head_groups;
+  const TailSplit plan = tail_split(items, std::min<int64_t>(items, sms));
+  if (!sort_wanted(num_slots, topk, l2_bytes)) return split_bytes(plan);
+  return sort_offset(plan) + sort_bytes(T, topk);
+}
 }  // namespace dsa::cuda::sm90_sparse_mla

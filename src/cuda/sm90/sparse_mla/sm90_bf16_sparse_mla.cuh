@@ -895,42 +895,56 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_co
   }
 }
 
-template <int kHeadGroups, int kDiag = 0>
+template <int kHeadGroups, int kDiag = 0, int kFlags = -1>
 void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
   int dev = 0, sms = 0, l2_bytes = 0;
   DSA_CUDA_CHECK(cudaGetDevice(&dev));
   DSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   DSA_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, dev));
+  // One CTA per SM (shared memory allows no more), each looping over items.
+  const int64_t items = static_cast<int64_t>(p.T) * kHeadGroups;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(items, sms)));
+  const TailSplit plan = tail_split(items, grid.x);
+  // The parts are written as float4 and the sorted indices as int32: a
+  // workspace off 16 bytes, or too small for a use, is not used for it.
+  const bool ws_ok = p.workspace != nullptr && reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0;
+  TailSplit split = plan;
+  if (split.parts && !(ws_ok && p.workspace_bytes >= split_bytes(plan))) {
+    split = TailSplit{};
+    split.num_full = static_cast<uint32_t>(items);
+  }
+  const bool sort = sort_wanted(p.num_slots, p.topk, l2_bytes) && ws_ok &&
+                    p.workspace_bytes >= sort_offset(plan) + sort_bytes(p.T, p.topk);
+  SparseMlaParams run = p;
+  if (sort) {
+    int32_t* sorted = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(p.workspace) + sort_offset(plan));
+    launch_sort_indices(p, sorted, sms);
+    run.indices = sorted;
+    run.valid_len = nullptr;  // masked positions are -1 after the sort
+  }
   // The larger the cache, the more the refills (L2 misses, DRAM) and not
   // the tensor cores bound the pair loop. With a cache over half of L2,
   // WG1's early m_B (earlier release of buffer 0's half R) measured 2-3%
   // faster at H = 128 from s_kv 32768 and up to 2% at H = 64, and 1-2% slower
-  // at s_kv 4096 and 8192. At H = 64 with a cache larger than L2, releasing
-  // buffer 1's half L a few hundred cycles earlier measured 3-5% faster at
-  // s_kv 65536 and 131072 (four calls), and 3-11% slower at 8192 and 32768,
-  // where the next Q K^T must be queued before P_B V_B retires; at H = 128 it
-  // was slower or level in every cell (the two CTAs of a token share each
-  // row through L2).
+  // at s_kv 4096 and 8192. At H = 64 with a cache larger than L2 in the given
+  // (random) order, releasing buffer 1's half L a few hundred cycles earlier
+  // measured 3-5% faster at s_kv 65536 and 131072 (four calls), and 3-11%
+  // slower at 8192 and 32768, where the next Q K^T must be queued before
+  // P_B V_B retires; at H = 128 it was slower or level in every cell (the
+  // two CTAs of a token share each row through L2). In slot order the rows
+  // come from L2 more often, and early m_B alone measured best at both H.
   const int64_t cache_bytes = p.num_slots * static_cast<int64_t>(D_QK * 2);
   auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, false, false>;
   if (2 * cache_bytes > l2_bytes) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, false, true>;
   if constexpr (kHeadGroups == 1) {
-    if (cache_bytes > l2_bytes) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, true, true>;
+    if (cache_bytes > l2_bytes && !sort) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, true, true>;
   }
+  // kFlags >= 0 (dev bench): bit 0 forces kReleaseFirst, bit 1 kEarlyMaxB.
+  if constexpr (kFlags >= 0) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, (kFlags & 1) != 0, (kFlags & 2) != 0>;
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(SmemPlan::bytes)));
   constexpr float kLog2e = 1.4426950408889634f;
-  // One CTA per SM (shared memory allows no more), each looping over items.
-  const int64_t items = static_cast<int64_t>(p.T) * kHeadGroups;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(items, sms)));
-  TailSplit split = tail_split(items, grid.x);
-  // The parts are written as float4: a workspace off 16 bytes runs whole items instead.
-  if (split.parts && (p.workspace == nullptr || p.workspace_bytes < split_bytes(split) ||
-                      reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0)) {
-    split = TailSplit{};
-    split.num_full = static_cast<uint32_t>(items);
-  }
-  kernel<<<grid, kNumThreads, SmemPlan::bytes, p.stream>>>(p, p.softmax_scale * kLog2e, split);
+  kernel<<<grid, kNumThreads, SmemPlan::bytes, p.stream>>>(run, p.softmax_scale * kLog2e, split);
   DSA_CHECK_LAUNCH("sparse_mla_fwd_kernel");
   if (split.parts) {
     sparse_mla_combine_kernel<kHeadGroups><<<split.leftover * 64, 128, 0, p.stream>>>(p, split);

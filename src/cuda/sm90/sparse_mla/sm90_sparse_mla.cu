@@ -44,12 +44,13 @@ bool sparse_mla_sm90_can_implement(const SparseMlaParams& p) {
   return device_is_hopper();
 }
 
-size_t sparse_mla_workspace_bytes(int64_t T, int num_heads) {
-  if ((num_heads != 64 && num_heads != 128) || T <= 0 || !device_is_hopper()) return 0;
-  int dev = 0, sms = 0;
+size_t sparse_mla_workspace_bytes(int64_t T, int num_heads, int topk, int64_t num_slots) {
+  if ((num_heads != 64 && num_heads != 128) || T <= 0 || topk <= 0 || !device_is_hopper()) return 0;
+  int dev = 0, sms = 0, l2_bytes = 0;
   DSA_CUDA_CHECK(cudaGetDevice(&dev));
   DSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return sm90_sparse_mla::split_workspace_bytes(T * (num_heads / sm90_sparse_mla::BLOCK_H), sms);
+  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, dev));
+  return sm90_sparse_mla::workspace_bytes(T, num_heads / sm90_sparse_mla::BLOCK_H, topk, num_slots, sms, l2_bytes);
 }
 
 void sparse_mla_sm90(const SparseMlaParams& p) {

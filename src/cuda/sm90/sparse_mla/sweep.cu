@@ -44,7 +44,8 @@ std::string sweep_sparse_mla(const BenchOptions& opt) {
   Dev<__nv_bfloat16> out(static_cast<size_t>(kT) * 128 * kDv);
   Dev<float> lse(static_cast<size_t>(kT) * 128), row_max(static_cast<size_t>(kT) * 128);
   Dev<int32_t> indices(static_cast<size_t>(kT) * kTopk);
-  const size_t ws_bytes = std::max(sparse_mla_workspace_bytes(kT, 128), sparse_mla_workspace_bytes(kT, 64));
+  const size_t ws_bytes =
+      std::max(sparse_mla_workspace_bytes(kT, 128, kTopk, max_skv), sparse_mla_workspace_bytes(kT, 64, kTopk, max_skv));
   Dev<float> workspace(std::max<size_t>(ws_bytes / sizeof(float), 1));
   fill_random_bf16<<<1024, 256>>>(kv.p, max_skv * kDqk, opt.seed * 7 + 1);
   DSA_CHECK_LAUNCH("fill_random_bf16");

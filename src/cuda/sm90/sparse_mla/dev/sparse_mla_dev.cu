@@ -18,6 +18,8 @@
 #include <vector>
 
 #include "cuda/sm90/sparse_mla/sm90_bf16_sparse_mla.cuh"
+// The library is not linked: its reordering pre-pass launcher comes in as source.
+#include "cuda/sm90/sparse_mla/sort_indices.cu"
 #include "cuda/sm90/sparse_mla/sweep_inputs.cuh"
 // A candidate kernel under test can be added with -DDSA_DEV_CANDIDATE=header.cuh;
 // the header defines dev_candidate_variants(std::vector<Variant>&).
@@ -45,12 +47,23 @@ struct Variant {
   std::function<void(const SparseMlaParams&)> run;
 };
 
-template <int kDiag>
+template <int kDiag, int kFlags = -1>
 void launch_diag(const SparseMlaParams& p) {
   if (p.num_heads == 64)
-    sm90_sparse_mla::launch_sparse_mla_sm90_variant<1, kDiag>(p);
+    sm90_sparse_mla::launch_sparse_mla_sm90_variant<1, kDiag, kFlags>(p);
   else
-    sm90_sparse_mla::launch_sparse_mla_sm90_variant<2, kDiag>(p);
+    sm90_sparse_mla::launch_sparse_mla_sm90_variant<2, kDiag, kFlags>(p);
+}
+// buckets > 0: about that many buckets over the cache instead of the library's 128-255.
+void launch_sort(const SparseMlaParams& p, int32_t* sorted, int buckets = 0) {
+  using namespace sm90_sparse_mla;
+  const int64_t grid = std::min<int64_t>(p.T, 132 * 4);  // as the launcher: 64 registers, 4 blocks per SM
+  int shift = sort_bucket_shift(p.num_slots);
+  if (buckets > 0)
+    while (((p.num_slots - 1) >> shift) + 1 > buckets) ++shift;
+  sort_indices_kernel<<<grid, kSortThreads, 0, p.stream>>>(p.indices, p.valid_len, p.T, p.topk, p.num_slots,
+                                                           shift, sorted);
+  CK(cudaGetLastError());
 }
 }  // namespace
 
@@ -77,6 +90,49 @@ int main(int argc, char** argv) {
 #ifdef DSA_DEV_CANDIDATE
   dev_candidate_variants(variants);
 #endif
+  // SORTED=1: the library kernel (which reorders the indices by slot
+  // bucket when the cache is larger than L2) beside: the same without the
+  // reordering; the reordering pre-pass alone; the pre-pass with 4, 16 or 64
+  // buckets over the cache, then the kernel, at every s_kv; the kernel with
+  // its builds forced on indices reordered on the host (the pre-pass not
+  // timed). Also checks the pre-pass against a host stable sort.
+  int32_t* idx_alt[2] = {nullptr, nullptr};
+  // The split-only workspace size (no room for the reordered indices).
+  static size_t split_only = 0;
+  if (std::getenv("SORTED")) {
+    for (int a = 0; a < 2; ++a) CK(cudaMalloc(&idx_alt[a], int64_t(kT) * kTopk * 4));
+    int32_t* d = idx_alt[0];
+    int32_t* d2 = idx_alt[1];
+    variants.push_back({"library, not reordered", true, [](const SparseMlaParams& p) {
+                          SparseMlaParams q = p;
+                          q.workspace_bytes = split_only;
+                          launch_diag<0>(q);
+                        }});
+    variants.push_back({"reorder pre-pass", false, [d2](const SparseMlaParams& p) { launch_sort(p, d2); }});
+    for (int nb : {4, 16, 64})
+      variants.push_back({nb == 4 ? "reorder 4 buckets + library" : (nb == 16 ? "reorder 16 buckets + library" : "reorder 64 buckets + library"),
+                          true,
+                          [d2, nb](const SparseMlaParams& p) {
+                            launch_sort(p, d2, nb);
+                            SparseMlaParams q = p;
+                            q.indices = d2;
+                            q.valid_len = nullptr;
+                            q.workspace_bytes = split_only;
+                            launch_diag<0>(q);
+                          }});
+    variants.push_back({"presorted, plain", true, [d](const SparseMlaParams& p) {
+                          SparseMlaParams q = p;
+                          q.indices = d;
+                          q.workspace_bytes = split_only;
+                          launch_diag<0, 0>(q);
+                        }});
+    variants.push_back({"presorted, early m_B", true, [d](const SparseMlaParams& p) {
+                          SparseMlaParams q = p;
+                          q.indices = d;
+                          q.workspace_bytes = split_only;
+                          launch_diag<0, 2>(q);
+                        }});
+  }
   const int64_t max_skv = 131072;
   // PAD_MB=n allocates n MB first, moving every buffer after it (for the
   // sweep's process-to-process modes: see docs/performance.md).
@@ -100,9 +156,14 @@ int main(int argc, char** argv) {
   float* workspace = nullptr;
   int sms = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  const size_t ws_bytes = std::getenv("NO_SPLIT") ? 0
-                                                  : std::max(sm90_sparse_mla::split_workspace_bytes(int64_t(kT) * 2, sms),
-                                                             sm90_sparse_mla::split_workspace_bytes(kT, sms));
+  int l2_bytes = 0;
+  CK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, 0));
+  split_only = std::max(sm90_sparse_mla::split_workspace_bytes(int64_t(kT) * 2, sms), sm90_sparse_mla::split_workspace_bytes(kT, sms));
+  // NO_SPLIT=1: no workspace (no split, no reordering).
+  const size_t ws_bytes =
+      std::getenv("NO_SPLIT") ? 0
+                              : std::max(sm90_sparse_mla::workspace_bytes(kT, 2, kTopk, max_skv, sms, l2_bytes),
+                                         sm90_sparse_mla::workspace_bytes(kT, 1, kTopk, max_skv, sms, l2_bytes));
   if (ws_bytes) CK(cudaMalloc(&workspace, ws_bytes));
   fill_random_bf16<<<1024, 256>>>(kv, max_skv * kDqk, 8);
   fill_random_bf16<<<1024, 256>>>(q, int64_t(kT) * 128 * kDqk, 9);
@@ -149,6 +210,34 @@ int main(int argc, char** argv) {
       int64_t valid = 0;
       auto idx = make_indices(s_kv, 1, &valid);
       CK(cudaMemcpy(indices, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));
+      if (idx_alt[0]) {
+        {
+          std::vector<int32_t> alt = idx;
+          for (int t = 0; t < kT; ++t) {
+            int32_t* row = alt.data() + size_t(t) * kTopk;
+            auto key = [&](int32_t v) -> uint64_t {
+              const uint64_t u = static_cast<uint32_t>(v);
+              return v < 0 ? 256 : u >> sm90_sparse_mla::sort_bucket_shift(s_kv);
+            };
+            std::stable_sort(row, row + kTopk, [&](int32_t x, int32_t y) { return key(x) < key(y); });
+          }
+          CK(cudaMemcpy(idx_alt[0], alt.data(), alt.size() * 4, cudaMemcpyHostToDevice));
+          SparseMlaParams sp;
+          sp.indices = indices;
+          sp.T = kT;
+          sp.topk = kTopk;
+          sp.num_slots = s_kv;
+          CK(cudaMemset(idx_alt[1], 0x7f, alt.size() * 4));
+          launch_sort(sp, idx_alt[1]);
+          std::vector<int32_t> dev_sorted(alt.size());
+          CK(cudaMemcpy(dev_sorted.data(), idx_alt[1], alt.size() * 4, cudaMemcpyDeviceToHost));
+          size_t diff = 0;
+          for (size_t i = 0; i < alt.size(); ++i) diff += dev_sorted[i] != alt[i];
+          char buf[120];
+          std::snprintf(buf, sizeof buf, "sort kernel vs host stable sort, s_kv %ld: %zu entries differ", static_cast<long>(s_kv), diff);
+          notes.push_back(buf);
+        }
+      }
       SparseMlaParams p;
       p.q = q;
       p.kv = kv;
@@ -157,6 +246,8 @@ int main(int argc, char** argv) {
       p.out = out_ref;
       p.row_max = rmax;
       p.T = kT;
+      // TT=n: only the first n tokens (fewer rounds of the persistent grid).
+      if (const char* tt = std::getenv("TT")) p.T = std::min<int64_t>(kT, std::atol(tt));
       p.topk = kTopk;
       p.softmax_scale = 0.1352338f;
       p.num_heads = H;
@@ -166,7 +257,7 @@ int main(int argc, char** argv) {
       p.workspace_bytes = ws_bytes;
       launch_diag<0>(p);
       CK(cudaDeviceSynchronize());
-      const size_t n_out = size_t(kT) * H * kDv;
+      const size_t n_out = size_t(p.T) * H * kDv;
       std::vector<__nv_bfloat16> ref(n_out), got(n_out);
       CK(cudaMemcpy(ref.data(), out_ref, n_out * 2, cudaMemcpyDeviceToHost));
       p.out = out;
