@@ -38,6 +38,8 @@ struct Case {
   bool workspace = true;  // pass sparse_mla_workspace_bytes() of workspace (the sm90 kernel may split its last round)
   int workspace_offset = 0;  // floats into the allocation (1: not 16-byte aligned, so no split)
   int64_t ws_slots = -1;     // >= 0: size the workspace as for that many cache rows (too small to reorder)
+  int check_every = 1;       // compare every n-th token with the reference (T <= 600)
+  int reorder = -1;          // 1 / 0: the workspace must / must not hold the reordered indices (H100, H200)
 };
 
 using dsa::test::DevBuf;
@@ -140,10 +142,10 @@ void ref_row(const Case& c, const Inputs& in, int64_t t, int h, std::vector<doub
   rmax = m;
 }
 
-std::vector<int64_t> rows_to_check(int64_t T) {
+std::vector<int64_t> rows_to_check(int64_t T, int every) {
   std::vector<int64_t> r;
   if (T <= 600) {
-    for (int64_t t = 0; t < T; ++t) r.push_back(t);
+    for (int64_t t = 0; t < T; t += every) r.push_back(t);
     return r;
   }
   for (int64_t t = 0; t < 96; ++t) r.push_back(t);
@@ -191,6 +193,13 @@ void run_case(const Case& c) {
   // ws_slots < 0: the workspace for this cache; else sized as for a cache of ws_slots rows.
   const size_t ws_bytes =
       c.workspace ? dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H, c.topk, c.ws_slots < 0 ? c.num_slots : c.ws_slots) : 0;
+  if (c.reorder >= 0) {
+    // The test's claim about the path: the workspace has room for the
+    // reordered copy (T * topk int32) only when the launcher reorders.
+    EXPECT_EQ(ws_bytes >= static_cast<size_t>(c.T) * c.topk * sizeof(int32_t), c.reorder == 1)
+        << "workspace of " << ws_bytes << " bytes: the launcher " << (c.reorder ? "would not" : "would")
+        << " reorder the indices for this shape on this device";
+  }
   DevBuf<float> dws(std::max<size_t>(ws_bytes / sizeof(float), 1) + c.workspace_offset);
   ASSERT_TRUE(dws.p) << "cudaMalloc failed";
   p.workspace = dws.p + c.workspace_offset;
@@ -224,7 +233,7 @@ void run_case(const Case& c) {
   int64_t bad_special = 0, nan_count = 0, checked_rows = 0, empty_rows = 0;
   std::string first_bad;
   std::vector<double> ro;
-  for (int64_t t : rows_to_check(c.T)) {
+  for (int64_t t : rows_to_check(c.T, c.check_every)) {
     for (int h = 0; h < c.H; ++h) {
       double rl, rm;
       ref_row(c, in, t, h, ro, rl, rm);
@@ -292,17 +301,26 @@ TEST(SparseMlaSm90, H128Topk384ItemsPerCta) { run_case({150, 128, 384, 3000, tru
 // A cache larger than L2 (60000 rows of 1152 B = 69 MB): with the workspace
 // the launcher first reorders each token's indices by slot (invalid and
 // masked ones last, as -1) and runs the attention on that copy.
-TEST(SparseMlaSm90, H64CacheLargerThanL2) { run_case({300, 64, 256, 60000, true, Kernel::Sm90, 29}); }
-TEST(SparseMlaSm90, H128CacheLargerThanL2) { run_case({150, 128, 256, 60000, true, Kernel::Sm90, 34}); }
-// topk 2048, the most the reordering takes (one block of 256 threads x 8).
-TEST(SparseMlaSm90, H64Topk2048CacheLargerThanL2) { run_case({20, 64, 2048, 60000, true, Kernel::Sm90, 35}); }
-// topk 2112 is not reordered.
-TEST(SparseMlaSm90, H64Topk2112CacheLargerThanL2) { run_case({20, 64, 2112, 60000, true, Kernel::Sm90, 36}); }
+TEST(SparseMlaSm90, H64CacheLargerThanL2) { run_case({300, 64, 256, 60000, true, Kernel::Sm90, 29, true, 0, -1, 1, 1}); }
+TEST(SparseMlaSm90, H128CacheLargerThanL2) { run_case({150, 128, 256, 60000, true, Kernel::Sm90, 34, true, 0, -1, 1, 1}); }
+// topk 2048, the most the reordering takes (one block of 256 threads x 8),
+// and 2112, not reordered; 264 tokens = two rounds of items on 132 SMs (the
+// reordering needs two), every 11th token checked (the float64 reference).
+TEST(SparseMlaSm90, H64Topk2048CacheLargerThanL2) {
+  run_case({264, 64, 2048, 60000, true, Kernel::Sm90, 35, true, 0, -1, 11, 1});
+}
+TEST(SparseMlaSm90, H64Topk2112CacheLargerThanL2) {
+  run_case({264, 64, 2112, 60000, true, Kernel::Sm90, 36, true, 0, -1, 11, 0});
+}
+// One round of items: not reordered (the layout of a decode batch).
+TEST(SparseMlaSm90, H128OneRoundCacheLargerThanL2) {
+  run_case({60, 128, 512, 60000, true, Kernel::Sm90, 37, true, 0, -1, 1, 0});
+}
 // A workspace sized for a small cache has room for the split only: the
 // indices stay in their order and, at H = 64, the launcher takes the variant
 // that releases buffer 1's half L before queuing the next Q K^T.
 TEST(SparseMlaSm90, H64CacheLargerThanL2SplitOnly) {
-  run_case({300, 64, 256, 60000, true, Kernel::Sm90, 29, true, 0, 1});
+  run_case({300, 64, 256, 60000, true, Kernel::Sm90, 29, true, 0, 1, 1, 0});
 }
 // Caches over half of L2 (30000 rows, 35 MB): the launcher takes the build in
 // which WG1 publishes m_B before its exponentials.

@@ -103,14 +103,18 @@ inline size_t split_workspace_bytes(int64_t items, int sms) {
   return split_bytes(tail_split(items, std::min<int64_t>(items, sms)));
 }
 
-// Gather order (sort_indices.cuh). With a cache larger than L2, the indices
-// are first reordered by slot into the workspace, after the split parts
-// (whether the split is used or not, so that the layout depends on the
-// shape alone). topk above 2048 is not reordered (one block of the sort
-// holds 2048).
+// Gather order (sort_indices.cuh). With a cache larger than L2 and at least
+// two rounds of items, the indices are first reordered by slot into the
+// workspace, after the split parts (whether the split is used or not, so
+// that the layout depends on the shape alone). Fewer items (decode batches:
+// one token per request, each over its own part of the cache) leave nothing
+// for the CTAs to share, and the pre-pass measured 5% of the sparse MLA time
+// at 64 x 32768 decode. topk above 2048 is not reordered (one block of the
+// sort holds 2048).
 constexpr int kSortMaxTopkPerToken = 2048;
-inline bool sort_wanted(int64_t num_slots, int topk, int64_t l2_bytes) {
-  return num_slots * static_cast<int64_t>(D_QK * 2) > l2_bytes && topk <= kSortMaxTopkPerToken;
+inline bool sort_wanted(int64_t num_slots, int topk, int64_t l2_bytes, int64_t items, int sms) {
+  return num_slots * static_cast<int64_t>(D_QK * 2) > l2_bytes && topk <= kSortMaxTopkPerToken &&
+         items >= 2 * static_cast<int64_t>(sms);
 }
 inline size_t sort_offset(const TailSplit& plan) { return (split_bytes(plan) + 255) / 256 * 256; }
 inline size_t sort_bytes(int64_t T, int topk) { return static_cast<size_t>(T) * topk * sizeof(int32_t); }
@@ -121,7 +125,7 @@ void launch_sort_indices(const SparseMlaParams& p, int32_t* sorted, int sms);
 inline size_t workspace_bytes(int64_t T, int head_groups, int topk, int64_t num_slots, int sms, int64_t l2_bytes) {
   const int64_t items = T * head_groups;
   const TailSplit plan = tail_split(items, std::min<int64_t>(items, sms));
-  if (!sort_wanted(num_slots, topk, l2_bytes)) return split_bytes(plan);
+  if (!sort_wanted(num_slots, topk, l2_bytes, items, sms)) return split_bytes(plan);
   return sort_offset(plan) + sort_bytes(T, topk);
 }
 }  // namespace dsa::cuda::sm90_sparse_mla

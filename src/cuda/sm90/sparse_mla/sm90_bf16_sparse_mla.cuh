@@ -913,7 +913,7 @@ void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
     split = TailSplit{};
     split.num_full = static_cast<uint32_t>(items);
   }
-  const bool sort = sort_wanted(p.num_slots, p.topk, l2_bytes) && ws_ok &&
+  const bool sort = sort_wanted(p.num_slots, p.topk, l2_bytes, items, sms) && ws_ok &&
                     p.workspace_bytes >= sort_offset(plan) + sort_bytes(p.T, p.topk);
   SparseMlaParams run = p;
   if (sort) {
