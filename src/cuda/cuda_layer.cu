@@ -469,8 +469,10 @@ void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, co
   m.topk_local.ensure(T * k * f4);
   m.topk_global.ensure(T * k * f4);
   m.topk_ws.ensure(topk_workspace_bytes(T, m.logits_stride, static_cast<int>(k)));
-  // The sparse MLA call's cache: the gathered rows when the latent cache is fp8 (see Stage::sparse_mla).
-  const int64_t mla_slots = cache.latent_dtype == LatentCacheDType::FP8 ? T * k : cache.num_slots();
+  // Sized for the call's cache; with the fp8 cache the call reads the rows
+  // gathered in token order (see Stage::sparse_mla), which reordering would
+  // not help, so its workspace (sized as for no cache) leaves no room for it.
+  const int64_t mla_slots = cache.latent_dtype == LatentCacheDType::FP8 ? 0 : cache.num_slots();
   m.mla_ws.ensure(sparse_mla_workspace_bytes(T, static_cast<int>(H), static_cast<int>(k), mla_slots));
   m.attn_out.ensure(T * H * c.kv_lora_rank * bf);
   m.lse.ensure(T * H * f4);
