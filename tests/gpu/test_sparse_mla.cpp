@@ -194,11 +194,15 @@ void run_case(const Case& c) {
   const size_t ws_bytes =
       c.workspace ? dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H, c.topk, c.ws_slots < 0 ? c.num_slots : c.ws_slots) : 0;
   if (c.reorder >= 0) {
-    // The test's claim about the path: the workspace has room for the
-    // reordered copy (T * topk int32) only when the launcher reorders.
-    EXPECT_EQ(ws_bytes >= static_cast<size_t>(c.T) * c.topk * sizeof(int32_t), c.reorder == 1)
-        << "workspace of " << ws_bytes << " bytes: the launcher " << (c.reorder ? "would not" : "would")
-        << " reorder the indices for this shape on this device";
+    // The test's claim about the path: the launcher reorders when the size
+    // query plans room for the reordered copy beyond the split parts (the
+    // size for a one-row cache) and the workspace passed has that room.
+    const size_t full = dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H, c.topk, c.num_slots);
+    const size_t split_only = dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H, c.topk, 1);
+    const bool reorders = full > split_only && ws_bytes >= full;
+    EXPECT_EQ(reorders, c.reorder == 1) << "workspace of " << ws_bytes << " bytes (" << full << " with the reordering, "
+                                        << split_only << " without): the launcher " << (c.reorder ? "would not" : "would")
+                                        << " reorder the indices for this shape on this device";
   }
   DevBuf<float> dws(std::max<size_t>(ws_bytes / sizeof(float), 1) + c.workspace_offset);
   ASSERT_TRUE(dws.p) << "cudaMalloc failed";
