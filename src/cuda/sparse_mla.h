@@ -28,9 +28,10 @@ struct SparseMlaParams {
   // num_slots) bytes, contents irrelevant. With it the sm90 kernel
   // - splits the items of its last, partial round over the SMs that would
   //   idle, and a second kernel on the same stream combines the parts;
-  // - with a cache larger than L2 and topk <= 2048, first reorders each
-  //   token's indices by slot (a pre-pass on the same stream), so that the
-  //   CTAs gather from a narrow band of the cache at a time.
+  // - with a cache larger than L2, topk <= 2048 and at least two rounds of
+  //   items (T * num_heads / 64 >= 2 x SMs), first reorders each token's
+  //   indices by slot (a pre-pass on the same stream), so that the CTAs
+  //   gather from a narrow band of the cache at a time.
   // Either changes the order of the fp32 sums, so results differ from a run
   // without a workspace in the last bits; each way is deterministic.
   float* workspace = nullptr;

@@ -8,11 +8,13 @@
 // larger than L2 most gathers come from DRAM. In slot order, CTAs that start
 // their items together walk the cache from low to high slots side by side,
 // and the rows in flight fall in a band that L2 holds. Measured (issue 6's
-// sweep, H100): 10-22% faster at H = 64 and 2-5% at H = 128 with caches of
-// 75 and 151 MB; the gain shrinks as the CTAs drift apart over the rounds
-// (at H = 128, s_kv 65536: 7% with 264 tokens, 2-4% with 4096). With a
-// cache of 38 MB (s_kv 32768) it was level, and with caches inside L2
-// 1-4% slower, so the launcher reorders only caches larger than L2.
+// sweep, H100, this pre-pass included): 10-16% faster at H = 64 and 1-4% at
+// H = 128 with caches of 75 and 151 MB; the gain shrinks as the CTAs drift
+// apart over the rounds (H = 128, s_kv 65536, indices reordered on the host:
+// 7% with 264 tokens, 2% with 4096). With a cache of 38 MB (s_kv 32768) it
+// was level, and with caches inside L2 level to 4% slower, so the launcher
+// reorders only caches larger than L2, and only with two or more rounds of
+// items (see sort_wanted in config.h).
 // Softmax and the weighted sum do not depend on the order of the selected
 // rows; only the rounding of the fp32 sums does, and the order is a function
 // of the inputs alone, so results stay deterministic.
@@ -46,10 +48,11 @@ inline int sort_bucket_shift(int64_t num_slots) {
 // bucket order, then -1 for every invalid or masked entry, so the attention
 // kernel needs no valid_len and stops after the last valid tile. The next
 // token's indices load while this one is ranked and written. (Measured for
-// 4096 x 2048 indices on an H100: 68-74 us; with match.any for the peers,
-// 84-98 us; CUB's block radix sort in two 4-bit passes, 63-72 us but on 8
-// bits only with its stable order kept; the loads inside the ranking steps,
-// waiting one DRAM latency per 32 indices, 90-100 us.)
+// 4096 x 2048 indices on an H100: 66-74 us; with match.any for the peers,
+// 84-98 us; with the loads inside the ranking steps, one DRAM latency per 32
+// indices, 90-100 us. CUB's BlockRadixSort on the same 8-bit keys, also
+// stable, measured 63-72 us in another call, the same within the spread;
+// this kernel is the one the tests validated, and CUB's would do as well.)
 __global__ void __launch_bounds__(kSortThreads, 4) sort_indices_kernel(const int32_t* __restrict__ indices,  // [T, topk]
                                                                     const int32_t* __restrict__ valid_len,  // [T] or null
                                                                     int64_t T, int topk, int64_t num_slots, int shift,
