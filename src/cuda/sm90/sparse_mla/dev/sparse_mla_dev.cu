@@ -109,29 +109,23 @@ int main(int argc, char** argv) {
                           launch_diag<0>(q);
                         }});
     variants.push_back({"reorder pre-pass", false, [d2](const SparseMlaParams& p) { launch_sort(p, d2); }});
-    for (int nb : {4, 16, 64})
-      variants.push_back({nb == 4 ? "reorder 4 buckets + library" : (nb == 16 ? "reorder 16 buckets + library" : "reorder 64 buckets + library"),
-                          true,
-                          [d2, nb](const SparseMlaParams& p) {
-                            launch_sort(p, d2, nb);
-                            SparseMlaParams q = p;
-                            q.indices = d2;
-                            q.valid_len = nullptr;
-                            q.workspace_bytes = split_only;
-                            launch_diag<0>(q);
-                          }});
-    variants.push_back({"presorted, plain", true, [d](const SparseMlaParams& p) {
-                          SparseMlaParams q = p;
-                          q.indices = d;
-                          q.workspace_bytes = split_only;
-                          launch_diag<0, 0>(q);
-                        }});
-    variants.push_back({"presorted, early m_B", true, [d](const SparseMlaParams& p) {
-                          SparseMlaParams q = p;
-                          q.indices = d;
-                          q.workspace_bytes = split_only;
-                          launch_diag<0, 2>(q);
-                        }});
+    // The library on d2, reordered with nb buckets (nb > 0, pre-pass timed), or
+    // on d, reordered on the host, with kernel build kFlags (pre-pass not timed).
+    auto on_copy = [](const char* name, int32_t* idx, int nb, auto launch) {
+      return Variant{name, true, [idx, nb, launch](const SparseMlaParams& p) {
+                       if (nb > 0) launch_sort(p, idx, nb);
+                       SparseMlaParams q = p;
+                       q.indices = idx;
+                       q.valid_len = nullptr;
+                       q.workspace_bytes = split_only;
+                       launch(q);
+                     }};
+    };
+    variants.push_back(on_copy("reorder 4 buckets + library", d2, 4, launch_diag<0>));
+    variants.push_back(on_copy("reorder 16 buckets + library", d2, 16, launch_diag<0>));
+    variants.push_back(on_copy("reorder 64 buckets + library", d2, 64, launch_diag<0>));
+    variants.push_back(on_copy("presorted, plain", d, 0, launch_diag<0, 0>));
+    variants.push_back(on_copy("presorted, early m_B", d, 0, launch_diag<0, 2>));
   }
   const int64_t max_skv = 131072;
   // PAD_MB=n allocates n MB first, moving every buffer after it (for the
@@ -213,12 +207,10 @@ int main(int argc, char** argv) {
       if (idx_alt[0]) {
         {
           std::vector<int32_t> alt = idx;
+          const int shift = sm90_sparse_mla::sort_bucket_shift(s_kv);
+          auto key = [shift](int32_t v) -> uint32_t { return v < 0 ? 256u : static_cast<uint32_t>(v) >> shift; };
           for (int t = 0; t < kT; ++t) {
             int32_t* row = alt.data() + size_t(t) * kTopk;
-            auto key = [&](int32_t v) -> uint64_t {
-              const uint64_t u = static_cast<uint32_t>(v);
-              return v < 0 ? 256 : u >> sm90_sparse_mla::sort_bucket_shift(s_kv);
-            };
             std::stable_sort(row, row + kTopk, [&](int32_t x, int32_t y) { return key(x) < key(y); });
           }
           CK(cudaMemcpy(idx_alt[0], alt.data(), alt.size() * 4, cudaMemcpyHostToDevice));
