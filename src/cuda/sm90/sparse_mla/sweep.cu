@@ -31,6 +31,29 @@ struct Dev {
   Dev& operator=(const Dev&) = delete;
 };
 
+// The average SM clock over a cell's timed runs: one thread reads
+// %globaltimer, clock64() and %smid before the first run and after the last.
+// Under this load the H100 holds its clock well below the 1980 MHz maximum
+// (power), and lower the longer the load lasts, which is most of the spread
+// between sweeps; the column says what clock a row was measured at.
+__global__ void sm_clock_probe(unsigned long long* out) {
+  unsigned long long g = 0;
+  unsigned s = 0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g));
+  const unsigned long long c = clock64();
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+  out[0] = g;
+  out[1] = c;
+  out[2] = s;
+}
+
+// MHz from two probes; clock64() counters of different SMs are not aligned,
+// so a pair that ran on two SMs gives no figure (0).
+double probe_mhz(const unsigned long long (&h)[6]) {
+  if (h[2] != h[5] || h[3] <= h[0] || h[4] <= h[1]) return 0.0;
+  return static_cast<double>(h[4] - h[1]) * 1e3 / static_cast<double>(h[3] - h[0]);
+}
+
 }  // namespace
 
 std::string sweep_sparse_mla(const BenchOptions& opt) {
@@ -47,6 +70,7 @@ std::string sweep_sparse_mla(const BenchOptions& opt) {
   const size_t ws_bytes =
       std::max(sparse_mla_workspace_bytes(kT, 128, kTopk, max_skv), sparse_mla_workspace_bytes(kT, 64, kTopk, max_skv));
   Dev<float> workspace(std::max<size_t>(ws_bytes / sizeof(float), 1));
+  Dev<unsigned long long> probe(6);
   fill_random_bf16<<<1024, 256>>>(kv.p, max_skv * kDqk, opt.seed * 7 + 1);
   DSA_CHECK_LAUNCH("fill_random_bf16");
   fill_random_bf16<<<1024, 256>>>(q.p, static_cast<int64_t>(kT) * 128 * kDqk, opt.seed * 7 + 2);
@@ -71,8 +95,8 @@ std::string sweep_sparse_mla(const BenchOptions& opt) {
 
   std::string table = fmt::format(
       "Sparse MLA prefill sweep on {}: T = {}, topk = {}, d_qk = {}, d_v = {}, median of {} runs after {} warm-up\n"
-      "| H | s_kv | ours ms | ours TFLOP/s | % of {:.0f} | FlashMLA ms | FlashMLA TFLOP/s | FlashMLA / ours |\n"
-      "|---|---|---|---|---|---|---|---|\n",
+      "| H | s_kv | ours ms | ours TFLOP/s | % of {:.0f} | SM MHz | FlashMLA ms | FlashMLA TFLOP/s | FlashMLA / ours |\n"
+      "|---|---|---|---|---|---|---|---|---|\n",
       prop.name, kT, kTopk, kDqk, kDv, opt.iters, opt.warmup, kPeakTflops);
   for (int hi = 0; hi < 2; ++hi) {
     const int H = hi == 0 ? 128 : 64;
@@ -87,6 +111,8 @@ std::string sweep_sparse_mla(const BenchOptions& opt) {
       kernel = sparse_mla_sm90_can_implement(p) ? "sm90" : "simple";
       for (int i = 0; i < opt.warmup; ++i) sparse_mla(p);
       std::vector<float> ms;
+      sm_clock_probe<<<1, 1, 0, p.stream>>>(probe.p);
+      DSA_CHECK_LAUNCH("sm_clock_probe");
       for (int i = 0; i < std::max(1, opt.iters); ++i) {
         DSA_CUDA_CHECK(cudaEventRecord(e0, p.stream));
         sparse_mla(p);
@@ -96,18 +122,27 @@ std::string sweep_sparse_mla(const BenchOptions& opt) {
         DSA_CUDA_CHECK(cudaEventElapsedTime(&m, e0, e1));
         ms.push_back(m);
       }
+      sm_clock_probe<<<1, 1, 0, p.stream>>>(probe.p + 3);
+      DSA_CHECK_LAUNCH("sm_clock_probe");
+      unsigned long long h[6];
+      DSA_CUDA_CHECK(cudaMemcpy(h, probe.p, sizeof h, cudaMemcpyDeviceToHost));
+      const double mhz = probe_mhz(h);
       std::sort(ms.begin(), ms.end());
       const double med = ms[ms.size() / 2];
       const double flops = 2.0 * H * (kDqk + kDv) * static_cast<double>(valid);
       const double tflops = flops / (med * 1e-3) / 1e12;
       const double fm = kFlashMlaMs[hi][si];
-      table += fmt::format("| {} | {} | {:.3f} | {:.0f} | {:.1f}% | {:.2f} | {:.0f} | {:.2f}x |\n", H, s_kv, med, tflops,
-                           100.0 * tflops / kPeakTflops, fm, flops / (fm * 1e-3) / 1e12, fm / med);
+      table += fmt::format("| {} | {} | {:.3f} | {:.0f} | {:.1f}% | {} | {:.2f} | {:.0f} | {:.2f}x |\n", H, s_kv, med, tflops,
+                           100.0 * tflops / kPeakTflops, mhz > 0 ? fmt::format("{:.0f}", mhz) : std::string("-"), fm,
+                           flops / (fm * 1e-3) / 1e12, fm / med);
     }
   }
   DSA_CUDA_CHECK(cudaEventDestroy(e0));
   DSA_CUDA_CHECK(cudaEventDestroy(e1));
-  table += fmt::format("kernel: {}; FLOPs = 2 * H * 1088 * valid indices; FlashMLA from issue 6 (H100 80GB HBM3)\n", kernel);
+  table += fmt::format(
+      "kernel: {}; FLOPs = 2 * H * 1088 * valid indices; SM MHz: average SM clock over the timed runs (clock64 / "
+      "globaltimer); FlashMLA from issue 6 (H100 80GB HBM3, clock not recorded)\n",
+      kernel);
   return table;
 }
 

@@ -67,6 +67,20 @@ void launch_sort(const SparseMlaParams& p, int32_t* sorted, int buckets = 0) {
 }
 }  // namespace
 
+// CLOCK_PROBE=1: the SM clock over a variant's timed launches, from
+// clock64() and %globaltimer read by one thread before and after (both
+// reads on the same SM, or the pair is dropped).
+__global__ void clock_probe(unsigned long long* out) {
+  unsigned long long g, c;
+  unsigned s;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g));
+  c = clock64();
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+  out[0] = g;
+  out[1] = c;
+  out[2] = s;
+}
+
 // SMID_PROBE=1: which SM each CTA of a persistent-size grid lands on (same
 // block size and shared memory as the kernel), to relate the sweep's
 // per-process modes to where the two CTAs of a token (H = 128) run.
@@ -162,6 +176,43 @@ int main(int argc, char** argv) {
   fill_random_bf16<<<1024, 256>>>(kv, max_skv * kDqk, 8);
   fill_random_bf16<<<1024, 256>>>(q, int64_t(kT) * 128 * kDqk, 9);
   CK(cudaGetLastError());
+  // PLACEMENT=1: the library kernel on copies of the cache, Q and out in
+  // other allocations (each behind a 256 MB spacer), same contents: does
+  // where a buffer lies in memory set the speed within one process?
+  if (std::getenv("PLACEMENT")) {
+    const size_t kv_bytes = max_skv * kDqk * 2, q_bytes = int64_t(kT) * 128 * kDqk * 2, o_bytes = int64_t(kT) * 128 * kDv * 2;
+    static __nv_bfloat16* kv_copy[3];
+    static __nv_bfloat16 *q_copy, *o_copy;
+    void* spacer;
+    for (int c = 0; c < 3; ++c) {
+      CK(cudaMalloc(&spacer, 256 << 20));
+      CK(cudaMalloc(&kv_copy[c], kv_bytes));
+      CK(cudaMemcpy(kv_copy[c], kv, kv_bytes, cudaMemcpyDeviceToDevice));
+    }
+    CK(cudaMalloc(&spacer, 256 << 20));
+    CK(cudaMalloc(&q_copy, q_bytes));
+    CK(cudaMemcpy(q_copy, q, q_bytes, cudaMemcpyDeviceToDevice));
+    CK(cudaMalloc(&spacer, 256 << 20));
+    CK(cudaMalloc(&o_copy, o_bytes));
+    static const char* names[3] = {"cache copy 1", "cache copy 2", "cache copy 3"};
+    for (int c = 0; c < 3; ++c)
+      variants.push_back({names[c], true, [c](const SparseMlaParams& p) {
+                            SparseMlaParams x = p;
+                            x.kv = kv_copy[c];
+                            launch_diag<0>(x);
+                          }});
+    variants.push_back({"Q copy", true, [](const SparseMlaParams& p) {
+                          SparseMlaParams x = p;
+                          x.q = q_copy;
+                          launch_diag<0>(x);
+                        }});
+    variants.push_back({"out copy", false, [](const SparseMlaParams& p) {
+                          SparseMlaParams x = p;
+                          x.out = o_copy;
+                          launch_diag<0>(x);
+                        }});
+    variants.push_back({"library (2nd copy)", true, launch_diag<0>});
+  }
   cudaEvent_t e0, e1;
   CK(cudaEventCreate(&e0));
   CK(cudaEventCreate(&e1));
@@ -266,6 +317,10 @@ int main(int argc, char** argv) {
           for (int warm = 0; warm < 3; ++warm) variants[v].run(p);
           CK(cudaDeviceSynchronize());
           std::vector<float> ms;
+          static unsigned long long* probe = nullptr;
+          const bool clock = std::getenv("CLOCK_PROBE") != nullptr;
+          if (clock && !probe) CK(cudaMalloc(&probe, 6 * 8));
+          if (clock) clock_probe<<<1, 1>>>(probe);
           for (int it = 0; it < iters; ++it) {
             CK(cudaEventRecord(e0));
             variants[v].run(p);
@@ -274,6 +329,15 @@ int main(int argc, char** argv) {
             float m = 0;
             CK(cudaEventElapsedTime(&m, e0, e1));
             ms.push_back(m);
+          }
+          if (clock) {
+            clock_probe<<<1, 1>>>(probe + 3);
+            unsigned long long h[6];
+            CK(cudaMemcpy(h, probe, sizeof h, cudaMemcpyDeviceToHost));
+            if (h[2] == h[5] && h[3] > h[0])
+              std::printf("clock %s H=%d s_kv=%ld round %d: %.0f MHz over %.2f ms\n", variants[v].name, H,
+                          static_cast<long>(s_kv), round, double(h[4] - h[1]) * 1e3 / double(h[3] - h[0]),
+                          double(h[3] - h[0]) * 1e-6);
           }
           std::sort(ms.begin(), ms.end());
           per_round[v].push_back(ms[ms.size() / 2]);
