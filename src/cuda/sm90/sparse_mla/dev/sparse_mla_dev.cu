@@ -183,7 +183,7 @@ int main(int argc, char** argv) {
     const size_t kv_bytes = max_skv * kDqk * 2, q_bytes = int64_t(kT) * 128 * kDqk * 2, o_bytes = int64_t(kT) * 128 * kDv * 2;
     static __nv_bfloat16* kv_copy[3];
     static __nv_bfloat16 *q_copy, *o_copy;
-    void* spacer;
+    void* spacer;  // never freed: each copy stays behind its spacer for the whole run
     for (int c = 0; c < 3; ++c) {
       CK(cudaMalloc(&spacer, 256 << 20));
       CK(cudaMalloc(&kv_copy[c], kv_bytes));
