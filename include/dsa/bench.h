@@ -61,13 +61,34 @@ StageWork stage_work(const LayerConfig& cfg, const BatchMetadata& md, const std:
 // The stage names stage_work knows, in the order the layer runs them.
 const std::vector<std::string>& stage_names();
 
+// The standalone sparse MLA sweep of issue 6 (`dsa bench --sweep-sparse-mla`):
+// one row per (H, s_kv) cell, beside FlashMLA's sparse prefill figure.
+struct SparseMlaSweepRow {
+  int num_heads = 0;
+  int64_t s_kv = 0;
+  double median_ms = 0, min_ms = 0, max_ms = 0;
+  double flops = 0;        // 2 * H * (d_qk + d_v) * valid indices
+  double sm_mhz = 0;       // average SM clock over the timed runs; 0 when not measured
+  double flashmla_ms = 0;  // issue 6's figure for the cell (H100 80GB HBM3)
+};
+struct SparseMlaSweep {
+  std::string device, kernel;
+  int tokens = 0, topk = 0, d_qk = 0, d_v = 0, warmup = 0, iters = 0;
+  double peak_tflops = 0;  // for the "% of peak" column
+  std::vector<SparseMlaSweepRow> rows;
+};
+// Rendering (src/core/report.cpp): the markdown table, JSON, CSV.
+std::string format_sweep_table(const SparseMlaSweep& s);
+std::string format_sweep_json(const SparseMlaSweep& s);
+std::string format_sweep_csv(const SparseMlaSweep& s);
+
 namespace ref {
 BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& requests, const BenchOptions& opt);
 }
 namespace cuda {
 BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& requests, const BenchOptions& opt);
-// Standalone sparse MLA sweep of issue 6 (s_kv x H), printed beside FlashMLA's published numbers.
-std::string sweep_sparse_mla(const BenchOptions& opt);
+// Standalone sparse MLA sweep of issue 6 (s_kv x H) beside FlashMLA's figures.
+SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt);
 }
 
 }  // namespace dsa

@@ -183,6 +183,78 @@ std::string format_csv(const BenchResult& r, bool header) {
   return out;
 }
 
+// ---- the sparse MLA sweep (issue 6) ------------------------------------------
+
+namespace {
+double sweep_tflops(double flops, double ms) { return ms > 0 ? flops / (ms * 1e-3) / 1e12 : 0.0; }
+}  // namespace
+
+std::string format_sweep_table(const SparseMlaSweep& s) {
+  std::string out = fmt::format(
+      "Sparse MLA prefill sweep on {}: T = {}, topk = {}, d_qk = {}, d_v = {}, median of {} runs after {} warm-up\n"
+      "| H | s_kv | ours ms | ours TFLOP/s | % of {:.0f} | SM MHz | FlashMLA ms | FlashMLA TFLOP/s | FlashMLA / ours |\n"
+      "|---|---|---|---|---|---|---|---|---|\n",
+      s.device, s.tokens, s.topk, s.d_qk, s.d_v, s.iters, s.warmup, s.peak_tflops);
+  for (const SparseMlaSweepRow& r : s.rows) {
+    const double t = sweep_tflops(r.flops, r.median_ms);
+    out += fmt::format("| {} | {} | {:.3f} | {:.0f} | {:.1f}% | {} | {:.2f} | {:.0f} | {:.2f}x |\n", r.num_heads, r.s_kv,
+                       r.median_ms, t, s.peak_tflops > 0 ? 100.0 * t / s.peak_tflops : 0.0,
+                       r.sm_mhz > 0 ? fmt::format("{:.0f}", r.sm_mhz) : std::string("-"), r.flashmla_ms,
+                       sweep_tflops(r.flops, r.flashmla_ms), r.median_ms > 0 ? r.flashmla_ms / r.median_ms : 0.0);
+  }
+  out += fmt::format(
+      "kernel: {}; FLOPs = 2 * H * {} * valid indices; SM MHz: average SM clock over the timed runs (clock64 / "
+      "globaltimer); FlashMLA from issue 6 (H100 80GB HBM3, clock not recorded)\n",
+      s.kernel, s.d_qk + s.d_v);
+  return out;
+}
+
+std::string format_sweep_json(const SparseMlaSweep& s) {
+  using nlohmann::json;
+  json j;
+  j["device"] = s.device;
+  j["kernel"] = s.kernel;
+  j["tokens"] = s.tokens;
+  j["topk"] = s.topk;
+  j["d_qk"] = s.d_qk;
+  j["d_v"] = s.d_v;
+  j["warmup"] = s.warmup;
+  j["iters"] = s.iters;
+  j["peak_tflops"] = s.peak_tflops;
+  json rows = json::array();
+  for (const SparseMlaSweepRow& r : s.rows) {
+    const double t = sweep_tflops(r.flops, r.median_ms);
+    rows.push_back({{"num_heads", r.num_heads},
+                    {"s_kv", r.s_kv},
+                    {"median_ms", r.median_ms},
+                    {"min_ms", r.min_ms},
+                    {"max_ms", r.max_ms},
+                    {"flops", r.flops},
+                    {"tflops", t},
+                    {"pct_peak", s.peak_tflops > 0 ? json(100.0 * t / s.peak_tflops) : json(nullptr)},
+                    {"sm_mhz", r.sm_mhz > 0 ? json(r.sm_mhz) : json(nullptr)},
+                    {"flashmla_ms", r.flashmla_ms},
+                    {"flashmla_over_ours", r.median_ms > 0 ? json(r.flashmla_ms / r.median_ms) : json(nullptr)}});
+  }
+  j["rows"] = rows;
+  return j.dump(2) + "\n";
+}
+
+std::string format_sweep_csv(const SparseMlaSweep& s) {
+  std::string out =
+      "device,kernel,tokens,topk,num_heads,s_kv,median_ms,min_ms,max_ms,flops,tflops,pct_peak,sm_mhz,flashmla_ms,"
+      "flashmla_over_ours\n";
+  for (const SparseMlaSweepRow& r : s.rows) {
+    const double t = sweep_tflops(r.flops, r.median_ms);
+    out += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", csv_field(s.device), csv_field(s.kernel), s.tokens,
+                       s.topk, r.num_heads, r.s_kv, num(r.median_ms), num(r.min_ms), num(r.max_ms), num(r.flops), num(t),
+                       s.peak_tflops > 0 ? num(100.0 * t / s.peak_tflops) : std::string(),
+                       r.sm_mhz > 0 ? num(r.sm_mhz) : std::string(), num(r.flashmla_ms),
+                       r.median_ms > 0 ? num(r.flashmla_ms / r.median_ms) : std::string());
+  }
+  return out;
+}
+
 // ---- work model (spec section 8) ----------------------------------------------
 
 const std::vector<std::string>& stage_names() {

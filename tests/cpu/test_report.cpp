@@ -153,6 +153,69 @@ TEST(Report, CsvHasOneRowPerStageAndTheLayer) {
   EXPECT_EQ(lines(format_csv(sample(true), false)).size(), 3u);
 }
 
+// Two sweep cells: 2e12 FLOPs in 4 ms = 500 TFLOP/s against FlashMLA's 5 ms
+// (400 TFLOP/s, 1.25x); the second cell's clock was not measured.
+SparseMlaSweep sweep_sample() {
+  SparseMlaSweep s;
+  s.device = "NVIDIA H100 80GB HBM3, sm_90";
+  s.kernel = "sm90";
+  s.tokens = 4096, s.topk = 2048, s.d_qk = 576, s.d_v = 512, s.warmup = 3, s.iters = 20;
+  s.peak_tflops = 800;
+  SparseMlaSweepRow a;
+  a.num_heads = 128, a.s_kv = 8192, a.median_ms = 4, a.min_ms = 3.9, a.max_ms = 4.2, a.flops = 2e12, a.sm_mhz = 1650,
+  a.flashmla_ms = 5;
+  SparseMlaSweepRow b = a;
+  b.num_heads = 64, b.s_kv = 32768, b.median_ms = 2, b.min_ms = 1.9, b.max_ms = 2.1, b.flops = 1e12, b.sm_mhz = 0,
+  b.flashmla_ms = 1.5;
+  s.rows = {a, b};
+  return s;
+}
+
+TEST(Report, SweepTableHasTheRatesAndTheClock) {
+  const std::string t = format_sweep_table(sweep_sample());
+  EXPECT_NE(t.find("on NVIDIA H100 80GB HBM3, sm_90: T = 4096, topk = 2048"), std::string::npos) << t;
+  EXPECT_NE(t.find("| SM MHz |"), std::string::npos) << t;
+  EXPECT_EQ(line_starting(t, "| 128 | 8192 "), "| 128 | 8192 | 4.000 | 500 | 62.5% | 1650 | 5.00 | 400 | 1.25x |") << t;
+  EXPECT_EQ(line_starting(t, "| 64 | 32768 "), "| 64 | 32768 | 2.000 | 500 | 62.5% | - | 1.50 | 667 | 0.75x |") << t;
+  EXPECT_NE(t.find("2 * H * 1088 * valid indices"), std::string::npos) << t;
+}
+
+TEST(Report, SweepJsonParsesBack) {
+  const auto j = nlohmann::json::parse(format_sweep_json(sweep_sample()));
+  EXPECT_EQ(j["kernel"], "sm90");
+  EXPECT_EQ(j["tokens"], 4096);
+  ASSERT_EQ(j["rows"].size(), 2u);
+  EXPECT_EQ(j["rows"][0]["num_heads"], 128);
+  EXPECT_EQ(j["rows"][0]["s_kv"], 8192);
+  EXPECT_DOUBLE_EQ(j["rows"][0]["tflops"].get<double>(), 500.0);
+  EXPECT_DOUBLE_EQ(j["rows"][0]["pct_peak"].get<double>(), 62.5);
+  EXPECT_DOUBLE_EQ(j["rows"][0]["sm_mhz"].get<double>(), 1650.0);
+  EXPECT_DOUBLE_EQ(j["rows"][0]["flashmla_over_ours"].get<double>(), 1.25);
+  EXPECT_DOUBLE_EQ(j["rows"][0]["min_ms"].get<double>(), 3.9);
+  EXPECT_TRUE(j["rows"][1]["sm_mhz"].is_null());
+  EXPECT_DOUBLE_EQ(j["rows"][1]["flashmla_over_ours"].get<double>(), 0.75);
+}
+
+TEST(Report, SweepCsvHasOneRowPerCell) {
+  const auto ls = lines(format_sweep_csv(sweep_sample()));
+  ASSERT_EQ(ls.size(), 3u);
+  const auto header = split_csv(ls[0]);
+  for (const auto& l : ls) EXPECT_EQ(split_csv(l).size(), header.size()) << l;
+  auto col = [&](size_t r, const std::string& name) {
+    const auto row = split_csv(ls[r]);
+    for (size_t i = 0; i < header.size(); ++i)
+      if (header[i] == name) return row[i];
+    ADD_FAILURE() << "no column " << name;
+    return std::string();
+  };
+  EXPECT_EQ(col(1, "device"), "NVIDIA H100 80GB HBM3, sm_90");
+  EXPECT_EQ(col(1, "num_heads"), "128");
+  EXPECT_EQ(std::stod(col(1, "tflops")), 500.0);
+  EXPECT_EQ(std::stod(col(1, "sm_mhz")), 1650.0);
+  EXPECT_EQ(col(2, "sm_mhz"), "");
+  EXPECT_EQ(std::stod(col(2, "flashmla_over_ours")), 0.75);
+}
+
 TEST(Report, DescribeRequests) {
   EXPECT_EQ(describe_requests(uniform_requests(64, 32768, 1)), "64x32768:1");
   EXPECT_EQ(describe_requests(parse_request_list("0:4096,32768:1")), "0:4096,32768:1");

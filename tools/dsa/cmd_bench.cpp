@@ -198,7 +198,8 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
       throw ConfigError("the sparse MLA sweep times the GPU kernel and needs the CUDA backend on a GPU; none is in use here");
     }
 #ifdef DSA_HAVE_CUDA
-    fmt::print("{}", cuda::sweep_sparse_mla(opt));
+    const SparseMlaSweep sweep = cuda::sweep_sparse_mla(opt);
+    fmt::print("{}", o.json ? format_sweep_json(sweep) : o.csv ? format_sweep_csv(sweep) : format_sweep_table(sweep));
 #endif
     return;
   }
@@ -302,10 +303,10 @@ void register_bench(CLI::App& app) {
   sub->add_flag("--list-stages", o->list_stages, "print the stage names and exit");
   sub->add_flag("--profile-once", o->profile_once, "run once without warm-up (for ncu / compute-sanitizer)");
   sub->add_flag("--graph", o->graph, "replay the step as a CUDA graph (GPU only; decode)");
-  sub->add_flag("--json", o->json, "print JSON (an array when sweeping axes)");
-  sub->add_flag("--csv", o->csv, "print CSV, one row per stage and one for the layer");
+  sub->add_flag("--json", o->json, "print JSON (an array when sweeping axes; one object for the sparse MLA sweep)");
+  sub->add_flag("--csv", o->csv, "print CSV, one row per stage and one for the layer (per cell for the sparse MLA sweep)");
   sub->add_option("--backend", o->backend, "auto (GPU when there is one), ref or cuda");
-  sub->add_flag("--sweep-sparse-mla", o->sweep_sparse_mla, "standalone sparse MLA sweep (s_kv x H) beside FlashMLA's published numbers (GPU)");
+  sub->add_flag("--sweep-sparse-mla", o->sweep_sparse_mla, "standalone sparse MLA sweep (s_kv x H) beside FlashMLA's numbers, with the SM clock per cell (GPU)");
   sub->add_flag("--sweep", o->sweep, "with --stage sparse_mla: the same sweep");
   sub->callback([o, sub] { run_bench(*o, *sub); });
 }

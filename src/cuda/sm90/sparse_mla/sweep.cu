@@ -4,12 +4,10 @@
 // numbers measured on an H100 80GB HBM3 (issue 6).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <fmt/format.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <random>
-#include <string>
 #include <vector>
 
 #include "cuda/check.cuh"
@@ -56,7 +54,7 @@ double probe_mhz(const unsigned long long (&h)[6]) {
 
 }  // namespace
 
-std::string sweep_sparse_mla(const BenchOptions& opt) {
+SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
   int dev = 0;
   DSA_CUDA_CHECK(cudaGetDevice(&dev));
   cudaDeviceProp prop{};
@@ -91,13 +89,16 @@ std::string sweep_sparse_mla(const BenchOptions& opt) {
   p.T = kT;
   p.topk = kTopk;
   p.softmax_scale = 0.1352338f;
-  const char* kernel = "simple";
-
-  std::string table = fmt::format(
-      "Sparse MLA prefill sweep on {}: T = {}, topk = {}, d_qk = {}, d_v = {}, median of {} runs after {} warm-up\n"
-      "| H | s_kv | ours ms | ours TFLOP/s | % of {:.0f} | SM MHz | FlashMLA ms | FlashMLA TFLOP/s | FlashMLA / ours |\n"
-      "|---|---|---|---|---|---|---|---|---|\n",
-      prop.name, kT, kTopk, kDqk, kDv, opt.iters, opt.warmup, kPeakTflops);
+  SparseMlaSweep sweep;
+  sweep.device = prop.name;
+  sweep.kernel = "simple";
+  sweep.tokens = kT;
+  sweep.topk = kTopk;
+  sweep.d_qk = kDqk;
+  sweep.d_v = kDv;
+  sweep.warmup = opt.warmup;
+  sweep.iters = std::max(1, opt.iters);
+  sweep.peak_tflops = kPeakTflops;
   for (int hi = 0; hi < 2; ++hi) {
     const int H = hi == 0 ? 128 : 64;
     for (int si = 0; si < 5; ++si) {
@@ -108,7 +109,7 @@ std::string sweep_sparse_mla(const BenchOptions& opt) {
       p.num_heads = H;
       p.stride_q_t = static_cast<int64_t>(H) * kDqk;
       p.num_slots = s_kv;
-      kernel = sparse_mla_sm90_can_implement(p) ? "sm90" : "simple";
+      sweep.kernel = sparse_mla_sm90_can_implement(p) ? "sm90" : "simple";
       for (int i = 0; i < opt.warmup; ++i) sparse_mla(p);
       std::vector<float> ms;
       sm_clock_probe<<<1, 1, 0, p.stream>>>(probe.p);
@@ -126,24 +127,22 @@ std::string sweep_sparse_mla(const BenchOptions& opt) {
       DSA_CHECK_LAUNCH("sm_clock_probe");
       unsigned long long h[6];
       DSA_CUDA_CHECK(cudaMemcpy(h, probe.p, sizeof h, cudaMemcpyDeviceToHost));
-      const double mhz = probe_mhz(h);
       std::sort(ms.begin(), ms.end());
-      const double med = ms[ms.size() / 2];
-      const double flops = 2.0 * H * (kDqk + kDv) * static_cast<double>(valid);
-      const double tflops = flops / (med * 1e-3) / 1e12;
-      const double fm = kFlashMlaMs[hi][si];
-      table += fmt::format("| {} | {} | {:.3f} | {:.0f} | {:.1f}% | {} | {:.2f} | {:.0f} | {:.2f}x |\n", H, s_kv, med, tflops,
-                           100.0 * tflops / kPeakTflops, mhz > 0 ? fmt::format("{:.0f}", mhz) : std::string("-"), fm,
-                           flops / (fm * 1e-3) / 1e12, fm / med);
+      SparseMlaSweepRow row;
+      row.num_heads = H;
+      row.s_kv = s_kv;
+      row.median_ms = ms[ms.size() / 2];
+      row.min_ms = ms.front();
+      row.max_ms = ms.back();
+      row.flops = 2.0 * H * (kDqk + kDv) * static_cast<double>(valid);
+      row.sm_mhz = probe_mhz(h);
+      row.flashmla_ms = kFlashMlaMs[hi][si];
+      sweep.rows.push_back(row);
     }
   }
   DSA_CUDA_CHECK(cudaEventDestroy(e0));
   DSA_CUDA_CHECK(cudaEventDestroy(e1));
-  table += fmt::format(
-      "kernel: {}; FLOPs = 2 * H * 1088 * valid indices; SM MHz: average SM clock over the timed runs (clock64 / "
-      "globaltimer); FlashMLA from issue 6 (H100 80GB HBM3, clock not recorded)\n",
-      kernel);
-  return table;
+  return sweep;
 }
 
 }  // namespace dsa::cuda
