@@ -318,9 +318,9 @@ int main(int argc, char** argv) {
           CK(cudaDeviceSynchronize());
           std::vector<float> ms;
           static unsigned long long* probe = nullptr;
-          const bool clock = std::getenv("CLOCK_PROBE") != nullptr;
-          if (clock && !probe) CK(cudaMalloc(&probe, 6 * 8));
-          if (clock) clock_probe<<<1, 1>>>(probe);
+          const bool probe_clock = std::getenv("CLOCK_PROBE") != nullptr;
+          if (probe_clock && !probe) CK(cudaMalloc(&probe, 6 * 8));
+          if (probe_clock) clock_probe<<<1, 1>>>(probe);
           for (int it = 0; it < iters; ++it) {
             CK(cudaEventRecord(e0));
             variants[v].run(p);
@@ -330,7 +330,7 @@ int main(int argc, char** argv) {
             CK(cudaEventElapsedTime(&m, e0, e1));
             ms.push_back(m);
           }
-          if (clock) {
+          if (probe_clock) {
             clock_probe<<<1, 1>>>(probe + 3);
             unsigned long long h[6];
             CK(cudaMemcpy(h, probe, sizeof h, cudaMemcpyDeviceToHost));
