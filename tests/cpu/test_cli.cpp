@@ -78,6 +78,11 @@ TEST(Cli, BenchRejectsBadFlags) {
   expect_rejected("bench --json --csv", {"choose one"});
   expect_rejected("bench --sweep --backend ref", {"--stage sparse_mla"});
   expect_rejected("bench --sweep-sparse-mla --backend ref", {"needs the CUDA backend"});
+  expect_rejected("bench --sweep-sparse-mla -a num_heads=64", {"--axis does not apply", "fixed grid", "--iters"});
+  expect_rejected("bench --sweep-sparse-mla --num-heads 64", {"--num-heads does not apply"});
+  expect_rejected("bench --sweep-sparse-mla --new 128", {"--new does not apply"});
+  expect_rejected("bench --sweep-sparse-mla --stage topk", {"--stage does not apply"});
+  expect_rejected("bench --stage sparse_mla --sweep --profile-once", {"--profile-once does not apply"});
   expect_rejected("bench --tokens 4 --new 4", {"--tokens and --new"});
   expect_rejected("bench -a bogus=1,2", {"axis 'bogus' is not known", "num_heads"});
   expect_rejected("bench -a new=1,x", {"value 'x' is not an integer"});

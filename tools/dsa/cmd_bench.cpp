@@ -194,6 +194,20 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
     throw ConfigError("--graph replays the step as a CUDA graph and needs the CUDA backend; drop --graph or run on a GPU");
   }
   if (sweep_mla) {
+    // The sweep is issue 6's fixed grid; a shape or config flag given with it
+    // would be silently ignored, so it is refused instead.
+    static const std::vector<std::string> applies = {"iters", "warmup", "seed",  "json", "csv",
+                                                     "backend", "sweep-sparse-mla", "sweep", "stage", "help"};
+    for (const CLI::Option* opt : sub.get_options()) {
+      if (opt->count() == 0 || opt->get_lnames().empty()) continue;
+      const std::string& name = opt->get_lnames().front();
+      if (std::find(applies.begin(), applies.end(), name) == applies.end() || (name == "stage" && o.stage != "sparse_mla")) {
+        throw ConfigError(fmt::format(
+            "--{} does not apply to the sparse MLA sweep, which runs issue 6's fixed grid (T = 4096, topk 2048, H 64 "
+            "and 128, five context lengths); drop it (the sweep takes --iters, --warmup, --seed, --json, --csv)",
+            name));
+      }
+    }
     if (backend != Backend::Cuda) {
       throw ConfigError("the sparse MLA sweep times the GPU kernel and needs the CUDA backend on a GPU; none is in use here");
     }
