@@ -76,7 +76,8 @@ void launch_sparse_mla_sm90(const SparseMlaParams& p);
 constexpr int kMaxParts = 16;
 // Per part: O [2 warpgroups][32 chunks][128 threads][4] fp32 in the
 // accumulator layout (unnormalized), then (max, sum) per head row.
-constexpr size_t kPartFloats = 2 * 32 * 128 * 4 + BLOCK_H * 2;
+constexpr size_t kPartOFloats = 2 * 32 * 128 * 4;
+constexpr size_t kPartFloats = kPartOFloats + BLOCK_H * 2;
 struct TailSplit {
   uint32_t num_full = 0;  // items run whole (a multiple of the grid)
   int parts = 0;          // 0: no split; else parts per leftover item

@@ -86,6 +86,21 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// lse (natural log) and, when asked for, the row max of head rows row0 and
+// row1 from their running max (log2 domain) and sum; a row with nothing
+// valid (sum 0) gets lse +inf and max -inf. Used by the epilogue and by the
+// combine kernel of split items.
+__device__ __forceinline__ void store_row_stats(const SparseMlaParams& p, int64_t row0, int64_t row1, float m0, float m1,
+                                                float l0, float l1) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  p.lse[row0] = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : INFINITY;
+  p.lse[row1] = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : INFINITY;
+  if (p.row_max) {
+    p.row_max[row0] = l0 > 0.f ? m0 * kLn2 : -INFINITY;
+    p.row_max[row1] = l1 > 0.f ? m1 * kLn2 : -INFINITY;
+  }
+}
+
 // Shared-memory matrix descriptors, 128-byte swizzle. K-major: rows of 64
 // bf16 along K, 8-row groups 1024 B apart (SBO); LBO unused. MN-major (the V
 // view of a KV tile): 64 contiguous N values per 128-byte row, one row per K,
@@ -611,7 +626,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 #pragma unroll
       for (int c = 0; c < 32; ++c) wo[c * 128] = make_float4(o[4 * c], o[4 * c + 1], o[4 * c + 2], o[4 * c + 3]);
       if (w == 0 && (lane & 3) == 0) {
-        float2* ml = reinterpret_cast<float2*>(ws + 2 * 32 * 128 * 4);
+        float2* ml = reinterpret_cast<float2*>(ws + kPartOFloats);
         ml[r0] = make_float2(rm0, lt0);
         ml[r1] = make_float2(rm1, lt1);
       }
@@ -660,15 +675,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(out1 + m * 32), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3])
                    : "memory");
     }
-    if (w == 0 && (lane & 3) == 0) {
-      constexpr float kLn2 = 0.6931471805599453f;
-      p.lse[row0] = lt0 > 0.f ? (rm0 + __log2f(lt0)) * kLn2 : INFINITY;
-      p.lse[row1] = lt1 > 0.f ? (rm1 + __log2f(lt1)) * kLn2 : INFINITY;
-      if (p.row_max) {
-        p.row_max[row0] = lt0 > 0.f ? rm0 * kLn2 : -INFINITY;
-        p.row_max[row1] = lt1 > 0.f ? rm1 * kLn2 : -INFINITY;
-      }
-    }
+    if (w == 0 && (lane & 3) == 0) store_row_stats(p, row0, row1, rm0, rm1, lt0, lt1);
     // Q's space is released at the top of an item's last pair (after its
     // last Q K^T), or here when the item had no pairs.
     if (num_pairs_of_item == 0) mbar_arrive(q_free);
@@ -854,7 +861,7 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_co
   const int t = threadIdx.x, lane = t & 31;
   const int r0 = (t >> 5) * 16 + (lane >> 2), r1 = r0 + 8, q = lane & 3;
   const float* ws = p.workspace + static_cast<size_t>(k) * split.parts * kPartFloats;
-  constexpr int kMl = 2 * 32 * 128 * 4;
+  constexpr int kMl = kPartOFloats;
   float m0 = -INFINITY, m1 = -INFINITY;
   for (int u = 0; u < split.parts; ++u) {
     const float2* ml = reinterpret_cast<const float2*>(ws + u * kPartFloats + kMl);
@@ -884,15 +891,7 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_co
   const int col = w * 256 + c * 8 + q * 2;
   *reinterpret_cast<uint32_t*>(p.out + row0 * D_V + col) = pack_bf16(acc.x * inv0, acc.y * inv0);
   *reinterpret_cast<uint32_t*>(p.out + row1 * D_V + col) = pack_bf16(acc.z * inv1, acc.w * inv1);
-  if (w == 0 && c == 0 && q == 0) {
-    constexpr float kLn2 = 0.6931471805599453f;
-    p.lse[row0] = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : INFINITY;
-    p.lse[row1] = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : INFINITY;
-    if (p.row_max) {
-      p.row_max[row0] = l0 > 0.f ? m0 * kLn2 : -INFINITY;
-      p.row_max[row1] = l1 > 0.f ? m1 * kLn2 : -INFINITY;
-    }
-  }
+  if (w == 0 && c == 0 && q == 0) store_row_stats(p, row0, row1, m0, m1, l0, l1);
 }
 
 template <int kHeadGroups, int kDiag = 0, int kFlags = -1>

@@ -29,29 +29,6 @@ struct Dev {
   Dev& operator=(const Dev&) = delete;
 };
 
-// The average SM clock over a cell's timed runs: one thread reads
-// %globaltimer, clock64() and %smid before the first run and after the last.
-// Under this load the H100 holds its clock well below the 1980 MHz maximum
-// (power), and lower the longer the load lasts, which is most of the spread
-// between sweeps; the column says what clock a row was measured at.
-__global__ void sm_clock_probe(unsigned long long* out) {
-  unsigned long long g = 0;
-  unsigned s = 0;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g));
-  const unsigned long long c = clock64();
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
-  out[0] = g;
-  out[1] = c;
-  out[2] = s;
-}
-
-// MHz from two probes; clock64() counters of different SMs are not aligned,
-// so a pair that ran on two SMs gives no figure (0).
-double probe_mhz(const unsigned long long (&h)[6]) {
-  if (h[2] != h[5] || h[3] <= h[0] || h[4] <= h[1]) return 0.0;
-  return static_cast<double>(h[4] - h[1]) * 1e3 / static_cast<double>(h[3] - h[0]);
-}
-
 }  // namespace
 
 SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {

@@ -34,6 +34,29 @@ static __global__ void fill_random_bf16(__nv_bfloat16* x, int64_t n, uint64_t se
   }
 }
 
+// The average SM clock over a stretch of stream work: one thread reads
+// %globaltimer, clock64() and %smid into out[0..2]; launch it before the
+// work (out) and after it (out + 3). Under this kernel's load the H100 holds
+// its clock well below the 1980 MHz maximum (power), and lower the longer
+// the load lasts, which is most of the spread between sweeps.
+static __global__ void sm_clock_probe(unsigned long long* out) {
+  unsigned long long g = 0;
+  unsigned s = 0;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g));
+  const unsigned long long c = clock64();
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+  out[0] = g;
+  out[1] = c;
+  out[2] = s;
+}
+
+// MHz from the two probes; clock64() counters of different SMs are not
+// aligned, so a pair that ran on two SMs gives no figure (0).
+inline double probe_mhz(const unsigned long long (&h)[6]) {
+  if (h[2] != h[5] || h[3] <= h[0] || h[4] <= h[1]) return 0.0;
+  return static_cast<double>(h[4] - h[1]) * 1e3 / static_cast<double>(h[3] - h[0]);
+}
+
 // Query t sits at position p = s_kv - T + t and picks min(topk, p + 1)
 // distinct positions in [0, p] (slot = position), random order, -1 padded.
 inline std::vector<int32_t> make_indices(int64_t s_kv, uint64_t seed, int64_t* valid_total) {

@@ -67,20 +67,6 @@ void launch_sort(const SparseMlaParams& p, int32_t* sorted, int buckets = 0) {
 }
 }  // namespace
 
-// CLOCK_PROBE=1: the SM clock over a variant's timed launches, from
-// clock64() and %globaltimer read by one thread before and after (both
-// reads on the same SM, or the pair is dropped).
-__global__ void clock_probe(unsigned long long* out) {
-  unsigned long long g, c;
-  unsigned s;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(g));
-  c = clock64();
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
-  out[0] = g;
-  out[1] = c;
-  out[2] = s;
-}
-
 // SMID_PROBE=1: which SM each CTA of a persistent-size grid lands on (same
 // block size and shared memory as the kernel), to relate the sweep's
 // per-process modes to where the two CTAs of a token (H = 128) run.
@@ -320,7 +306,8 @@ int main(int argc, char** argv) {
           static unsigned long long* probe = nullptr;
           const bool probe_clock = std::getenv("CLOCK_PROBE") != nullptr;
           if (probe_clock && !probe) CK(cudaMalloc(&probe, 6 * 8));
-          if (probe_clock) clock_probe<<<1, 1>>>(probe);
+          // CLOCK_PROBE=1: the SM clock over the round's timed launches.
+          if (probe_clock) sm_clock_probe<<<1, 1>>>(probe);
           for (int it = 0; it < iters; ++it) {
             CK(cudaEventRecord(e0));
             variants[v].run(p);
@@ -331,13 +318,12 @@ int main(int argc, char** argv) {
             ms.push_back(m);
           }
           if (probe_clock) {
-            clock_probe<<<1, 1>>>(probe + 3);
+            sm_clock_probe<<<1, 1>>>(probe + 3);
             unsigned long long h[6];
             CK(cudaMemcpy(h, probe, sizeof h, cudaMemcpyDeviceToHost));
-            if (h[2] == h[5] && h[3] > h[0])
+            if (const double mhz = probe_mhz(h); mhz > 0)
               std::printf("clock %s H=%d s_kv=%ld round %d: %.0f MHz over %.2f ms\n", variants[v].name, H,
-                          static_cast<long>(s_kv), round, double(h[4] - h[1]) * 1e3 / double(h[3] - h[0]),
-                          double(h[3] - h[0]) * 1e-6);
+                          static_cast<long>(s_kv), round, mhz, double(h[3] - h[0]) * 1e-6);
           }
           std::sort(ms.begin(), ms.end());
           per_round[v].push_back(ms[ms.size() / 2]);
