@@ -18,6 +18,13 @@ struct BenchOptions {
   bool profile_once = false;  // run once, no warm-up (for ncu / compute-sanitizer)
   bool cuda_graph = false;    // replay the step as a CUDA graph (decode)
   uint64_t seed = 1;
+  // Sparse MLA sweep only: how a cell is timed. "sustained" (default):
+  // `warmup` runs, then `iters` back-to-back timed runs on a warm L2.
+  // "flashmla": FlashMLA's prefill benchmark (tests/test_flash_mla_prefill.py):
+  // 0.2 s idle before each cell, then triton.testing.do_bench(warmup=10 ms,
+  // rep=20 ms), which clears L2 with a 256 MB memset before each timed run
+  // and sizes the run counts from a 5-run estimate (warmup / iters unused).
+  std::string protocol = "sustained";
 };
 
 struct StageResult {
@@ -68,11 +75,14 @@ struct SparseMlaSweepRow {
   int64_t s_kv = 0;
   double median_ms = 0, min_ms = 0, max_ms = 0;
   double flops = 0;        // 2 * H * (d_qk + d_v) * valid indices
+  double mean_ms = 0;      // what triton.testing.do_bench reports
+  int warmup = 0, runs = 0;  // untimed and timed runs of this cell
   double sm_mhz = 0;       // average SM clock over the timed runs; 0 when not measured
   double flashmla_ms = 0;  // issue 6's figure for the cell (H100 80GB HBM3)
 };
 struct SparseMlaSweep {
   std::string device, kernel;
+  std::string protocol = "sustained";  // BenchOptions::protocol
   int tokens = 0, topk = 0, d_qk = 0, d_v = 0, warmup = 0, iters = 0;
   double peak_tflops = 0;  // for the "% of peak" column
   std::vector<SparseMlaSweepRow> rows;

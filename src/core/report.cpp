@@ -187,14 +187,22 @@ std::string format_csv(const BenchResult& r, bool header) {
 
 namespace {
 double sweep_tflops(double flops, double ms) { return ms > 0 ? flops / (ms * 1e-3) / 1e12 : 0.0; }
+// How the cells were timed, in words (BenchOptions::protocol).
+std::string sweep_protocol_words(const SparseMlaSweep& s) {
+  if (s.protocol == "flashmla") {
+    return "FlashMLA's benchmark protocol: 0.2 s idle per cell, then triton.testing.do_bench(warmup=10 ms, rep=20 ms) "
+           "with L2 cleared by a 256 MB memset before each timed run; median of the timed runs";
+  }
+  return fmt::format("median of {} back-to-back runs after {} warm-up, L2 not cleared", s.iters, s.warmup);
+}
 }  // namespace
 
 std::string format_sweep_table(const SparseMlaSweep& s) {
   std::string out = fmt::format(
-      "Sparse MLA prefill sweep on {}: T = {}, topk = {}, d_qk = {}, d_v = {}, median of {} runs after {} warm-up\n"
+      "Sparse MLA prefill sweep on {}: T = {}, topk = {}, d_qk = {}, d_v = {}, {}\n"
       "| H | s_kv | ours ms | ours TFLOP/s | % of {:.0f} | SM MHz | FlashMLA ms | FlashMLA TFLOP/s | FlashMLA / ours |\n"
       "|---|---|---|---|---|---|---|---|---|\n",
-      s.device, s.tokens, s.topk, s.d_qk, s.d_v, s.iters, s.warmup, s.peak_tflops);
+      s.device, s.tokens, s.topk, s.d_qk, s.d_v, sweep_protocol_words(s), s.peak_tflops);
   for (const SparseMlaSweepRow& r : s.rows) {
     const double t = sweep_tflops(r.flops, r.median_ms);
     out += fmt::format("| {} | {} | {:.3f} | {:.0f} | {:.1f}% | {} | {:.2f} | {:.0f} | {:.2f}x |\n", r.num_heads, r.s_kv,
@@ -214,6 +222,7 @@ std::string format_sweep_json(const SparseMlaSweep& s) {
   json j;
   j["device"] = s.device;
   j["kernel"] = s.kernel;
+  j["protocol"] = s.protocol;
   j["tokens"] = s.tokens;
   j["topk"] = s.topk;
   j["d_qk"] = s.d_qk;
@@ -229,6 +238,9 @@ std::string format_sweep_json(const SparseMlaSweep& s) {
                     {"median_ms", r.median_ms},
                     {"min_ms", r.min_ms},
                     {"max_ms", r.max_ms},
+                    {"mean_ms", r.mean_ms},
+                    {"warmup", r.warmup},
+                    {"runs", r.runs},
                     {"flops", r.flops},
                     {"tflops", t},
                     {"pct_peak", s.peak_tflops > 0 ? json(100.0 * t / s.peak_tflops) : json(nullptr)},
@@ -242,12 +254,13 @@ std::string format_sweep_json(const SparseMlaSweep& s) {
 
 std::string format_sweep_csv(const SparseMlaSweep& s) {
   std::string out =
-      "device,kernel,tokens,topk,num_heads,s_kv,median_ms,min_ms,max_ms,flops,tflops,pct_peak,sm_mhz,flashmla_ms,"
-      "flashmla_over_ours\n";
+      "device,kernel,protocol,tokens,topk,num_heads,s_kv,median_ms,min_ms,max_ms,mean_ms,warmup,runs,flops,tflops,pct_peak,"
+      "sm_mhz,flashmla_ms,flashmla_over_ours\n";
   for (const SparseMlaSweepRow& r : s.rows) {
     const double t = sweep_tflops(r.flops, r.median_ms);
-    out += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", csv_field(s.device), csv_field(s.kernel), s.tokens,
-                       s.topk, r.num_heads, r.s_kv, num(r.median_ms), num(r.min_ms), num(r.max_ms), num(r.flops), num(t),
+    out += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", csv_field(s.device), csv_field(s.kernel),
+                       csv_field(s.protocol), s.tokens, s.topk, r.num_heads, r.s_kv, num(r.median_ms), num(r.min_ms),
+                       num(r.max_ms), num(r.mean_ms), r.warmup, r.runs, num(r.flops), num(t),
                        s.peak_tflops > 0 ? num(100.0 * t / s.peak_tflops) : std::string(),
                        r.sm_mhz > 0 ? num(r.sm_mhz) : std::string(), num(r.flashmla_ms),
                        r.median_ms > 0 ? num(r.flashmla_ms / r.median_ms) : std::string());

@@ -83,6 +83,10 @@ TEST(Cli, BenchRejectsBadFlags) {
   expect_rejected("bench --sweep-sparse-mla --new 128", {"--new does not apply"});
   expect_rejected("bench --sweep-sparse-mla --stage topk", {"--stage does not apply"});
   expect_rejected("bench --stage sparse_mla --sweep --profile-once", {"--profile-once does not apply"});
+  expect_rejected("bench --protocol flashmla --backend ref", {"--protocol", "give it with --sweep-sparse-mla"});
+  expect_rejected("bench --sweep-sparse-mla --protocol fast", {"--protocol 'fast' is not known", "sustained", "flashmla"});
+  expect_rejected("bench --sweep-sparse-mla --protocol flashmla --iters 5", {"do not apply with --protocol flashmla"});
+  expect_rejected("bench --sweep-sparse-mla --protocol flashmla --backend ref", {"needs the CUDA backend"});
   expect_rejected("bench --tokens 4 --new 4", {"--tokens and --new"});
   expect_rejected("bench -a bogus=1,2", {"axis 'bogus' is not known", "num_heads"});
   expect_rejected("bench -a new=1,x", {"value 'x' is not an integer"});

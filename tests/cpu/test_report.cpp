@@ -163,7 +163,7 @@ SparseMlaSweep sweep_sample() {
   s.peak_tflops = 800;
   SparseMlaSweepRow a;
   a.num_heads = 128, a.s_kv = 8192, a.median_ms = 4, a.min_ms = 3.9, a.max_ms = 4.2, a.flops = 2e12, a.sm_mhz = 1650,
-  a.flashmla_ms = 5;
+  a.flashmla_ms = 5, a.mean_ms = 4.05, a.warmup = 3, a.runs = 20;
   SparseMlaSweepRow b = a;
   b.num_heads = 64, b.s_kv = 32768, b.median_ms = 2, b.min_ms = 1.9, b.max_ms = 2.1, b.flops = 1e12, b.sm_mhz = 0,
   b.flashmla_ms = 1.5;
@@ -178,6 +178,18 @@ TEST(Report, SweepTableHasTheRatesAndTheClock) {
   EXPECT_EQ(line_starting(t, "| 128 | 8192 "), "| 128 | 8192 | 4.000 | 500 | 62.5% | 1650 | 5.00 | 400 | 1.25x |") << t;
   EXPECT_EQ(line_starting(t, "| 64 | 32768 "), "| 64 | 32768 | 2.000 | 500 | 62.5% | - | 1.50 | 667 | 0.75x |") << t;
   EXPECT_NE(t.find("2 * H * 1088 * valid indices"), std::string::npos) << t;
+  EXPECT_NE(t.find("median of 20 back-to-back runs after 3 warm-up, L2 not cleared"), std::string::npos) << t;
+}
+
+TEST(Report, SweepTableNamesTheFlashMlaProtocol) {
+  SparseMlaSweep s = sweep_sample();
+  s.protocol = "flashmla";
+  const std::string t = format_sweep_table(s);
+  EXPECT_NE(t.find("0.2 s idle per cell, then triton.testing.do_bench(warmup=10 ms, rep=20 ms)"), std::string::npos) << t;
+  EXPECT_NE(t.find("L2 cleared by a 256 MB memset before each timed run"), std::string::npos) << t;
+  EXPECT_EQ(t.find("back-to-back"), std::string::npos) << t;
+  const auto j = nlohmann::json::parse(format_sweep_json(s));
+  EXPECT_EQ(j["protocol"], "flashmla");
 }
 
 TEST(Report, SweepJsonParsesBack) {
@@ -192,6 +204,10 @@ TEST(Report, SweepJsonParsesBack) {
   EXPECT_DOUBLE_EQ(j["rows"][0]["sm_mhz"].get<double>(), 1650.0);
   EXPECT_DOUBLE_EQ(j["rows"][0]["flashmla_over_ours"].get<double>(), 1.25);
   EXPECT_DOUBLE_EQ(j["rows"][0]["min_ms"].get<double>(), 3.9);
+  EXPECT_DOUBLE_EQ(j["rows"][0]["mean_ms"].get<double>(), 4.05);
+  EXPECT_EQ(j["rows"][0]["runs"], 20);
+  EXPECT_EQ(j["rows"][0]["warmup"], 3);
+  EXPECT_EQ(j["protocol"], "sustained");
   EXPECT_TRUE(j["rows"][1]["sm_mhz"].is_null());
   EXPECT_DOUBLE_EQ(j["rows"][1]["flashmla_over_ours"].get<double>(), 0.75);
 }
@@ -213,6 +229,9 @@ TEST(Report, SweepCsvHasOneRowPerCell) {
   EXPECT_EQ(std::stod(col(1, "tflops")), 500.0);
   EXPECT_EQ(std::stod(col(1, "sm_mhz")), 1650.0);
   EXPECT_EQ(col(2, "sm_mhz"), "");
+  EXPECT_EQ(col(1, "protocol"), "sustained");
+  EXPECT_EQ(std::stod(col(1, "mean_ms")), 4.05);
+  EXPECT_EQ(col(1, "runs"), "20");
   EXPECT_EQ(std::stod(col(2, "flashmla_over_ours")), 0.75);
 }
 

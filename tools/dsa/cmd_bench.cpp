@@ -37,6 +37,7 @@ struct BenchCli {
   bool profile_once = false, graph = false, json = false, csv = false;
   bool sweep = false, sweep_sparse_mla = false, list_stages = false;
   std::string backend = "auto";
+  std::string protocol;  // sparse MLA sweep only
 };
 
 // The default shape when no --new/--tokens is given: the seed's check on a
@@ -187,6 +188,20 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
   if (o.iters) opt.iters = *o.iters;
 
   const bool sweep_mla = o.sweep_sparse_mla || o.sweep;
+  if (!o.protocol.empty()) {
+    if (!sweep_mla) {
+      throw ConfigError("--protocol sets how the sparse MLA sweep times a cell; give it with --sweep-sparse-mla");
+    }
+    if (o.protocol != "sustained" && o.protocol != "flashmla") {
+      throw ConfigError(fmt::format("--protocol '{}' is not known; use sustained or flashmla", o.protocol));
+    }
+    if (o.protocol == "flashmla" && (o.iters || o.warmup)) {
+      throw ConfigError(
+          "--iters and --warmup do not apply with --protocol flashmla, which sizes its runs as triton.testing.do_bench "
+          "does (10 ms of warm-up, 20 ms of timed runs); drop them");
+    }
+    opt.protocol = o.protocol;
+  }
   if (o.sweep && o.stage != "sparse_mla") {
     throw ConfigError("--sweep is the standalone sparse MLA sweep: give it with --stage sparse_mla (or use --sweep-sparse-mla)");
   }
@@ -196,15 +211,15 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
   if (sweep_mla) {
     // The sweep is issue 6's fixed grid; a shape or config flag given with it
     // would be silently ignored, so it is refused instead.
-    static const std::vector<std::string> applies = {"iters", "warmup", "seed",  "json", "csv",
-                                                     "backend", "sweep-sparse-mla", "sweep", "stage", "help"};
+    static const std::vector<std::string> applies = {"iters", "warmup",           "seed",  "json",  "csv",     "backend",
+                                                     "protocol", "sweep-sparse-mla", "sweep", "stage", "help"};
     for (const CLI::Option* opt : sub.get_options()) {
       if (opt->count() == 0 || opt->get_lnames().empty()) continue;
       const std::string& name = opt->get_lnames().front();
       if (std::find(applies.begin(), applies.end(), name) == applies.end() || (name == "stage" && o.stage != "sparse_mla")) {
         throw ConfigError(fmt::format(
             "--{} does not apply to the sparse MLA sweep, which runs issue 6's fixed grid (T = 4096, topk 2048, H 64 "
-            "and 128, five context lengths); drop it (the sweep takes --iters, --warmup, --seed, --json, --csv)",
+            "and 128, five context lengths); drop it (the sweep takes --protocol, --iters, --warmup, --seed, --json, --csv)",
             name));
       }
     }
@@ -322,6 +337,10 @@ void register_bench(CLI::App& app) {
   sub->add_option("--backend", o->backend, "auto (GPU when there is one), ref or cuda");
   sub->add_flag("--sweep-sparse-mla", o->sweep_sparse_mla, "standalone sparse MLA sweep (s_kv x H) beside FlashMLA's numbers, with the SM clock per cell (GPU)");
   sub->add_flag("--sweep", o->sweep, "with --stage sparse_mla: the same sweep");
+  sub->add_option("--protocol", o->protocol,
+                  "how the sparse MLA sweep times a cell: sustained (default: --warmup runs, then --iters back to back, "
+                  "L2 warm) or flashmla (as FlashMLA's prefill benchmark: 0.2 s idle, then triton.testing.do_bench(warmup=10, "
+                  "rep=20), L2 cleared before each timed run)");
   sub->callback([o, sub] { run_bench(*o, *sub); });
 }
 
