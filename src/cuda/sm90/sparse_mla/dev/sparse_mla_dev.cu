@@ -47,12 +47,12 @@ struct Variant {
   std::function<void(const SparseMlaParams&)> run;
 };
 
-template <int kDiag, int kFlags = -1>
+template <int kDiag, int kFlags = -1, int kSkipMask = -1>
 void launch_diag(const SparseMlaParams& p) {
   if (p.num_heads == 64)
-    sm90_sparse_mla::launch_sparse_mla_sm90_variant<1, kDiag, kFlags>(p);
+    sm90_sparse_mla::launch_sparse_mla_sm90_variant<1, kDiag, kFlags, kSkipMask>(p);
   else
-    sm90_sparse_mla::launch_sparse_mla_sm90_variant<2, kDiag, kFlags>(p);
+    sm90_sparse_mla::launch_sparse_mla_sm90_variant<2, kDiag, kFlags, kSkipMask>(p);
 }
 // buckets > 0: about that many buckets over the cache instead of the library's 128-255.
 void launch_sort(const SparseMlaParams& p, int32_t* sorted, int buckets = 0) {
@@ -86,6 +86,11 @@ int main(int argc, char** argv) {
   if (!std::getenv("NO_DIAG")) {
     variants.push_back({"gather-only", false, launch_diag<1>});
     variants.push_back({"math-only", false, launch_diag<2>});
+  }
+  // SKIPMASK=1: the library kernel with kSkipMask forced off and on.
+  if (std::getenv("SKIPMASK")) {
+    variants.push_back({"mask always applied", true, launch_diag<0, -1, 0>});
+    variants.push_back({"mask skipped when valid", true, launch_diag<0, -1, 1>});
   }
 #ifdef DSA_DEV_CANDIDATE
   dev_candidate_variants(variants);
