@@ -87,6 +87,8 @@ struct SparseMlaSweep {
   double peak_tflops = 0;  // for the "% of peak" column
   std::vector<SparseMlaSweepRow> rows;
 };
+// Throws ConfigError unless `protocol` is one BenchOptions::protocol knows.
+void check_sweep_protocol(const std::string& protocol);
 // Rendering (src/core/report.cpp): the markdown table, JSON, CSV.
 std::string format_sweep_table(const SparseMlaSweep& s);
 std::string format_sweep_json(const SparseMlaSweep& s);

@@ -185,8 +185,26 @@ std::string format_csv(const BenchResult& r, bool header) {
 
 // ---- the sparse MLA sweep (issue 6) ------------------------------------------
 
+void check_sweep_protocol(const std::string& protocol) {
+  if (protocol != "sustained" && protocol != "flashmla") {
+    throw ConfigError(fmt::format("--protocol '{}' is not known; use sustained or flashmla", protocol));
+  }
+}
+
 namespace {
 double sweep_tflops(double flops, double ms) { return ms > 0 ? flops / (ms * 1e-3) / 1e12 : 0.0; }
+// A cell's rates, each rendering's columns; pct_peak and flashmla_over_ours
+// are absent (negative) when the peak or our time is not known.
+struct SweepRates {
+  double tflops = 0, pct_peak = -1, flashmla_over_ours = -1;
+};
+SweepRates sweep_rates(const SparseMlaSweep& s, const SparseMlaSweepRow& r) {
+  SweepRates x;
+  x.tflops = sweep_tflops(r.flops, r.median_ms);
+  if (s.peak_tflops > 0) x.pct_peak = 100.0 * x.tflops / s.peak_tflops;
+  if (r.median_ms > 0) x.flashmla_over_ours = r.flashmla_ms / r.median_ms;
+  return x;
+}
 // How the cells were timed, in words (BenchOptions::protocol).
 std::string sweep_protocol_words(const SparseMlaSweep& s) {
   if (s.protocol == "flashmla") {
@@ -204,11 +222,11 @@ std::string format_sweep_table(const SparseMlaSweep& s) {
       "|---|---|---|---|---|---|---|---|---|\n",
       s.device, s.tokens, s.topk, s.d_qk, s.d_v, sweep_protocol_words(s), s.peak_tflops);
   for (const SparseMlaSweepRow& r : s.rows) {
-    const double t = sweep_tflops(r.flops, r.median_ms);
+    const SweepRates x = sweep_rates(s, r);
     out += fmt::format("| {} | {} | {:.3f} | {:.0f} | {:.1f}% | {} | {:.2f} | {:.0f} | {:.2f}x |\n", r.num_heads, r.s_kv,
-                       r.median_ms, t, s.peak_tflops > 0 ? 100.0 * t / s.peak_tflops : 0.0,
+                       r.median_ms, x.tflops, std::max(0.0, x.pct_peak),
                        r.sm_mhz > 0 ? fmt::format("{:.0f}", r.sm_mhz) : std::string("-"), r.flashmla_ms,
-                       sweep_tflops(r.flops, r.flashmla_ms), r.median_ms > 0 ? r.flashmla_ms / r.median_ms : 0.0);
+                       sweep_tflops(r.flops, r.flashmla_ms), std::max(0.0, x.flashmla_over_ours));
   }
   out += fmt::format(
       "kernel: {}; FLOPs = 2 * H * {} * valid indices; SM MHz: average SM clock over the timed runs (clock64 / "
@@ -232,7 +250,7 @@ std::string format_sweep_json(const SparseMlaSweep& s) {
   j["peak_tflops"] = s.peak_tflops;
   json rows = json::array();
   for (const SparseMlaSweepRow& r : s.rows) {
-    const double t = sweep_tflops(r.flops, r.median_ms);
+    const SweepRates x = sweep_rates(s, r);
     rows.push_back({{"num_heads", r.num_heads},
                     {"s_kv", r.s_kv},
                     {"median_ms", r.median_ms},
@@ -242,11 +260,11 @@ std::string format_sweep_json(const SparseMlaSweep& s) {
                     {"warmup", r.warmup},
                     {"runs", r.runs},
                     {"flops", r.flops},
-                    {"tflops", t},
-                    {"pct_peak", s.peak_tflops > 0 ? json(100.0 * t / s.peak_tflops) : json(nullptr)},
+                    {"tflops", x.tflops},
+                    {"pct_peak", x.pct_peak >= 0 ? json(x.pct_peak) : json(nullptr)},
                     {"sm_mhz", r.sm_mhz > 0 ? json(r.sm_mhz) : json(nullptr)},
                     {"flashmla_ms", r.flashmla_ms},
-                    {"flashmla_over_ours", r.median_ms > 0 ? json(r.flashmla_ms / r.median_ms) : json(nullptr)}});
+                    {"flashmla_over_ours", x.flashmla_over_ours >= 0 ? json(x.flashmla_over_ours) : json(nullptr)}});
   }
   j["rows"] = rows;
   return j.dump(2) + "\n";
@@ -257,13 +275,12 @@ std::string format_sweep_csv(const SparseMlaSweep& s) {
       "device,kernel,protocol,tokens,topk,num_heads,s_kv,median_ms,min_ms,max_ms,mean_ms,warmup,runs,flops,tflops,pct_peak,"
       "sm_mhz,flashmla_ms,flashmla_over_ours\n";
   for (const SparseMlaSweepRow& r : s.rows) {
-    const double t = sweep_tflops(r.flops, r.median_ms);
+    const SweepRates x = sweep_rates(s, r);
     out += fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", csv_field(s.device), csv_field(s.kernel),
                        csv_field(s.protocol), s.tokens, s.topk, r.num_heads, r.s_kv, num(r.median_ms), num(r.min_ms),
-                       num(r.max_ms), num(r.mean_ms), r.warmup, r.runs, num(r.flops), num(t),
-                       s.peak_tflops > 0 ? num(100.0 * t / s.peak_tflops) : std::string(),
-                       r.sm_mhz > 0 ? num(r.sm_mhz) : std::string(), num(r.flashmla_ms),
-                       r.median_ms > 0 ? num(r.flashmla_ms / r.median_ms) : std::string());
+                       num(r.max_ms), num(r.mean_ms), r.warmup, r.runs, num(r.flops), num(x.tflops),
+                       x.pct_peak >= 0 ? num(x.pct_peak) : std::string(), r.sm_mhz > 0 ? num(r.sm_mhz) : std::string(),
+                       num(r.flashmla_ms), x.flashmla_over_ours >= 0 ? num(x.flashmla_over_ours) : std::string());
   }
   return out;
 }

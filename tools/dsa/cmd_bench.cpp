@@ -192,9 +192,7 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
     if (!sweep_mla) {
       throw ConfigError("--protocol sets how the sparse MLA sweep times a cell; give it with --sweep-sparse-mla");
     }
-    if (o.protocol != "sustained" && o.protocol != "flashmla") {
-      throw ConfigError(fmt::format("--protocol '{}' is not known; use sustained or flashmla", o.protocol));
-    }
+    check_sweep_protocol(o.protocol);
     if (o.protocol == "flashmla" && (o.iters || o.warmup)) {
       throw ConfigError(
           "--iters and --warmup do not apply with --protocol flashmla, which sizes its runs as triton.testing.do_bench "

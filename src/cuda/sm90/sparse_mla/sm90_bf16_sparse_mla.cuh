@@ -914,10 +914,10 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_co
 // memcheck and the acceptance sweeps, so not yet the library's choice.
 constexpr bool kSkipMaskDefault = false;
 
-// kSkipMask (dev bench): -1 the library's choice, 0 / 1 force kSkipMask off / on.
-template <int kHeadGroups, int kDiag = 0, int kFlags = -1, int kSkipMask = -1>
+// kSkipMaskChoice (dev bench): -1 the library's choice, 0 / 1 force the kernel's kSkipMask off / on.
+template <int kHeadGroups, int kDiag = 0, int kFlags = -1, int kSkipMaskChoice = -1>
 void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
-  constexpr bool skip = kSkipMask < 0 ? kSkipMaskDefault : kSkipMask != 0;
+  constexpr bool skip = kSkipMaskChoice < 0 ? kSkipMaskDefault : kSkipMaskChoice != 0;
   int dev = 0, sms = 0, l2_bytes = 0;
   DSA_CUDA_CHECK(cudaGetDevice(&dev));
   DSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));

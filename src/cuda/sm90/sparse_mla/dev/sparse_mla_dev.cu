@@ -47,20 +47,23 @@ struct Variant {
   std::function<void(const SparseMlaParams&)> run;
 };
 
-template <int kDiag, int kFlags = -1, int kSkipMask = -1>
+template <int kDiag, int kFlags = -1, int kSkipMaskChoice = -1>
 void launch_diag(const SparseMlaParams& p) {
   if (p.num_heads == 64)
-    sm90_sparse_mla::launch_sparse_mla_sm90_variant<1, kDiag, kFlags, kSkipMask>(p);
+    sm90_sparse_mla::launch_sparse_mla_sm90_variant<1, kDiag, kFlags, kSkipMaskChoice>(p);
   else
-    sm90_sparse_mla::launch_sparse_mla_sm90_variant<2, kDiag, kFlags, kSkipMask>(p);
+    sm90_sparse_mla::launch_sparse_mla_sm90_variant<2, kDiag, kFlags, kSkipMaskChoice>(p);
 }
-// buckets > 0: about that many buckets over the cache instead of the library's 128-255.
+// The library's pre-pass; buckets > 0: about that many buckets over the
+// cache instead of the library's 128-255 (same grid as its launcher).
 void launch_sort(const SparseMlaParams& p, int32_t* sorted, int buckets = 0) {
   using namespace sm90_sparse_mla;
-  const int64_t grid = std::min<int64_t>(p.T, 132 * 4);  // as the launcher: 64 registers, 4 blocks per SM
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  if (buckets <= 0) return launch_sort_indices(p, sorted, sms);
   int shift = sort_bucket_shift(p.num_slots);
-  if (buckets > 0)
-    while (((p.num_slots - 1) >> shift) + 1 > buckets) ++shift;
+  while (((p.num_slots - 1) >> shift) + 1 > buckets) ++shift;
+  const int64_t grid = std::min<int64_t>(p.T, static_cast<int64_t>(sms) * 4);
   sort_indices_kernel<<<grid, kSortThreads, 0, p.stream>>>(p.indices, p.valid_len, p.T, p.topk, p.num_slots,
                                                            shift, sorted);
   CK(cudaGetLastError());
@@ -247,30 +250,28 @@ int main(int argc, char** argv) {
       auto idx = make_indices(s_kv, 1, &valid);
       CK(cudaMemcpy(indices, idx.data(), idx.size() * 4, cudaMemcpyHostToDevice));
       if (idx_alt[0]) {
-        {
-          std::vector<int32_t> alt = idx;
-          const int shift = sm90_sparse_mla::sort_bucket_shift(s_kv);
-          auto key = [shift](int32_t v) -> uint32_t { return v < 0 ? 256u : static_cast<uint32_t>(v) >> shift; };
-          for (int t = 0; t < kT; ++t) {
-            int32_t* row = alt.data() + size_t(t) * kTopk;
-            std::stable_sort(row, row + kTopk, [&](int32_t x, int32_t y) { return key(x) < key(y); });
-          }
-          CK(cudaMemcpy(idx_alt[0], alt.data(), alt.size() * 4, cudaMemcpyHostToDevice));
-          SparseMlaParams sp;
-          sp.indices = indices;
-          sp.T = kT;
-          sp.topk = kTopk;
-          sp.num_slots = s_kv;
-          CK(cudaMemset(idx_alt[1], 0x7f, alt.size() * 4));
-          launch_sort(sp, idx_alt[1]);
-          std::vector<int32_t> dev_sorted(alt.size());
-          CK(cudaMemcpy(dev_sorted.data(), idx_alt[1], alt.size() * 4, cudaMemcpyDeviceToHost));
-          size_t diff = 0;
-          for (size_t i = 0; i < alt.size(); ++i) diff += dev_sorted[i] != alt[i];
-          char buf[120];
-          std::snprintf(buf, sizeof buf, "sort kernel vs host stable sort, s_kv %ld: %zu entries differ", static_cast<long>(s_kv), diff);
-          notes.push_back(buf);
+        std::vector<int32_t> alt = idx;
+        const int shift = sm90_sparse_mla::sort_bucket_shift(s_kv);
+        auto key = [shift](int32_t v) -> uint32_t { return v < 0 ? 256u : static_cast<uint32_t>(v) >> shift; };
+        for (int t = 0; t < kT; ++t) {
+          int32_t* row = alt.data() + size_t(t) * kTopk;
+          std::stable_sort(row, row + kTopk, [&](int32_t x, int32_t y) { return key(x) < key(y); });
         }
+        CK(cudaMemcpy(idx_alt[0], alt.data(), alt.size() * 4, cudaMemcpyHostToDevice));
+        SparseMlaParams sp;
+        sp.indices = indices;
+        sp.T = kT;
+        sp.topk = kTopk;
+        sp.num_slots = s_kv;
+        CK(cudaMemset(idx_alt[1], 0x7f, alt.size() * 4));
+        launch_sort(sp, idx_alt[1]);
+        std::vector<int32_t> dev_sorted(alt.size());
+        CK(cudaMemcpy(dev_sorted.data(), idx_alt[1], alt.size() * 4, cudaMemcpyDeviceToHost));
+        size_t diff = 0;
+        for (size_t i = 0; i < alt.size(); ++i) diff += dev_sorted[i] != alt[i];
+        char buf[120];
+        std::snprintf(buf, sizeof buf, "sort kernel vs host stable sort, s_kv %ld: %zu entries differ", static_cast<long>(s_kv), diff);
+        notes.push_back(buf);
       }
       SparseMlaParams p;
       p.q = q;
