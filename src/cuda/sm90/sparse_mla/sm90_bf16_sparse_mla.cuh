@@ -909,9 +909,9 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_co
   if (w == 0 && c == 0 && q == 0) store_row_stats(p, row0, row1, m0, m1, l0, l1);
 }
 
-// Measured 2-4% faster with output bit-identical (seventh session, one
-// dev-bench call; docs/performance.md); the selects are identities when every
-// bit is set, so the two paths give the same bits by construction.
+// Measured 1-4% faster with output bit-identical (dev bench, seventh and
+// eighth sessions; docs/performance.md); the selects are identities when
+// every bit is set, so the two paths give the same bits by construction.
 constexpr bool kSkipMaskDefault = true;
 
 // kSkipMaskChoice (dev bench): -1 the library's choice, 0 / 1 force the kernel's kSkipMask off / on.
