@@ -120,8 +120,10 @@ inline bool sort_wanted(int64_t num_slots, int topk, int64_t l2_bytes, int64_t i
 inline size_t sort_offset(const TailSplit& plan) { return (split_bytes(plan) + 255) / 256 * 256; }
 inline size_t sort_bytes(int64_t T, int topk) { return static_cast<size_t>(T) * topk * sizeof(int32_t); }
 // Writes p.indices reordered into sorted ([T, topk] int32, -1 for invalid
-// and masked entries, which come last) on p.stream (sort_indices.cu).
-void launch_sort_indices(const SparseMlaParams& p, int32_t* sorted, int sms);
+// and masked entries, which come last) on p.stream (sort_indices.cu); slot
+// buckets of 2^shift slots, sort_bucket_shift(p.num_slots) when shift < 0
+// (the dev bench passes coarser ones).
+void launch_sort_indices(const SparseMlaParams& p, int32_t* sorted, int sms, int shift = -1);
 // All the workspace the launcher can use for this shape.
 inline size_t workspace_bytes(int64_t T, int head_groups, int topk, int64_t num_slots, int sms, int64_t l2_bytes) {
   const int64_t items = T * head_groups;

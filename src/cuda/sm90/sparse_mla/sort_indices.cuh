@@ -26,8 +26,7 @@ namespace dsa::cuda::sm90_sparse_mla {
 
 constexpr int kSortThreads = 256;
 constexpr int kSortWarps = kSortThreads / 32;
-constexpr int kSortMaxTopk = 2048;  // V3.2's topk; each warp owns 256 consecutive positions
-static_assert(kSortMaxTopk == kSortMaxTopkPerToken, "config.h's limit is this kernel's");
+constexpr int kSortMaxTopk = kSortMaxTopkPerToken;  // V3.2's topk; each warp owns 256 consecutive positions
 constexpr int kSortBuckets = 256;
 constexpr uint32_t kSortInvalidKey = kSortBuckets - 1;  // after every slot bucket
 

@@ -92,6 +92,11 @@ SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
   EventPool events;
   auto event = [&](int i) { return events.get(static_cast<size_t>(i)); };
   cudaEvent_t e0 = event(0), e1 = event(1);
+  auto elapsed_ms = [](cudaEvent_t a, cudaEvent_t b) {
+    float m = 0;
+    DSA_CUDA_CHECK(cudaEventElapsedTime(&m, a, b));
+    return m;
+  };
 
   SparseMlaParams p;
   p.q = q.p;
@@ -140,9 +145,7 @@ SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
         }
         DSA_CUDA_CHECK(cudaEventRecord(e1, p.stream));
         DSA_CUDA_CHECK(cudaEventSynchronize(e1));
-        float block = 0;
-        DSA_CUDA_CHECK(cudaEventElapsedTime(&block, e0, e1));
-        const double estimate = std::max(1e-3, block / 5.0);
+        const double estimate = std::max(1e-3, elapsed_ms(e0, e1) / 5.0);
         warmup = std::max(1, static_cast<int>(10.0 / estimate));
         runs = std::min(kMaxRuns, std::max(1, static_cast<int>(20.0 / estimate)));
         for (int i = 0; i < 2 * runs; ++i) event(i);  // made before the timed calls are queued
@@ -160,20 +163,14 @@ SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
           DSA_CUDA_CHECK(cudaEventRecord(event(2 * i + 1), p.stream));
         }
         DSA_CUDA_CHECK(cudaEventSynchronize(event(2 * runs - 1)));
-        for (int i = 0; i < runs; ++i) {
-          float m = 0;
-          DSA_CUDA_CHECK(cudaEventElapsedTime(&m, event(2 * i), event(2 * i + 1)));
-          ms.push_back(m);
-        }
+        for (int i = 0; i < runs; ++i) ms.push_back(elapsed_ms(event(2 * i), event(2 * i + 1)));
       } else {
         for (int i = 0; i < runs; ++i) {
           DSA_CUDA_CHECK(cudaEventRecord(e0, p.stream));
           sparse_mla(p);
           DSA_CUDA_CHECK(cudaEventRecord(e1, p.stream));
           DSA_CUDA_CHECK(cudaEventSynchronize(e1));
-          float m = 0;
-          DSA_CUDA_CHECK(cudaEventElapsedTime(&m, e0, e1));
-          ms.push_back(m);
+          ms.push_back(elapsed_ms(e0, e1));
         }
       }
       sm_clock_probe<<<1, 1, 0, p.stream>>>(probe.p + 3);

@@ -55,18 +55,17 @@ void launch_diag(const SparseMlaParams& p) {
     sm90_sparse_mla::launch_sparse_mla_sm90_variant<2, kDiag, kFlags, kSkipMaskChoice>(p);
 }
 // The library's pre-pass; buckets > 0: about that many buckets over the
-// cache instead of the library's 128-255 (same grid as its launcher).
+// cache instead of the library's 128-255.
 void launch_sort(const SparseMlaParams& p, int32_t* sorted, int buckets = 0) {
   using namespace sm90_sparse_mla;
   int sms = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  if (buckets <= 0) return launch_sort_indices(p, sorted, sms);
-  int shift = sort_bucket_shift(p.num_slots);
-  while (((p.num_slots - 1) >> shift) + 1 > buckets) ++shift;
-  const int64_t grid = std::min<int64_t>(p.T, static_cast<int64_t>(sms) * 4);
-  sort_indices_kernel<<<grid, kSortThreads, 0, p.stream>>>(p.indices, p.valid_len, p.T, p.topk, p.num_slots,
-                                                           shift, sorted);
-  CK(cudaGetLastError());
+  int shift = -1;
+  if (buckets > 0) {
+    shift = sort_bucket_shift(p.num_slots);
+    while (((p.num_slots - 1) >> shift) + 1 > buckets) ++shift;
+  }
+  launch_sort_indices(p, sorted, sms, shift);
 }
 }  // namespace
 
