@@ -8,6 +8,7 @@
 
 #include "dsa/batch.h"
 #include "dsa/config.h"
+#include "dsa/stages.h"
 
 namespace dsa {
 
@@ -55,18 +56,6 @@ std::string format_json(const BenchResult& r);
 std::string format_csv(const BenchResult& r, bool header = true);
 // "64x32768:1" for a uniform batch (B x cached:new), else "c:n,c:n,...".
 std::string describe_requests(const std::vector<StepRequest>& requests);
-
-// Work of one stage as spec section 8 counts it, so that every backend reports
-// the same numbers. Stage names as in dsa::cuda::Stage (q_a_proj ... o_proj).
-// distinct_rows: latent cache rows the attention reads; valid_indices: sum over
-// tokens of valid top-k entries. Throws ConfigError for an unknown name.
-struct StageWork {
-  double flops = 0, bytes = 0;
-};
-StageWork stage_work(const LayerConfig& cfg, const BatchMetadata& md, const std::string& stage, double distinct_rows,
-                     double valid_indices);
-// The stage names stage_work knows, in the order the layer runs them.
-const std::vector<std::string>& stage_names();
 
 // The standalone sparse MLA sweep of issue 6 (`dsa bench --sweep-sparse-mla`):
 // one row per (H, s_kv) cell, beside FlashMLA's sparse prefill figure.

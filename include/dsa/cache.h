@@ -9,6 +9,7 @@
 #include <map>
 #include <vector>
 
+#include "dsa/batch.h"
 #include "dsa/config.h"
 
 namespace dsa {
@@ -56,6 +57,9 @@ struct CacheConfig {
   int64_t blocks_for(int64_t tokens) const { return (tokens + tokens_per_block - 1) / tokens_per_block; }
 
   static CacheConfig for_layer(const LayerConfig& cfg, int64_t num_layers = 1);
+  // One layer with room for exactly one step: each request's cached + num_new
+  // tokens in whole blocks (at least one block in all).
+  static CacheConfig for_step(const LayerConfig& cfg, const std::vector<StepRequest>& requests);
   // Capacity from a token count (rounded up to whole blocks) or a byte budget
   // (rounded down). Throw ConfigError for non-positive values or a budget
   // below one block.

@@ -73,15 +73,12 @@ void validate_for_gpu(const LayerConfig& cfg, int sm_major, int sm_minor);
 // The sparse prefill path reads a bf16 latent cache only.
 void validate_for_sparse_prefill(const LayerConfig& cfg);
 
-// FLOPs per token and weight bytes, for `dsa info` and reports.
-struct StageCost {
-  std::string name;
-  double flops_per_token;  // excludes context-dependent parts
-};
-std::vector<StageCost> projection_costs(const LayerConfig& cfg);
-int64_t weight_count(const LayerConfig& cfg);  // number of weight elements
-// Context-dependent FLOPs (spec section 8).
-double indexer_flops(const LayerConfig& cfg, double visible_keys);
-double sparse_attention_flops(const LayerConfig& cfg, double valid_indices);
+// Yarn-corrected RoPE inverse frequencies f_i' of spec section 6 in fp64,
+// i in [0, qk_rope_head_dim / 2): the reference uses them as they are, the
+// CUDA kernels receive them cast to fp32.
+std::vector<double> rope_inv_freq(const LayerConfig& cfg);
+
+// Number of weight elements of one layer (FLOPs per stage: dsa/stages.h).
+int64_t weight_count(const LayerConfig& cfg);
 
 }  // namespace dsa

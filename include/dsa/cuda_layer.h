@@ -13,28 +13,14 @@
 #include "dsa/cache.h"
 #include "dsa/config.h"
 #include "dsa/layer.h"
+#include "dsa/stages.h"
 
 struct CUstream_st;
 
 namespace dsa::cuda {
 
-// Stages in the order the layer runs them; names are the NVTX range names,
-// the rows of `dsa bench` and the values of `--stage`.
-// x_proj is q_a_proj, kv_a_proj, indexer_k_proj and indexer_weights_proj as
-// one GEMM over x ([T, hidden] read once; N = 1536 + 576 + 128 + 64), the
-// default; CudaLayer::set_fused_x_projection(false) runs the four alone.
-enum class Stage : int {
-  x_proj, q_a_proj, kv_a_proj, norms, q_b_proj, rope, cache_append,
-  indexer_q_proj, indexer_k_proj, indexer_weights_proj, indexer_quant, indexer_logits, topk,
-  q_absorb, sparse_mla, v_up_proj, o_proj,
-  kCount
-};
-const char* stage_name(Stage s);
-// Throws ConfigError listing the valid names.
-Stage parse_stage(const std::string& name);
-// The stages a configuration runs (o_proj only with cfg.o_proj; x_proj or
-// the four projections it fuses).
-std::vector<Stage> layer_stages(const LayerConfig& cfg, bool fused_x_projection = true);
+// The stage list (names, order, what x_proj fuses) is dsa/stages.h's.
+using ::dsa::Stage;
 
 // One layer's two cache pools in GPU memory (spec section 4 layouts).
 struct DeviceCacheView {
@@ -129,9 +115,5 @@ class CudaLayer {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
-
-// Yarn-corrected RoPE frequencies f_i' of spec section 6 in fp64, as the
-// kernels receive them (cast to fp32). Exposed so tests can compare with the reference.
-std::vector<double> rope_inv_freq(const LayerConfig& cfg);
 
 }  // namespace dsa::cuda

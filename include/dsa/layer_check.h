@@ -189,7 +189,7 @@ inline StepCheck check_step(const LayerConfig& cfg, const std::vector<StepReques
   StepCheck result;
   if (cuda::device_count() == 0) throw CudaError("dsa check compares the GPU with the reference and needs a CUDA GPU; none is visible");
   if (o.sample < 1) throw ConfigError(fmt::format("--sample-tokens {} is invalid: check at least one token", o.sample));
-  const cuda::DeviceInfo dev = cuda::current_device();
+  const cuda::DeviceInfo& dev = cuda::current_device();
   const auto t_start = std::chrono::steady_clock::now();
 
   // Caches: the same configuration and the same request operations on both
@@ -275,7 +275,7 @@ inline StepCheck check_step(const LayerConfig& cfg, const std::vector<StepReques
   Table tab;
   t0 = std::chrono::steady_clock::now();
   const std::vector<double> inv_freq = ref::rope_inv_freq(cfg);
-  const std::vector<double> my_freq = cuda::rope_inv_freq(cfg);
+  const std::vector<double> my_freq = rope_inv_freq(cfg);
   {
     bool same = inv_freq.size() == my_freq.size();
     for (size_t i = 0; same && i < inv_freq.size(); ++i) same = static_cast<float>(inv_freq[i]) == static_cast<float>(my_freq[i]);

@@ -33,8 +33,8 @@ void rms_norm(const float* x, const float* weight, float* y, int64_t rows, int64
 void layer_norm(const float* x, const float* weight, const float* bias, float* y, int64_t rows, int64_t D, double eps);
 
 // ---- RoPE (spec section 6) ------------------------------------------------
-// Yarn-corrected inverse frequencies f_i', i in [0, rope_dim/2).
-std::vector<double> rope_inv_freq(const LayerConfig& cfg);
+// Frequencies: dsa::rope_inv_freq (dsa/config.h).
+using ::dsa::rope_inv_freq;
 // In place on x[rows, stride] at columns [col0, col0 + rope_dim), each row at position pos[row / rows_per_pos].
 // Interleaved: pairs (x[2i], x[2i+1]) (MLA). Half-split: pairs (x[i], x[i + rope_dim/2]) (indexer, NeoX).
 enum class RopeStyle { Interleaved, HalfSplit };

@@ -65,6 +65,15 @@ CacheConfig CacheConfig::for_layer(const LayerConfig& cfg, int64_t num_layers) {
   return c;
 }
 
+CacheConfig CacheConfig::for_step(const LayerConfig& cfg, const std::vector<StepRequest>& requests) {
+  CacheConfig c = for_layer(cfg);
+  if (c.tokens_per_block <= 0) c.validate();
+  int64_t blocks = 0;
+  for (const StepRequest& r : requests) blocks += c.blocks_for(r.cached + r.num_new);
+  c.with_tokens(std::max<int64_t>(blocks, 1) * c.tokens_per_block);
+  return c;
+}
+
 CacheConfig& CacheConfig::with_tokens(int64_t tokens) {
   if (tokens <= 0) {
     throw ConfigError(fmt::format("cache capacity of {} tokens is invalid: give a positive token count", tokens));

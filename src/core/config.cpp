@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -256,19 +257,26 @@ void validate_for_sparse_prefill(const LayerConfig& c) {
   }
 }
 
-std::vector<StageCost> projection_costs(const LayerConfig& c) {
-  const double h = c.hidden_size, H = c.num_heads;
-  std::vector<StageCost> v;
-  v.push_back({"q_a_proj", 2.0 * h * c.q_lora_rank});
-  v.push_back({"kv_a_proj", 2.0 * h * c.latent_dim()});
-  v.push_back({"q_b_proj", 2.0 * c.q_lora_rank * H * c.qk_head_dim()});
-  v.push_back({"indexer_wq_b", 2.0 * c.q_lora_rank * c.index_n_heads * c.index_head_dim});
-  v.push_back({"indexer_wk", 2.0 * h * c.index_head_dim});
-  v.push_back({"indexer_weights_proj", 2.0 * h * c.index_n_heads});
-  v.push_back({"q_absorb", 2.0 * H * c.qk_nope_head_dim * c.kv_lora_rank});
-  v.push_back({"v_up_proj", 2.0 * H * c.kv_lora_rank * c.v_head_dim});
-  if (c.o_proj) v.push_back({"o_proj", 2.0 * H * c.v_head_dim * h});
-  return v;
+std::vector<double> rope_inv_freq(const LayerConfig& cfg) {
+  const int64_t dim = cfg.qk_rope_head_dim;
+  const int64_t half = dim / 2;
+  std::vector<double> f(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) f[i] = std::pow(cfg.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(dim));
+  if (cfg.rope_scaling.type != "yarn") return f;
+  const auto& y = cfg.rope_scaling;
+  const double two_pi = 2.0 * std::acos(-1.0);
+  auto corr_dim = [&](double rotations) {
+    return static_cast<double>(dim) * std::log(static_cast<double>(y.original_max_position_embeddings) / (rotations * two_pi)) /
+           (2.0 * std::log(cfg.rope_theta));
+  };
+  double low = std::max(std::floor(corr_dim(y.beta_fast)), 0.0);
+  double high = std::min(std::ceil(corr_dim(y.beta_slow)), static_cast<double>(dim - 1));
+  if (low == high) high += 0.001;  // avoids 0/0 in the ramp, as DeepSeek's reference does
+  for (int64_t i = 0; i < half; ++i) {
+    const double ramp = std::clamp((static_cast<double>(i) - low) / (high - low), 0.0, 1.0);
+    f[i] = f[i] / y.factor * ramp + f[i] * (1.0 - ramp);
+  }
+  return f;
 }
 
 int64_t weight_count(const LayerConfig& c) {
@@ -283,14 +291,6 @@ int64_t weight_count(const LayerConfig& c) {
   n += c.index_head_dim * h + 2 * c.index_head_dim;                        // indexer.wk, k_norm
   n += c.index_n_heads * h;                                                // indexer.weights_proj
   return n;
-}
-
-double indexer_flops(const LayerConfig& c, double visible_keys) {
-  return 2.0 * c.index_n_heads * c.index_head_dim * visible_keys;
-}
-
-double sparse_attention_flops(const LayerConfig& c, double valid_indices) {
-  return 2.0 * c.num_heads * (c.latent_dim() + c.kv_lora_rank) * valid_indices;
 }
 
 }  // namespace dsa

@@ -3,23 +3,17 @@
 #include <cmath>
 
 #include "dsa/error.h"
+#include "dsa/hash.h"
 #include "dsa/layer.h"
 
 namespace dsa {
 
 namespace {
 
-uint64_t splitmix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 // Counter-based: element i of stream `tag` depends on (seed, tag, i) only, so
 // any tensor can be regenerated alone and in any order.
 float uniform_pm1(uint64_t seed, uint64_t tag, uint64_t i) {
-  const uint64_t h = splitmix64(splitmix64(seed ^ (tag * 0xd1b54a32d192ed03ull)) + i);
+  const uint64_t h = mix64(mix64(seed ^ (tag * 0xd1b54a32d192ed03ull)) + i);
   return static_cast<float>((h >> 40) * (1.0 / 16777216.0) * 2.0 - 1.0);  // [-1, 1)
 }
 

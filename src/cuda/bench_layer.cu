@@ -16,6 +16,7 @@
 #include "dsa/cuda_layer.h"
 #include "dsa/error.h"
 #include "dsa/layer.h"
+#include "dsa/stats.h"
 #include "gemm.h"
 #include "layer_kernels.h"
 
@@ -24,21 +25,12 @@ namespace dsa::cuda {
 namespace {
 
 struct Samples {
-  std::vector<float> ms;
+  std::vector<double> ms;
   void fill(StageResult& r) const {
-    std::vector<float> s = ms;
-    std::sort(s.begin(), s.end());
-    r.median_ms = s.empty() ? 0 : (s.size() % 2 ? s[s.size() / 2] : 0.5 * (s[s.size() / 2 - 1] + s[s.size() / 2]));
-    r.min_ms = s.empty() ? 0 : s.front();
-    r.max_ms = s.empty() ? 0 : s.back();
+    const SampleSummary x = summarize(ms);
+    r.median_ms = x.median, r.min_ms = x.min, r.max_ms = x.max;
   }
 };
-
-double median(std::vector<float> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
 
 // The card's ceilings, measured here rather than quoted: a square bf16 GEMM
 // through the same cuBLASLt path, and a device-to-device copy (read + write).
@@ -90,50 +82,6 @@ void measure_peaks(cudaStream_t st, double& tflops, double& gbps) {
   cudaFree(c);
 }
 
-struct Cost {
-  double flops = 0, bytes = 0;
-};
-
-// Spec section 8: GEMMs 2MNK, each input read once and each output written once.
-Cost stage_cost(const LayerConfig& c, const BatchMetadata& md, Stage s, double distinct_rows, double valid_indices) {
-  const double T = static_cast<double>(md.num_tokens), H = c.num_heads, HI = c.index_n_heads, DI = c.index_head_dim;
-  const double hid = c.hidden_size, ql = c.q_lora_rank, kvl = c.kv_lora_rank, rope = c.qk_rope_head_dim;
-  const double nope = c.qk_nope_head_dim, vd = c.v_head_dim, lat = c.latent_dim(), qk = c.qk_head_dim();
-  const double k = c.index_topk;
-  auto gemm = [&](double M, double N, double K, double in_b, double out_b, double batch = 1) {
-    return Cost{2 * M * N * K * batch, batch * (M * K * in_b + N * K * 2 + M * N * out_b)};
-  };
-  const double latent_b = static_cast<double>(c.latent_cache_bytes_per_token());
-  switch (s) {
-    case Stage::x_proj: return gemm(T, ql + lat + DI + HI, hid, 2, 4);
-    case Stage::q_a_proj: return gemm(T, ql, hid, 2, 2);
-    case Stage::kv_a_proj: return gemm(T, lat, hid, 2, 2);
-    case Stage::norms: return {0, 2 * T * (ql + kvl) * 2 + (ql + kvl) * 2};
-    case Stage::q_b_proj: return gemm(T, H * qk, ql, 2, 2);
-    case Stage::rope: return {0, 2 * T * (H + 1) * rope * 2};
-    case Stage::cache_append: return {0, T * lat * 2 + T * latent_b};
-    case Stage::indexer_q_proj: return gemm(T, HI * DI, ql, 2, 2);
-    case Stage::indexer_k_proj: return gemm(T, DI, hid, 2, 4);
-    case Stage::indexer_weights_proj: return gemm(T, HI, hid, 2, 4);
-    case Stage::indexer_quant:
-      return {0, T * HI * DI * 2 + T * DI * 4 + T * HI * 4 + T * HI * DI + 2 * T * HI * 4 + T * (DI + 4)};
-    case Stage::indexer_logits: {
-      double keys = 0;
-      for (int32_t sl : md.seq_lens) keys += sl;
-      const double vis = static_cast<double>(md.total_visible_keys());
-      return {2 * HI * DI * vis, T * HI * DI + T * HI * 4 + keys * (DI + 4) + vis * 4};
-    }
-    case Stage::topk: return {0, static_cast<double>(md.total_visible_keys()) * 4 + T * k * 4};
-    case Stage::q_absorb: return Cost{2 * T * H * nope * kvl, T * H * nope * 2 + H * nope * kvl * 2 + T * H * kvl * 2};
-    case Stage::sparse_mla:
-      return {2 * H * (lat + kvl) * valid_indices, T * H * lat * 2 + distinct_rows * latent_b + T * k * 4 + T * H * kvl * 2 + 2 * T * H * 4};
-    case Stage::v_up_proj: return Cost{2 * T * H * kvl * vd, T * H * kvl * 2 + H * vd * kvl * 2 + T * H * vd * 2};
-    case Stage::o_proj: return gemm(T, hid, H * vd, 2, 2);
-    case Stage::kCount: break;
-  }
-  return {};
-}
-
 }  // namespace
 
 BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& requests, const BenchOptions& opt) {
@@ -143,7 +91,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
     throw ConfigError(fmt::format("--iters {} / --warmup {}: need at least one timed run and no negative warm-up", opt.iters,
                                   opt.warmup));
   }
-  const DeviceInfo dev = current_device();
+  const DeviceInfo& dev = current_device();
   BenchResult res;
   res.backend = opt.cuda_graph ? "cuda (graph replay)" : "cuda";
   res.device = fmt::format("{} (sm_{}{}, {} SMs)", dev.name, dev.sm_major, dev.sm_minor, dev.multiprocessors);
@@ -161,10 +109,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
 
   // Cache with room for exactly this step, on the GPU, filled with synthetic
   // rows standing in for the cached context (the new tokens overwrite theirs).
-  CacheConfig cc = CacheConfig::for_layer(cfg);
-  int64_t tokens = 0;
-  for (const StepRequest& r : requests) tokens += cc.blocks_for(r.cached + r.num_new) * cc.tokens_per_block;
-  cc.with_tokens(tokens);
+  CacheConfig cc = CacheConfig::for_step(cfg, requests);
   cc.storage = Storage::Device;
   CacheManager cache(cc, device_allocator());
   reserve_step(cache, requests);
@@ -177,10 +122,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   if (!opt.stage.empty()) {
     // One of the projections x_proj fuses, timed alone: run them unfused.
     const Stage one = parse_stage(opt.stage);
-    if (one == Stage::q_a_proj || one == Stage::kv_a_proj || one == Stage::indexer_k_proj ||
-        one == Stage::indexer_weights_proj) {
-      layer.set_fused_x_projection(false);
-    }
+    if (is_part_of_x_proj(one)) layer.set_fused_x_projection(false);
   }
   const std::vector<bf16_t> hidden = generate_hidden(cfg, md.num_tokens, opt.seed + 1);
   void* x = layer.hidden_buffer(md.num_tokens);
@@ -229,7 +171,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
     StageResult r;
     r.name = stage_name(s);
     smp.fill(r);
-    const Cost c = stage_cost(cfg, md, s, distinct, valid);
+    const StageWork c = stage_work(cfg, md, s, distinct, valid);
     r.flops = c.flops, r.bytes = c.bytes;
     res.stages.push_back(r);
     res.layer_ms = r.median_ms;
@@ -244,12 +186,12 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
       StageResult r;
       r.name = stage_name(s);
       per[s].fill(r);
-      const Cost c = stage_cost(cfg, md, s, distinct, valid);
+      const StageWork c = stage_work(cfg, md, s, distinct, valid);
       r.flops = c.flops, r.bytes = c.bytes;
       res.stages.push_back(r);
     }
     // The step as one region, without per-stage events between launches.
-    std::vector<float> whole;
+    std::vector<double> whole;
     if (opt.cuda_graph) {
       cudaGraph_t graph;
       cudaGraphExec_t exec;

@@ -23,11 +23,6 @@ namespace dsa::cuda {
 
 namespace {
 
-constexpr std::array<const char*, static_cast<size_t>(Stage::kCount)> kStageNames = {
-    "x_proj",        "q_a_proj",      "kv_a_proj",      "norms",          "q_b_proj",  "rope",     "cache_append",
-    "indexer_q_proj", "indexer_k_proj", "indexer_weights_proj", "indexer_quant", "indexer_logits", "topk",
-    "q_absorb",      "sparse_mla",     "v_up_proj",      "o_proj"};
-
 // A GPU buffer that only grows; contents are not kept across growth.
 struct DevBuf {
   void* p = nullptr;
@@ -90,54 +85,6 @@ std::vector<float> bf16_cols(const void* src, int64_t rows, int64_t ld, int64_t 
 }
 
 }  // namespace
-
-const char* stage_name(Stage s) {
-  const int i = static_cast<int>(s);
-  return i >= 0 && i < static_cast<int>(Stage::kCount) ? kStageNames[i] : "?";
-}
-
-Stage parse_stage(const std::string& name) {
-  std::string all;
-  for (int i = 0; i < static_cast<int>(Stage::kCount); ++i) {
-    if (name == kStageNames[i]) return static_cast<Stage>(i);
-    all += (i ? ", " : "") + std::string(kStageNames[i]);
-  }
-  throw ConfigError(fmt::format("--stage '{}' is not a stage of the layer; use one of: {}", name, all));
-}
-
-std::vector<Stage> layer_stages(const LayerConfig& cfg, bool fused) {
-  std::vector<Stage> v;
-  for (int i = 0; i < static_cast<int>(Stage::kCount); ++i) {
-    const Stage s = static_cast<Stage>(i);
-    if (s == Stage::o_proj && !cfg.o_proj) continue;
-    const bool part_of_x = s == Stage::q_a_proj || s == Stage::kv_a_proj || s == Stage::indexer_k_proj ||
-                           s == Stage::indexer_weights_proj;
-    if (fused ? part_of_x : s == Stage::x_proj) continue;
-    v.push_back(s);
-  }
-  return v;
-}
-
-std::vector<double> rope_inv_freq(const LayerConfig& cfg) {
-  const int64_t dim = cfg.qk_rope_head_dim;
-  std::vector<double> f(static_cast<size_t>(dim / 2));
-  for (int64_t i = 0; i < dim / 2; ++i) f[i] = 1.0 / std::pow(cfg.rope_theta, static_cast<double>(2 * i) / dim);
-  const RopeScaling& y = cfg.rope_scaling;
-  if (y.type != "yarn") return f;
-  const double two_pi = 2.0 * std::acos(-1.0);
-  auto corr_dim = [&](double r) {
-    return dim * std::log(static_cast<double>(y.original_max_position_embeddings) / (r * two_pi)) /
-           (2.0 * std::log(cfg.rope_theta));
-  };
-  const double low = std::max(std::floor(corr_dim(y.beta_fast)), 0.0);
-  const double high = std::min(std::ceil(corr_dim(y.beta_slow)), static_cast<double>(dim - 1));
-  const double span = high == low ? high - low + 0.001 : high - low;
-  for (int64_t i = 0; i < dim / 2; ++i) {
-    const double ramp = std::clamp((static_cast<double>(i) - low) / span, 0.0, 1.0);
-    f[i] = f[i] / y.factor * ramp + f[i] * (1.0 - ramp);
-  }
-  return f;
-}
 
 struct CudaLayer::Impl {
   LayerConfig cfg;
@@ -342,7 +289,7 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
 
 CudaLayer::CudaLayer(const LayerConfig& cfg, const LayerWeights& w) {
   validate(cfg);
-  const DeviceInfo dev = current_device();
+  const DeviceInfo& dev = current_device();
   validate_for_gpu(cfg, dev.sm_major, dev.sm_minor);
   check_weights(cfg, w);
   if (cfg.index_head_dim != 128) {

@@ -5,6 +5,7 @@
 
 #include "check.cuh"
 #include "dsa/cuda_layer.h"
+#include "dsa/hash.h"
 #include "dsa/error.h"
 
 namespace dsa::cuda {
@@ -24,13 +25,6 @@ void dev_memset(void* p, int v, size_t n) { DSA_CUDA_CHECK(cudaMemset(p, v, n));
 void dev_copy(void* d, const void* s, size_t n) { DSA_CUDA_CHECK(cudaMemcpy(d, s, n, cudaMemcpyDefault)); }
 
 const DeviceAllocator kAllocator{dev_alloc, dev_free, dev_memset, dev_copy};
-
-__device__ __forceinline__ uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 // Uniform in [-1, 1) with magnitude >= 1/16: no zeros.
 __device__ __forceinline__ float unit(uint64_t seed, uint64_t i) {

@@ -17,18 +17,13 @@
 #include "dsa/cache.h"
 #include "dsa/error.h"
 #include "dsa/layer.h"
+#include "dsa/hash.h"
 #include "dsa/reference.h"
+#include "dsa/stats.h"
 
 namespace dsa::ref {
 
 namespace {
-
-uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
 
 // Uniform magnitude in [1/16, 1), random sign: no zeros.
 float unit(uint64_t seed, uint64_t i) {
@@ -72,11 +67,6 @@ void fill_synthetic_host(CacheManager& cache, uint64_t seed) {
   }
 }
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
-}
-
 int threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -102,10 +92,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   res.requests = requests;
 
   // Room for exactly this step; the cached context is synthetic.
-  CacheConfig cc = CacheConfig::for_layer(cfg);
-  int64_t tokens = 0;
-  for (const StepRequest& r : requests) tokens += cc.blocks_for(r.cached + r.num_new) * cc.tokens_per_block;
-  cc.with_tokens(tokens);
+  CacheConfig cc = CacheConfig::for_step(cfg, requests);
   CacheManager cache(cc);
   reserve_step(cache, requests);
   const BatchMetadata md = build_batch_metadata(cache, requests);

@@ -72,28 +72,6 @@ void sparse_mla_token(const float* q_t, const float* kv, int64_t num_slots, cons
 
 }  // namespace detail
 
-std::vector<double> rope_inv_freq(const LayerConfig& cfg) {
-  const int64_t dim = cfg.qk_rope_head_dim;
-  const int64_t half = dim / 2;
-  std::vector<double> f(static_cast<size_t>(half));
-  for (int64_t i = 0; i < half; ++i) f[i] = std::pow(cfg.rope_theta, -2.0 * static_cast<double>(i) / static_cast<double>(dim));
-  if (cfg.rope_scaling.type != "yarn") return f;
-  const auto& y = cfg.rope_scaling;
-  const double two_pi = 2.0 * M_PI;
-  auto corr_dim = [&](double rotations) {
-    return static_cast<double>(dim) * std::log(static_cast<double>(y.original_max_position_embeddings) / (rotations * two_pi)) /
-           (2.0 * std::log(cfg.rope_theta));
-  };
-  double low = std::max(std::floor(corr_dim(y.beta_fast)), 0.0);
-  double high = std::min(std::ceil(corr_dim(y.beta_slow)), static_cast<double>(dim - 1));
-  if (low == high) high += 0.001;  // avoids 0/0 in the ramp, as DeepSeek's reference does
-  for (int64_t i = 0; i < half; ++i) {
-    const double ramp = std::clamp((static_cast<double>(i) - low) / (high - low), 0.0, 1.0);
-    f[i] = f[i] / y.factor * ramp + f[i] * (1.0 - ramp);
-  }
-  return f;
-}
-
 void apply_rope(float* x, int64_t rows, int64_t stride, int64_t col0, int64_t rows_per_pos, const int32_t* pos,
                 const std::vector<double>& inv_freq, RopeStyle style) {
   const int64_t half = static_cast<int64_t>(inv_freq.size());

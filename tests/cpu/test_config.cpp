@@ -8,6 +8,7 @@
 #include "expect_error.h"
 #include "dsa/config.h"
 #include "dsa/error.h"
+#include "dsa/stages.h"
 
 using namespace dsa;
 

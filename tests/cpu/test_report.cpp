@@ -267,7 +267,7 @@ TEST(Report, StageWorkFollowsSpecSection8) {
     stage_work(c, md, "attention", 0, 0);
     ADD_FAILURE() << "expected ConfigError";
   } catch (const ConfigError& e) {
-    EXPECT_NE(std::string(e.what()).find("'attention' is not known"), std::string::npos);
+    EXPECT_NE(std::string(e.what()).find("'attention' is not a stage of the layer"), std::string::npos);
     EXPECT_NE(std::string(e.what()).find("sparse_mla"), std::string::npos);
   }
 }

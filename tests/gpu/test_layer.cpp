@@ -99,7 +99,7 @@ TEST(LayerGpu, RopeFrequenciesAreTheReferences) {
   for (const char* type : {"yarn", "none"}) {
     dsa::LayerConfig cfg;
     cfg.rope_scaling.type = type;
-    const std::vector<double> a = dsa::cuda::rope_inv_freq(cfg), b = dsa::ref::rope_inv_freq(cfg);
+    const std::vector<double> a = dsa::rope_inv_freq(cfg), b = dsa::ref::rope_inv_freq(cfg);
     ASSERT_EQ(a.size(), b.size());
     for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(static_cast<float>(a[i]), static_cast<float>(b[i])) << type << " i=" << i;
   }
@@ -173,7 +173,7 @@ TEST(LayerGpu, RejectsWhatItCannotRun) {
   EXPECT_THROW(layer.forward(hidden, wrong_pos.data(), md, dsa::cuda::device_view(cache, 0)), dsa::ShapeError);
   EXPECT_THROW(layer.forward(std::vector<dsa::bf16_t>(5), md.positions.data(), md, dsa::cuda::device_view(cache, 0)),
                dsa::ShapeError);
-  EXPECT_THROW(dsa::cuda::parse_stage("attention"), dsa::ConfigError);
+  EXPECT_THROW(dsa::parse_stage("attention"), dsa::ConfigError);
   {
     // The fp8 latent cache serves decode only; a prefill step over it is refused with the spec's message.
     dsa::LayerConfig f = cfg;

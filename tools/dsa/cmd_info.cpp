@@ -9,6 +9,7 @@
 #include "dsa/cache.h"
 #include "dsa/config.h"
 #include "dsa/error.h"
+#include "dsa/stages.h"
 
 namespace dsa::cli {
 
