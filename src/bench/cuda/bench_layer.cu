@@ -9,7 +9,7 @@
 #include <map>
 #include <numeric>
 
-#include "check.cuh"
+#include "cuda/check.cuh"
 #include "dsa/bench.h"
 #include "dsa/cache.h"
 #include "dsa/cuda.h"
@@ -17,8 +17,8 @@
 #include "dsa/error.h"
 #include "dsa/layer.h"
 #include "dsa/stats.h"
-#include "gemm.h"
-#include "layer_kernels.h"
+#include "cuda/gemm.h"
+#include "cuda/layer_kernels.h"
 
 namespace dsa::cuda {
 
