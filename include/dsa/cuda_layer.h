@@ -70,8 +70,13 @@ class CudaLayer {
   const LayerConfig& config() const;
 
   // Host hidden [T, hidden] bf16 in, host output out ([T, H*v] or [T, hidden]
-  // with o_proj). position_ids [T] must be the positions md implies. With a
-  // trace, every intermediate is downloaded into it (synchronizes).
+  // with o_proj); the token positions are md.positions. With a trace, every
+  // intermediate is downloaded into it (synchronizes).
+  std::vector<bf16_t> forward(const std::vector<bf16_t>& hidden, const BatchMetadata& md, const DeviceCacheView& cache,
+                              CUstream_st* stream = nullptr, LayerTrace* trace = nullptr, const TraceOptions& trace_options = {});
+  // TRANSITIONAL, only for dsa/layer_check.h until the check moves to
+  // src/check (remove with that change): the former signature; position_ids
+  // must equal md.positions (ShapeError otherwise).
   std::vector<bf16_t> forward(const std::vector<bf16_t>& hidden, const int32_t* position_ids, const BatchMetadata& md,
                               const DeviceCacheView& cache, CUstream_st* stream = nullptr, LayerTrace* trace = nullptr,
                               const TraceOptions& trace_options = {});
@@ -81,7 +86,7 @@ class CudaLayer {
   // (synchronous; do it before capture); enqueue() launches every stage on
   // `stream` reading hidden from GPU memory (capturable when timing is off);
   // run_stage() launches one stage alone on the prepared step's buffers.
-  void prepare(const BatchMetadata& md, const int32_t* position_ids, const DeviceCacheView& cache);
+  void prepare(const BatchMetadata& md, const DeviceCacheView& cache);
   void enqueue(const void* hidden_device, CUstream_st* stream, bool timing = false);
   void run_stage(Stage s, CUstream_st* stream);
   // Per-stage times of the last timed enqueue (waits for it), and the whole step.

@@ -1,4 +1,4 @@
-// Indexer logits on the GPU (src/cuda/indexer.h) against dsa::ref::indexer_logits
+// Indexer logits on the GPU (src/cuda/indexer/params.h) against dsa::ref::indexer_logits
 // on the same fp8 inputs, spec 3.5 / 7: rel L2 <= 1e-3 over the visible
 // entries, -inf exactly where the reference has it, no NaN; logits poisoned
 // with NaN before each run; two runs bitwise identical. The paged cache is
@@ -16,7 +16,9 @@
 #include <random>
 #include <vector>
 
-#include "cuda/indexer.h"
+#include "bench/cuda/kernel_bench.h"
+#include "cuda/indexer/params.h"
+#include "cuda/topk/params.h"
 #include "dev_buf.h"
 #include "dsa/cuda.h"
 #include "dsa/dtypes.h"
@@ -154,15 +156,16 @@ void run_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed)
 
   struct Kernel {
     const char* name;
-    void (*fn)(const dsa::cuda::IndexerLogitsParams&);
+    void (*fn)(const dsa::cuda::DeviceContext&, const dsa::cuda::IndexerLogitsParams&);
   };
-  for (const Kernel& k : {Kernel{"wgmma", dsa::cuda::indexer_logits_sm90}, Kernel{"mma.sync", dsa::cuda::indexer_logits_mma},
+  const dsa::cuda::DeviceContext ctx = dsa::cuda::device_context();
+  for (const Kernel& k : {Kernel{"wgmma", dsa::cuda::indexer_logits_sm90}, Kernel{"mma.sync", dsa::cuda::indexer_logits_sm89},
                           Kernel{"dispatch", dsa::cuda::indexer_logits}}) {
     SCOPED_TRACE(k.name);
     std::vector<float> out1(ref.size()), out2(ref.size());
     for (std::vector<float>* out : {&out1, &out2}) {
       CK(cudaMemset(logits.p, 0xff, logits.bytes()));  // NaN poison
-      ASSERT_NO_THROW(k.fn(p));
+      ASSERT_NO_THROW(k.fn(ctx, p));
       CK(cudaDeviceSynchronize());
       CK(cudaMemcpy(out->data(), logits.p, logits.bytes(), cudaMemcpyDeviceToHost));
     }
@@ -205,13 +208,14 @@ TEST(GpuIndexerLogits, RejectsShapesTheKernelIsNotBuiltFor) {
   p.logits_stride = 64;
   p.max_blocks_per_request = 1;
   p.num_heads = 32;
-  EXPECT_THROW(dsa::cuda::indexer_logits(p), dsa::ShapeError);
+  const dsa::cuda::DeviceContext ctx = dsa::cuda::device_context();
+  EXPECT_THROW(dsa::cuda::indexer_logits(ctx, p), dsa::ShapeError);
   p.num_heads = 64;
   p.tokens_per_block = 32;
-  EXPECT_THROW(dsa::cuda::indexer_logits(p), dsa::ShapeError);
+  EXPECT_THROW(dsa::cuda::indexer_logits(ctx, p), dsa::ShapeError);
   p.tokens_per_block = 64;
   p.k_cache = dummy_b + 1;
-  EXPECT_THROW(dsa::cuda::indexer_logits(p), dsa::ShapeError);
+  EXPECT_THROW(dsa::cuda::indexer_logits(ctx, p), dsa::ShapeError);
 }
 
 // The layer replays decode steps as a CUDA graph: both ops must be legal
@@ -245,7 +249,7 @@ TEST(GpuIndexerLogits, CudaGraphCaptureThenTopkMatchesDirectLaunch) {
   p.T = pb.T;
   p.logits_stride = pb.stride;
   p.max_blocks_per_request = pb.max_blocks;
-  p.stream = st;
+  const dsa::cuda::DeviceContext ctx = dsa::cuda::device_context(st);
   dsa::cuda::TopkParams tp;
   tp.logits = logits.p;
   tp.visible_end = vend.p;
@@ -253,14 +257,13 @@ TEST(GpuIndexerLogits, CudaGraphCaptureThenTopkMatchesDirectLaunch) {
   tp.T = pb.T;
   tp.logits_stride = pb.stride;
   tp.k = kTopk;
-  tp.stream = st;
 
   cudaGraph_t graph = nullptr;
   cudaGraphExec_t exec = nullptr;
   CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
   EXPECT_NO_THROW({
-    dsa::cuda::indexer_logits(p);
-    dsa::cuda::topk(tp);
+    dsa::cuda::indexer_logits(ctx, p);
+    dsa::cuda::topk(ctx, tp);
   });
   CK(cudaStreamEndCapture(st, &graph));
   CK(cudaGraphInstantiate(&exec, graph, 0));
@@ -275,8 +278,8 @@ TEST(GpuIndexerLogits, CudaGraphCaptureThenTopkMatchesDirectLaunch) {
   CK(cudaMemcpy(i_graph.data(), idx.p, idx.bytes(), cudaMemcpyDeviceToHost));
   CK(cudaMemset(logits.p, 0xff, logits.bytes()));
   CK(cudaMemset(idx.p, 0x5a, idx.bytes()));
-  dsa::cuda::indexer_logits(p);
-  dsa::cuda::topk(tp);
+  dsa::cuda::indexer_logits(ctx, p);
+  dsa::cuda::topk(ctx, tp);
   CK(cudaStreamSynchronize(st));
   CK(cudaMemcpy(l_direct.data(), logits.p, logits.bytes(), cudaMemcpyDeviceToHost));
   CK(cudaMemcpy(i_direct.data(), idx.p, idx.bytes(), cudaMemcpyDeviceToHost));
@@ -307,7 +310,7 @@ TEST(GpuIndexerLogits, EmptyBatchIsANoOp) {
   p.T = 0;
   p.logits_stride = 4;
   p.max_blocks_per_request = 1;
-  EXPECT_NO_THROW(dsa::cuda::indexer_logits(p));
+  EXPECT_NO_THROW(dsa::cuda::indexer_logits(dsa::cuda::device_context(), p));
   CK(cudaDeviceSynchronize());
   std::vector<uint32_t> host(4);
   CK(cudaMemcpy(host.data(), logits.p, 16, cudaMemcpyDeviceToHost));
@@ -317,7 +320,7 @@ TEST(GpuIndexerLogits, EmptyBatchIsANoOp) {
 // The microbenchmark runs and counts work as spec section 8 does.
 TEST(GpuIndexerLogits, BenchCountsWorkPerSpec) {
   if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const dsa::cuda::KernelTiming t = dsa::cuda::bench_indexer_logits(2, 100, 3, 1, 3, 5);
+  const dsa::cuda::KernelTiming t = dsa::cuda::indexer_logits_bench(2, 100, 3, 1, 3, 5);
   const double visible = 2.0 * (101 + 102 + 103);
   EXPECT_EQ(t.flops, 2.0 * 64 * 128 * visible);
   EXPECT_EQ(t.bytes, 2.0 * 2 * 8448 + 6.0 * (64 * 128 + 64 * 4) + 6.0 * 103 * 4);
@@ -335,8 +338,8 @@ TEST(GpuIndexerLogits, DISABLED_Bench) {
   };
   for (const Shape& s : {Shape{"prefill T=4096 ctx 4096", 1, 0, 4096}, Shape{"T=4096 at end of 65536", 1, 61440, 4096},
                          Shape{"decode 64 x 1 x 32768", 64, 32767, 1}, Shape{"decode 64 x next_n 2 x 32768", 64, 32766, 2}}) {
-    for (auto k : {dsa::cuda::IndexerKernel::Sm90Wgmma, dsa::cuda::IndexerKernel::MmaSync}) {
-      const dsa::cuda::KernelTiming t = dsa::cuda::bench_indexer_logits(s.requests, s.cached, s.num_new, 3, 20, 1, k);
+    for (auto k : {dsa::cuda::IndexerKernel::Sm90Wgmma, dsa::cuda::IndexerKernel::Sm89Mma}) {
+      const dsa::cuda::KernelTiming t = dsa::cuda::indexer_logits_bench(s.requests, s.cached, s.num_new, 3, 20, 1, k);
       std::printf("BENCH indexer_logits %-8s %-30s median %.4f ms (min %.4f max %.4f)  %.1f TFLOP/s  %.0f GB/s\n",
                   k == dsa::cuda::IndexerKernel::Sm90Wgmma ? "wgmma" : "mma.sync", s.name, t.median_ms, t.min_ms,
                   t.max_ms, t.flops / t.median_ms * 1e-9, t.bytes / t.median_ms * 1e-6);

@@ -10,7 +10,7 @@
 
 #include <cstring>
 
-#include "cuda/layer_kernels.h"
+#include "cuda/layer/layer_kernels.h"
 #include "dsa/cuda.h"
 #include "dsa/cuda_layer.h"
 #include "dsa/layer_check.h"
@@ -143,7 +143,7 @@ TEST(LayerGpu, CacheAppendBothFormsMatchReference) {
       p.c_kv = static_cast<const __nv_bfloat16*>(d_ckv), p.k_pe = static_cast<const __nv_bfloat16*>(d_kpe);
       p.slot_mapping = static_cast<const int64_t*>(d_slot), p.latent_pool = static_cast<uint8_t*>(d_pool);
       p.T = T, p.num_slots = slots, p.fp8 = dt == dsa::LatentCacheDType::FP8;
-      dsa::cuda::cache_append(p);
+      dsa::cuda::cache_append(dsa::cuda::device_context(), p);
       std::vector<uint8_t> got(slots * row);
       ASSERT_EQ(cudaMemcpy(got.data(), d_pool, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
       int64_t bad = 0;
@@ -169,10 +169,13 @@ TEST(LayerGpu, RejectsWhatItCannotRun) {
   dsa::reserve_step(cache, rq);
   const dsa::BatchMetadata md = dsa::build_batch_metadata(cache, rq);
   const std::vector<dsa::bf16_t> hidden = dsa::generate_hidden(cfg, 2, 4);
-  std::vector<int32_t> wrong_pos = {10, 12};
-  EXPECT_THROW(layer.forward(hidden, wrong_pos.data(), md, dsa::cuda::device_view(cache, 0)), dsa::ShapeError);
-  EXPECT_THROW(layer.forward(std::vector<dsa::bf16_t>(5), md.positions.data(), md, dsa::cuda::device_view(cache, 0)),
-               dsa::ShapeError);
+  EXPECT_THROW(layer.forward(std::vector<dsa::bf16_t>(5), md, dsa::cuda::device_view(cache, 0)), dsa::ShapeError);
+  {
+    // Metadata whose positions do not cover the step's tokens.
+    dsa::BatchMetadata bad = md;
+    bad.positions.pop_back();
+    EXPECT_THROW(layer.forward(hidden, bad, dsa::cuda::device_view(cache, 0)), dsa::ShapeError);
+  }
   EXPECT_THROW(dsa::parse_stage("attention"), dsa::ConfigError);
   {
     // The fp8 latent cache serves decode only; a prefill step over it is refused with the spec's message.
@@ -186,8 +189,7 @@ TEST(LayerGpu, RejectsWhatItCannotRun) {
     const std::vector<StepRequest> pre = reqs({{0, 8}});
     dsa::reserve_step(k8, pre);
     const dsa::BatchMetadata m8 = dsa::build_batch_metadata(k8, pre);
-    EXPECT_THROW(l8.forward(dsa::generate_hidden(f, 8, 4), m8.positions.data(), m8, dsa::cuda::device_view(k8, 0)),
-                 dsa::ConfigError);
+    EXPECT_THROW(l8.forward(dsa::generate_hidden(f, 8, 4), m8, dsa::cuda::device_view(k8, 0)), dsa::ConfigError);
   }
   dsa::CacheConfig hc = dsa::CacheConfig::for_layer(cfg);
   hc.with_tokens(64);

@@ -1,4 +1,4 @@
-// Causal top-k on the GPU (src/cuda/indexer.h) against dsa::ref::topk on the
+// Causal top-k on the GPU (src/cuda/topk/params.h) against dsa::ref::topk on the
 // same logits: identical output, position for position, including ties (to
 // the lower position), the ascending order and the -1 padding; output
 // poisoned before each run; two runs bitwise identical. Rows cover visible 0,
@@ -15,7 +15,8 @@
 #include <random>
 #include <vector>
 
-#include "cuda/indexer.h"
+#include "bench/cuda/kernel_bench.h"
+#include "cuda/topk/params.h"
 #include "dev_buf.h"
 #include "dsa/cuda.h"
 #include "dsa/error.h"
@@ -105,7 +106,7 @@ void run_case(const Case& c) {
   std::vector<int32_t> out1(ref.size()), out2(ref.size());
   for (std::vector<int32_t>* out : {&out1, &out2}) {
     CK(cudaMemset(dout.p, 0x5a, dout.bytes()));  // poison: 0x5a5a5a5a is no valid position
-    ASSERT_NO_THROW(dsa::cuda::topk(p));
+    ASSERT_NO_THROW(dsa::cuda::topk(dsa::cuda::device_context(), p));
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(out->data(), dout.p, dout.bytes(), cudaMemcpyDeviceToHost));
   }
@@ -142,15 +143,16 @@ TEST(GpuTopk, RejectsBadShapes) {
   p.out = &i;
   p.T = 1;
   p.logits_stride = 0;
-  EXPECT_THROW(dsa::cuda::topk(p), dsa::ShapeError);
+  const dsa::cuda::DeviceContext ctx = dsa::cuda::device_context();
+  EXPECT_THROW(dsa::cuda::topk(ctx, p), dsa::ShapeError);
   p.logits_stride = 8;
   p.k = -1;
-  EXPECT_THROW(dsa::cuda::topk(p), dsa::ShapeError);
+  EXPECT_THROW(dsa::cuda::topk(ctx, p), dsa::ShapeError);
 }
 
 TEST(GpuTopk, BenchCountsBytesRead) {
   if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
-  const dsa::cuda::KernelTiming t = dsa::cuda::bench_topk(8, 5000, 100, true, 1, 3, 7);
+  const dsa::cuda::KernelTiming t = dsa::cuda::topk_bench(8, 5000, 100, true, 1, 3, 7);
   double read = 0;
   for (int t8 = 0; t8 < 8; ++t8) read += 5000 - 8 + t8 + 1;
   EXPECT_EQ(t.bytes, read * 4 + 8.0 * 100 * 4);
@@ -161,11 +163,11 @@ TEST(GpuTopk, BenchCountsBytesRead) {
 TEST(GpuTopk, DISABLED_Bench) {
   if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   for (bool causal : {false, true}) {
-    const dsa::cuda::KernelTiming t = dsa::cuda::bench_topk(4096, 65536, 2048, causal, 3, 20, 1);
+    const dsa::cuda::KernelTiming t = dsa::cuda::topk_bench(4096, 65536, 2048, causal, 3, 20, 1);
     std::printf("BENCH topk k=2048 [4096 x 65536] %-8s median %.4f ms (min %.4f max %.4f)  %.0f GB/s\n",
                 causal ? "causal" : "full", t.median_ms, t.min_ms, t.max_ms, t.bytes / t.median_ms * 1e-6);
   }
-  const dsa::cuda::KernelTiming d = dsa::cuda::bench_topk(64, 32768, 2048, false, 3, 50, 2);
+  const dsa::cuda::KernelTiming d = dsa::cuda::topk_bench(64, 32768, 2048, false, 3, 50, 2);
   std::printf("BENCH topk k=2048 [64 x 32768] decode   median %.4f ms (min %.4f max %.4f)\n", d.median_ms, d.min_ms,
               d.max_ms);
 }

@@ -17,8 +17,8 @@
 #include "dsa/error.h"
 #include "dsa/layer.h"
 #include "dsa/stats.h"
-#include "cuda/gemm.h"
-#include "cuda/layer_kernels.h"
+#include "cuda/gemm/gemm.h"
+#include "cuda/layer/layer_kernels.h"
 
 namespace dsa::cuda {
 
@@ -34,14 +34,15 @@ struct Samples {
 
 // The card's ceilings, measured here rather than quoted: a square bf16 GEMM
 // through the same cuBLASLt path, and a device-to-device copy (read + write).
-void measure_peaks(cudaStream_t st, double& tflops, double& gbps) {
+void measure_peaks(const DeviceContext& ctx, double& tflops, double& gbps) {
+  cudaStream_t st = ctx.stream;
   const int64_t n = 8192;
   void *a, *b, *c;
   DSA_CUDA_CHECK(cudaMalloc(&a, n * n * 2));
   DSA_CUDA_CHECK(cudaMalloc(&b, n * n * 2));
   DSA_CUDA_CHECK(cudaMalloc(&c, n * n * 2));
-  fill_u32(a, 0x3f803f80u, n * n / 2, st);  // 1.0 bf16: the value does not change tensor-core time
-  fill_u32(b, 0x3c003c00u, n * n / 2, st);
+  fill_u32(ctx, a, 0x3f803f80u, n * n / 2);  // 1.0 bf16: the value does not change tensor-core time
+  fill_u32(ctx, b, 0x3c003c00u, n * n / 2);
   cudaEvent_t e0, e1;
   DSA_CUDA_CHECK(cudaEventCreate(&e0));
   DSA_CUDA_CHECK(cudaEventCreate(&e1));
@@ -52,7 +53,7 @@ void measure_peaks(cudaStream_t st, double& tflops, double& gbps) {
     p.x = a, p.ldx = n, p.w = b, p.ldw = n, p.y = c, p.ldy = n, p.M = n, p.N = n, p.K = n;
     for (int i = 0; i < 23; ++i) {
       DSA_CUDA_CHECK(cudaEventRecord(e0, st));
-      g.run(p, st);
+      g.run(ctx, p);
       DSA_CUDA_CHECK(cudaEventRecord(e1, st));
       DSA_CUDA_CHECK(cudaEventSynchronize(e1));
       float ms;
@@ -105,7 +106,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
     ~StreamGuard() { cudaStreamDestroy(s); }
   } guard{st};
 
-  if (!opt.profile_once) measure_peaks(st, res.peak_tflops, res.peak_gbps);
+  if (!opt.profile_once) measure_peaks(device_context(st), res.peak_tflops, res.peak_gbps);
 
   // Cache with room for exactly this step, on the GPU, filled with synthetic
   // rows standing in for the cached context (the new tokens overwrite theirs).
@@ -127,7 +128,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   const std::vector<bf16_t> hidden = generate_hidden(cfg, md.num_tokens, opt.seed + 1);
   void* x = layer.hidden_buffer(md.num_tokens);
   DSA_CUDA_CHECK(cudaMemcpy(x, hidden.data(), hidden.size() * 2, cudaMemcpyHostToDevice));
-  layer.prepare(md, md.positions.data(), device_view(cache, 0));
+  layer.prepare(md, device_view(cache, 0));
   res.output_shape = layer.output_shape();
 
   const int warmup = opt.profile_once ? 0 : opt.warmup;

@@ -15,7 +15,7 @@
 
 #include <cstdint>
 
-#include "cuda/indexer.h"
+#include "cuda/topk/params.h"
 
 namespace dsa::cuda::topk_impl {
 

@@ -3,7 +3,7 @@
 #include <mutex>
 #include <vector>
 
-#include "check.cuh"
+#include "cuda/check.cuh"
 #include "dsa/cuda.h"
 
 namespace dsa::cuda {

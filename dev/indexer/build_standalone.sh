@@ -2,7 +2,7 @@
 # Builds the indexer-logits and top-k GPU tests on their own (nvcc + g++, no
 # CMake), so they can be compiled and run on the GPU machine while other parts
 # of src/cuda are being edited. Usage (repo root):
-#   src/cuda/sm90/indexer/build_standalone.sh OUTDIR [DEPS_DIR]
+#   dev/indexer/build_standalone.sh OUTDIR [DEPS_DIR]
 # DEPS_DIR: .device-deps (GPU machine); empty: system GoogleTest / fmt / json.
 set -euo pipefail
 out=${1:?output folder}
@@ -18,7 +18,8 @@ nv=(nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -lineinfo --expt-r
     -Xptxas=-v,-warn-spills,-warn-lmem-usage "${inc[@]}")
 cxx=(g++ -std=c++20 -O2 -fopenmp "${inc[@]}" -I/usr/local/cuda/include)
 pids=()
-for f in src/cuda/indexer.cu src/cuda/topk.cu src/cuda/indexer_bench.cu src/cuda/device.cu; do
+for f in src/cuda/indexer/indexer_logits.cu src/cuda/indexer/instantiations/*.cu src/cuda/topk/topk.cu \
+         src/bench/cuda/kernel_bench.cu src/cuda/common/device.cu; do
   o="$out/$(basename "$f").o"
   "${nv[@]}" -c "$f" -o "$o" >"$o.log" 2>&1 &
   pids+=($!)

@@ -1,28 +1,25 @@
-// Microbenchmarks of the indexer logits and top-k kernels (declared in
-// indexer.h). Inputs are generated on the device from a hash of (seed, index)
-// so that large shapes (1 GB of logits) cost no host time, and are never zero.
+// Microbenchmarks of the indexer logits and top-k kernels (kernel_bench.h).
+// Inputs are generated on the device from a hash of (seed, index) so that
+// large shapes (1 GB of logits) cost no host time, and are never zero.
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
 #include <random>
 #include <vector>
 
+#include "bench/cuda/kernel_bench.h"
 #include "cuda/check.cuh"
-#include "cuda/indexer.h"
+#include "cuda/indexer/params.h"
+#include "cuda/topk/params.h"
+#include "dsa/cuda.h"
+#include "dsa/hash.h"
 
 namespace dsa::cuda {
 namespace {
 
-__device__ __forceinline__ uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 // Uniform in [lo, hi) from 24 random bits.
 __device__ __forceinline__ float hash_uniform(uint64_t seed, uint64_t i, float lo, float hi) {
-  const float u = static_cast<float>(mix64(seed * 0x100000001b3ull + i) >> 40) * (1.0f / 16777216.0f);
+  const float u = hash_unit_interval(mix64(seed * 0x100000001b3ull + i));
   return lo + (hi - lo) * u;
 }
 
@@ -104,11 +101,12 @@ void launch_fill(uint8_t* x, int64_t n, uint64_t seed) {
 
 }  // namespace
 
-KernelTiming bench_indexer_logits(int64_t requests, int64_t cached, int64_t num_new, int warmup, int iters,
+KernelTiming indexer_logits_bench(int64_t requests, int64_t cached, int64_t num_new, int warmup, int iters,
                                   uint64_t seed, IndexerKernel kernel) {
   if (requests < 1 || cached < 0 || num_new < 1) {
-    throw ShapeError("bench_indexer_logits: needs requests >= 1, cached >= 0, num_new >= 1");
+    throw ShapeError("indexer_logits_bench: needs requests >= 1, cached >= 0, num_new >= 1");
   }
+  const DeviceContext ctx = device_context();
   constexpr int64_t kTpb = 64, kHeads = 64, kDim = 128;
   const int64_t seq = cached + num_new;
   const int64_t blocks_per_req = (seq + kTpb - 1) / kTpb;
@@ -155,18 +153,19 @@ KernelTiming bench_indexer_logits(int64_t requests, int64_t cached, int64_t num_
   p.max_blocks_per_request = blocks_per_req;
   p.max_tokens_per_request = static_cast<int>(num_new);
   auto fn = kernel == IndexerKernel::Sm90Wgmma ? indexer_logits_sm90
-            : kernel == IndexerKernel::MmaSync  ? indexer_logits_mma
-                                                : indexer_logits;
-  KernelTiming r = time_it([&] { fn(p); }, warmup, iters);
+            : kernel == IndexerKernel::Sm89Mma   ? indexer_logits_sm89
+                                                 : indexer_logits;
+  KernelTiming r = time_it([&] { fn(ctx, p); }, warmup, iters);
   r.flops = 2.0 * kHeads * kDim * visible;
   r.bytes = cache_bytes + static_cast<double>(T) * (kHeads * kDim + kHeads * 4) + static_cast<double>(T) * seq * 4;
   return r;
 }
 
-KernelTiming bench_topk(int64_t T, int64_t S, int k, bool causal, int warmup, int iters, uint64_t seed) {
+KernelTiming topk_bench(int64_t T, int64_t S, int k, bool causal, int warmup, int iters, uint64_t seed) {
   if (T < 1 || S < 1 || k < 1 || (causal && T > S)) {
-    throw ShapeError("bench_topk: needs T >= 1, S >= 1, k >= 1 and, when causal, T <= S");
+    throw ShapeError("topk_bench: needs T >= 1, S >= 1, k >= 1 and, when causal, T <= S");
   }
+  const DeviceContext ctx = device_context();
   DeviceBuffer<float> logits(T * S);
   DeviceBuffer<int32_t> vend(T), out(T * k);
   launch_fill(logits.ptr, T * S, seed, -4.f, 4.f);
@@ -184,7 +183,7 @@ KernelTiming bench_topk(int64_t T, int64_t S, int k, bool causal, int warmup, in
   p.T = T;
   p.logits_stride = S;
   p.k = k;
-  KernelTiming r = time_it([&] { topk(p); }, warmup, iters);
+  KernelTiming r = time_it([&] { topk(ctx, p); }, warmup, iters);
   r.bytes = read * 4 + static_cast<double>(T) * k * 4;
   return r;
 }

@@ -9,6 +9,8 @@
 #include <map>
 #include <tuple>
 
+#include "dsa/cuda.h"
+
 namespace dsa::cuda {
 
 enum class GemmOut { BF16, FP32 };
@@ -40,8 +42,9 @@ class Gemm {
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;
 
-  // Throws ShapeError for inconsistent sizes, CudaError when cuBLASLt refuses.
-  void run(const GemmParams& p, cudaStream_t stream);
+  // Runs on ctx.stream. Throws ShapeError for inconsistent sizes, CudaError
+  // when cuBLASLt refuses.
+  void run(const DeviceContext& ctx, const GemmParams& p);
 
  private:
   struct Plan;

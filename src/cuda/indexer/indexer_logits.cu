@@ -1,5 +1,6 @@
 // Host launcher of the lightning-indexer logits (spec 3.5): checks the
-// contract, picks the tile shape, launches the sm_89+/sm_90 fp8 kernel.
+// contract, picks the kernel and its tile shape (the one place that lists the
+// compiled variants; each is instantiated in instantiations/), sizes the grid.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -7,9 +8,9 @@
 #include <cstdint>
 
 #include "cuda/check.cuh"
-#include "cuda/indexer.h"
-#include "cuda/sm90/indexer/sm90_fp8_indexer_logits.cuh"
-#include "cuda/sm90/indexer/sm90_fp8_indexer_logits_wgmma.cuh"
+#include "cuda/indexer/config.h"
+#include "cuda/indexer/launch.h"
+#include "cuda/indexer/params.h"
 
 namespace dsa::cuda {
 namespace {
@@ -28,15 +29,15 @@ void check_params(const IndexerLogitsParams& p) {
   need(p.token_request, "token_request");
   need(p.visible_end, "visible_end");
   need(p.logits, "logits");
-  if (p.num_heads != sm90::kIdxHeads) {
+  if (p.num_heads != indexer::kIdxHeads) {
     throw ShapeError(fmt::format("indexer_logits: num_heads = {}, but the kernel is built for {} indexer heads "
                                  "(index_n_heads of DeepSeek-V3.2); use the reference for other head counts",
-                                 p.num_heads, sm90::kIdxHeads));
+                                 p.num_heads, indexer::kIdxHeads));
   }
-  if (p.tokens_per_block != sm90::kIdxBlockTokens) {
+  if (p.tokens_per_block != indexer::kIdxBlockTokens) {
     throw ShapeError(fmt::format("indexer_logits: tokens_per_block = {}, but the kernel reads {}-token cache blocks "
                                  "(spec section 4); build the cache with tokens_per_block = {}",
-                                 p.tokens_per_block, sm90::kIdxBlockTokens, sm90::kIdxBlockTokens));
+                                 p.tokens_per_block, indexer::kIdxBlockTokens, indexer::kIdxBlockTokens));
   }
   if (p.logits_stride < 1 || p.max_blocks_per_request < 1) {
     throw ShapeError(fmt::format("indexer_logits: logits_stride = {} and max_blocks_per_request = {} must both be >= 1",
@@ -51,34 +52,15 @@ void check_params(const IndexerLogitsParams& p) {
   }
 }
 
-struct Device {
-  int index = 0;
-  int sms = 0;
-  int major = 0, minor = 0;
-};
+}  // namespace
 
-Device current() {
-  Device d;
-  DSA_CUDA_CHECK(cudaGetDevice(&d.index));
-  const int dev = d.index;
-  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
-  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
-  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev));
-  return d;
-}
+namespace indexer {
 
-// Per kernel instantiation and device: the shared-memory opt-in (above 48 KB
-// it must be asked for) and the resulting CTAs per SM, both done once so
-// that later launches are legal inside CUDA graph capture and cost no queries.
-struct KernelSetup {
-  std::atomic<int> ctas_per_sm[64] = {};
-};
-
-template <class Kernel>
-int prepare(Kernel kernel, int threads, int smem_bytes, const Device& dev, KernelSetup& setup) {
-  const bool cached = dev.index >= 0 && dev.index < 64;
+int prepare_kernel(const void* kernel, int threads, int smem_bytes, const DeviceContext& ctx, KernelSetup& setup) {
+  const int index = ctx.device->index;
+  const bool cached = index >= 0 && index < 64;
   if (cached) {
-    const int o = setup.ctas_per_sm[dev.index].load(std::memory_order_acquire);
+    const int o = setup.ctas_per_sm[index].load(std::memory_order_acquire);
     if (o > 0) return o;
   }
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
@@ -89,7 +71,7 @@ int prepare(Kernel kernel, int threads, int smem_bytes, const Device& dev, Kerne
                                 "of this device",
                                 threads, smem_bytes));
   }
-  if (cached) setup.ctas_per_sm[dev.index].store(o, std::memory_order_release);
+  if (cached) setup.ctas_per_sm[index].store(o, std::memory_order_release);
   return o;
 }
 
@@ -98,14 +80,14 @@ int prepare(Kernel kernel, int threads, int smem_bytes, const Device& dev, Kerne
 // last one partly empty) times key tiles per CTA plus ~2 tiles of prologue
 // (query tile, pipeline fill). Decode 64 x 32768: 6 splits = one full wave,
 // where "about 2 waves" gave 2.1 waves, a third of them idle.
-dim3 make_grid(const IndexerLogitsParams& p, const Device& dev, int tokens_per_cta, int tile_keys, int ctas_per_sm,
+dim3 make_grid(const IndexerLogitsParams& p, const DeviceContext& ctx, int tokens_per_cta, int tile_keys, int ctas_per_sm,
                int64_t& tiles_per_split) {
   const int64_t token_tiles = (p.T + tokens_per_cta - 1) / tokens_per_cta;
   const int64_t key_tiles = (p.logits_stride + tile_keys - 1) / tile_keys;
   if (token_tiles > 0x7fffffffLL) {
     throw ShapeError(fmt::format("indexer_logits: T = {} needs more than 2^31 - 1 CTAs; split the batch", p.T));
   }
-  const int64_t slots = std::max<int64_t>(1, static_cast<int64_t>(ctas_per_sm) * dev.sms);
+  const int64_t slots = std::max<int64_t>(1, static_cast<int64_t>(ctas_per_sm) * ctx.num_sms());
   const int64_t max_splits = std::min<int64_t>({65535, 4096, std::max<int64_t>(1, key_tiles / 2)});
   int64_t best_tps = key_tiles, best_cost = -1;
   for (int64_t s = 1; s <= max_splits; ++s) {
@@ -123,38 +105,16 @@ dim3 make_grid(const IndexerLogitsParams& p, const Device& dev, int tokens_per_c
   return dim3(static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
 }
 
-template <int kBT, int kKB, int kStages>
-void launch_mma(const IndexerLogitsParams& p, const Device& dev) {
-  using Plan = sm90::IndexerSmemPlan<kKB, kStages>;
-  auto kernel = sm90::indexer_logits_fp8_kernel<kBT, kKB, kStages>;
-  static KernelSetup setup;
-  const int occupancy = prepare(kernel, sm90::kIdxThreads, Plan::kBytes, dev, setup);
-  int64_t tiles_per_split = 0;
-  const dim3 grid = make_grid(p, dev, kBT, Plan::kTileKeys, occupancy, tiles_per_split);
-  kernel<<<grid, sm90::kIdxThreads, Plan::kBytes, p.stream>>>(p, tiles_per_split);
-  DSA_CHECK_LAUNCH("indexer_logits_fp8_kernel");
-}
+}  // namespace indexer
 
-template <int kBT, int kKB, int kStages>
-void launch_wgmma(const IndexerLogitsParams& p, const Device& dev) {
-  using Plan = sm90::WgmmaSmemPlan<kBT, kKB, kStages>;
-  auto kernel = sm90::indexer_logits_wgmma_kernel<kBT, kKB, kStages>;
-  static KernelSetup setup;
-  const int occupancy = prepare(kernel, sm90::kWgThreads, Plan::kBytes, dev, setup);
-  int64_t tiles_per_split = 0;
-  const dim3 grid = make_grid(p, dev, kBT, Plan::kTileKeys, occupancy, tiles_per_split);
-  kernel<<<grid, sm90::kWgThreads, Plan::kBytes, p.stream>>>(p, tiles_per_split);
-  DSA_CHECK_LAUNCH("indexer_logits_wgmma_kernel");
-}
+namespace {
 
-Device checked_device(int min_cc, const char* what) {
-  const Device dev = current();
-  if (dev.major * 10 + dev.minor < min_cc) {
+void require_sm(const DeviceContext& ctx, int min_cc, const char* what) {
+  if (ctx.sm() < min_cc) {
     throw CudaError(fmt::format("indexer_logits: the {} kernel needs sm_{} or newer, this device is sm_{}{}; "
                                 "use the reference backend",
-                                what, min_cc, dev.major, dev.minor));
+                                what, min_cc, ctx.device->sm_major, ctx.device->sm_minor));
   }
-  return dev;
 }
 
 }  // namespace
@@ -167,38 +127,37 @@ static bool share_key_tiles(const IndexerLogitsParams& p) {
   return p.max_tokens_per_request >= 2 || (p.max_tokens_per_request == 0 && p.T >= 512);
 }
 
-void indexer_logits_mma(const IndexerLogitsParams& p) {
+void indexer_logits_sm89(const DeviceContext& ctx, const IndexerLogitsParams& p) {
   check_params(p);
   if (p.T == 0) return;
-  const Device dev = checked_device(89, "fp8 mma.sync");
+  require_sm(ctx, 89, "fp8 mma.sync");
   // 8 tokens per CTA: only worth it when most CTAs hold one request's tokens
   // (prefill), not for pairs of speculative tokens (measured 2.5x slower there).
   if (p.T < 512) {
-    launch_mma<1, 4, 3>(p, dev);
+    indexer::sm89::launch_mma<1, 4, 3>(ctx, p);
   } else {
-    launch_mma<8, 1, 4>(p, dev);
+    indexer::sm89::launch_mma<8, 1, 4>(ctx, p);
   }
 }
 
-void indexer_logits_sm90(const IndexerLogitsParams& p) {
+void indexer_logits_sm90(const DeviceContext& ctx, const IndexerLogitsParams& p) {
   check_params(p);
   if (p.T == 0) return;
-  const Device dev = checked_device(90, "wgmma");
+  require_sm(ctx, 90, "wgmma");
   if (!share_key_tiles(p)) {
-    launch_wgmma<1, 2, 3>(p, dev);
+    indexer::sm90::launch_wgmma<1, 2, 3>(ctx, p);
   } else {
-    launch_wgmma<2, 1, 4>(p, dev);
+    indexer::sm90::launch_wgmma<2, 1, 4>(ctx, p);
   }
 }
 
-void indexer_logits(const IndexerLogitsParams& p) {
+void indexer_logits(const DeviceContext& ctx, const IndexerLogitsParams& p) {
   check_params(p);
   if (p.T == 0) return;
-  const Device dev = current();
-  if (dev.major == 9 && dev.minor == 0) {
-    indexer_logits_sm90(p);
+  if (ctx.sm() == 90) {
+    indexer_logits_sm90(ctx, p);
   } else {
-    indexer_logits_mma(p);
+    indexer_logits_sm89(ctx, p);
   }
 }
 

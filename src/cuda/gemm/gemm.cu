@@ -1,8 +1,8 @@
 #include <fmt/format.h>
 
-#include "check.cuh"
+#include "cuda/check.cuh"
+#include "cuda/gemm/gemm.h"
 #include "dsa/error.h"
-#include "gemm.h"
 
 #define DSA_CUBLAS_CHECK(expr)                                                                              \
   do {                                                                                                      \
@@ -102,7 +102,7 @@ Gemm::Plan& Gemm::plan_for(const GemmParams& p) {
   return *plan;
 }
 
-void Gemm::run(const GemmParams& p, cudaStream_t stream) {
+void Gemm::run(const DeviceContext& ctx, const GemmParams& p) {
   if (p.M < 0 || p.N <= 0 || p.K <= 0 || p.batch < 1) {
     throw ShapeError(fmt::format("GEMM shape M={} N={} K={} batch={} is invalid: N, K and batch must be positive", p.M, p.N,
                                  p.K, p.batch));
@@ -116,7 +116,7 @@ void Gemm::run(const GemmParams& p, cudaStream_t stream) {
   Plan& plan = plan_for(p);
   const float alpha = 1.0f, beta = 0.0f;
   DSA_CUBLAS_CHECK(cublasLtMatmul(handle_, plan.op, &alpha, p.w, plan.a, p.x, plan.b, &beta, p.y, plan.c, p.y, plan.c,
-                                  &plan.algo, workspace_, workspace_bytes_, stream));
+                                  &plan.algo, workspace_, workspace_bytes_, ctx.stream));
 }
 
 }  // namespace dsa::cuda

@@ -2,7 +2,7 @@
 bf16 PyTorch einsum for the indexer logits (prefill T=4096, causal context
 4096; FLOPs counted as spec section 8 counts them: 2 * 64 * 128 * visible
 keys) and torch.topk(k=2048) over [4096 x 65536] fp32 logits.
-Usage: python3 torch_baseline.py (needs a GPU and PyTorch)."""
+Usage (repo root): python3 dev/indexer/torch_baseline.py (needs a GPU and PyTorch)."""
 import torch
 
 

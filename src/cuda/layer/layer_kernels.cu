@@ -5,9 +5,9 @@
 
 #include <cmath>
 
-#include "check.cuh"
+#include "cuda/check.cuh"
+#include "cuda/layer/layer_kernels.h"
 #include "dsa/error.h"
-#include "layer_kernels.h"
 
 namespace dsa::cuda {
 
@@ -343,37 +343,37 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 }  // namespace
 
-void rms_norms(const NormsParams& p) {
+void rms_norms(const DeviceContext& ctx, const NormsParams& p) {
   if (p.T == 0) return;
   require(p.dq % 8 == 0 && p.dkv % 8 == 0 && p.ld_qa % 8 == 0 && p.ld_kv % 8 == 0,
           "rms_norms: widths and row strides must be multiples of 8 values (16-byte rows); pad the projection output");
   require((p.qa_f32 ? aligned16(p.qa_f32) : aligned16(p.qa)) && (p.kv_f32 ? aligned16(p.kv_f32) : aligned16(p.kv)) &&
               aligned16(p.q_lat) && aligned16(p.c_kv) && aligned16(p.wq) && aligned16(p.wkv),
           "rms_norms: every tensor must be 16-byte aligned");
-  rms_norms_kernel<<<dim3(static_cast<unsigned>(p.T), 2), kNormThreads, 0, p.stream>>>(p);
+  rms_norms_kernel<<<dim3(static_cast<unsigned>(p.T), 2), kNormThreads, 0, ctx.stream>>>(p);
   DSA_CHECK_LAUNCH("rms_norms");
 }
 
-void mla_rope(const MlaRopeParams& p) {
+void mla_rope(const DeviceContext& ctx, const MlaRopeParams& p) {
   if (p.T == 0) return;
   require(p.rope_dim % 2 == 0 && p.rope_dim <= 64, "mla_rope: rope_dim must be even and at most 64 (one thread per pair)");
-  mla_rope_kernel<<<static_cast<unsigned>(p.T), dim3(p.rope_dim / 2, 8), 0, p.stream>>>(p);
+  mla_rope_kernel<<<static_cast<unsigned>(p.T), dim3(p.rope_dim / 2, 8), 0, ctx.stream>>>(p);
   DSA_CHECK_LAUNCH("mla_rope");
 }
 
-void cache_append(const CacheAppendParams& p) {
+void cache_append(const DeviceContext& ctx, const CacheAppendParams& p) {
   if (p.T == 0) return;
   require(p.dkv % 128 == 0 && p.rope % 8 == 0,
           "cache_append: kv_lora_rank must be a multiple of 128 (fp8 scale groups) and rope a multiple of 8");
   if (p.fp8) {
-    cache_append_fp8_kernel<<<static_cast<unsigned>(p.T), 128, 0, p.stream>>>(p);
+    cache_append_fp8_kernel<<<static_cast<unsigned>(p.T), 128, 0, ctx.stream>>>(p);
   } else {
-    cache_append_bf16_kernel<<<static_cast<unsigned>(p.T), 128, 0, p.stream>>>(p);
+    cache_append_bf16_kernel<<<static_cast<unsigned>(p.T), 128, 0, ctx.stream>>>(p);
   }
   DSA_CHECK_LAUNCH("cache_append");
 }
 
-void indexer_quant(const IndexerQuantParams& p) {
+void indexer_quant(const DeviceContext& ctx, const IndexerQuantParams& p) {
   if (p.T == 0) return;
   require(p.rope_dim % 8 == 0 && p.rope_dim <= 128,
           "indexer_quant: the indexer rope width must be a multiple of 8 and at most the head width 128");
@@ -382,30 +382,30 @@ void indexer_quant(const IndexerQuantParams& p) {
   const FoldConsts fc{static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.num_heads))),
                       static_cast<float>(1.0 / std::sqrt(128.0))};
   const unsigned gy = static_cast<unsigned>((p.num_heads + 1 + kQuantWarps - 1) / kQuantWarps);
-  indexer_quant_kernel<<<dim3(static_cast<unsigned>(p.T), gy), kQuantWarps * 32, 0, p.stream>>>(p, fc);
+  indexer_quant_kernel<<<dim3(static_cast<unsigned>(p.T), gy), kQuantWarps * 32, 0, ctx.stream>>>(p, fc);
   DSA_CHECK_LAUNCH("indexer_quant");
 }
 
-void local_to_global(const LocalToGlobalParams& p) {
+void local_to_global(const DeviceContext& ctx, const LocalToGlobalParams& p) {
   const int64_t n = p.T * p.k;
   if (n == 0) return;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 4096));
-  local_to_global_kernel<<<blocks, 256, 0, p.stream>>>(p);
+  local_to_global_kernel<<<blocks, 256, 0, ctx.stream>>>(p);
   DSA_CHECK_LAUNCH("local_to_global");
 }
 
-void gather_latent_fp8(const GatherFp8Params& p) {
+void gather_latent_fp8(const DeviceContext& ctx, const GatherFp8Params& p) {
   const int64_t n = p.T * p.k;
   if (n == 0) return;
   require(p.dkv % 128 == 0 && p.rope % 8 == 0, "gather_latent_fp8: kv_lora_rank must be a multiple of 128 and rope of 8");
-  gather_fp8_kernel<<<static_cast<unsigned>((n + 3) / 4), 128, 0, p.stream>>>(p);
+  gather_fp8_kernel<<<static_cast<unsigned>((n + 3) / 4), 128, 0, ctx.stream>>>(p);
   DSA_CHECK_LAUNCH("gather_latent_fp8");
 }
 
-void fill_u32(void* ptr, uint32_t value, size_t n_words, cudaStream_t stream) {
+void fill_u32(const DeviceContext& ctx, void* ptr, uint32_t value, size_t n_words) {
   if (n_words == 0) return;
   const unsigned blocks = static_cast<unsigned>(std::min<size_t>((n_words + 255) / 256, 8192));
-  fill_u32_kernel<<<blocks, 256, 0, stream>>>(static_cast<uint32_t*>(ptr), value, n_words);
+  fill_u32_kernel<<<blocks, 256, 0, ctx.stream>>>(static_cast<uint32_t*>(ptr), value, n_words);
   DSA_CHECK_LAUNCH("fill_u32");
 }
 

@@ -5,14 +5,14 @@
 #include <cstdint>
 
 #include "cuda/check.cuh"
-#include "cuda/indexer.h"
+#include "cuda/topk/params.h"
 #include "cuda/topk/topk_radix.cuh"
 
 namespace dsa::cuda {
 
 size_t topk_workspace_bytes(int64_t, int64_t, int) { return 0; }  // everything lives in shared memory
 
-void topk(const TopkParams& p) {
+void topk(const DeviceContext& ctx, const TopkParams& p) {
   if (p.T < 0 || p.k < 0) {
     throw ShapeError(fmt::format("topk: T = {} and k = {} must be >= 0", p.T, p.k));
   }
@@ -35,14 +35,13 @@ void topk(const TopkParams& p) {
   constexpr int kSmem = sizeof(topk_impl::Smem);
   // Opted in once per device (bit d), so that launches stay legal inside CUDA graph capture.
   static std::atomic<uint64_t> configured{0};
-  int dev = 0;
-  DSA_CUDA_CHECK(cudaGetDevice(&dev));
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
+  const int dev = ctx.device->index;
+  const uint64_t bit = dev >= 0 && dev < 64 ? uint64_t{1} << dev : 0;
   if (bit == 0 || !(configured.load(std::memory_order_acquire) & bit)) {
     DSA_CUDA_CHECK(cudaFuncSetAttribute(topk_impl::topk_radix_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     configured.fetch_or(bit, std::memory_order_release);
   }
-  topk_impl::topk_radix_kernel<<<static_cast<unsigned>(p.T), topk_impl::kThreads, kSmem, p.stream>>>(p, vec);
+  topk_impl::topk_radix_kernel<<<static_cast<unsigned>(p.T), topk_impl::kThreads, kSmem, ctx.stream>>>(p, vec);
   DSA_CHECK_LAUNCH("topk_radix_kernel");
 }
 

@@ -10,14 +10,15 @@
 #include <cstring>
 #include <limits>
 
-#include "check.cuh"
+#include "cuda/check.cuh"
+#include "cuda/gemm/gemm.h"
+#include "cuda/indexer/params.h"
+#include "cuda/layer/layer_kernels.h"
+#include "cuda/sparse_mla.h"
+#include "cuda/topk/params.h"
 #include "dsa/cuda.h"
 #include "dsa/cuda_layer.h"
 #include "dsa/error.h"
-#include "gemm.h"
-#include "indexer.h"
-#include "layer_kernels.h"
-#include "sparse_mla.h"
 
 namespace dsa::cuda {
 
@@ -44,7 +45,7 @@ struct DevBuf {
       (void)cudaGetLastError();
       p = nullptr;
       throw CudaError(fmt::format("cudaMalloc of {} bytes for a layer buffer failed ({}); the step is too large for this GPU's "
-                                  "memory: use fewer tokens (--new, --batch) or a shorter context",
+                                  "memory: use fewer new tokens per request (num_new), fewer requests or a shorter context",
                                   n, cudaGetErrorString(e)));
     }
     bytes = n;
@@ -88,6 +89,9 @@ std::vector<float> bf16_cols(const void* src, int64_t rows, int64_t ld, int64_t 
 
 struct CudaLayer::Impl {
   LayerConfig cfg;
+  // The device's properties, queried once at construction; the stream is set
+  // by each call (enqueue, run_stage, forward) before it launches anything.
+  DeviceContext ctx;
   Gemm gemm;
   // Weights (bf16).
   DevBuf w_x;  // [q_lora + latent + DI + HI, hidden]: q_a_proj, kv_a_proj, indexer wk, weights_proj stacked
@@ -113,7 +117,7 @@ struct CudaLayer::Impl {
   std::vector<Stage> timed;
   bool have_times = false;
 
-  Impl(const LayerConfig& c) : cfg(c) {
+  Impl(const LayerConfig& c, const DeviceContext& context) : cfg(c), ctx(context) {
     for (auto& e : ev) DSA_CUDA_CHECK(cudaEventCreate(&e));
     DSA_CUDA_CHECK(cudaEventCreate(&ev_layer[0]));
     DSA_CUDA_CHECK(cudaEventCreate(&ev_layer[1]));
@@ -130,10 +134,11 @@ struct CudaLayer::Impl {
   int64_t lat() const { return cfg.latent_dim(); }
   int64_t NX() const { return cfg.q_lora_rank + cfg.latent_dim() + cfg.index_head_dim + cfg.index_n_heads; }
 
-  void launch(Stage s, cudaStream_t st);
+  void launch(Stage s);
 };
 
-void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
+// Launches stage s on ctx.stream.
+void CudaLayer::Impl::launch(Stage s) {
   const LayerConfig& c = cfg;
   const int64_t hid = c.hidden_size, ql = c.q_lora_rank, kvl = c.kv_lora_rank, rope = c.qk_rope_head_dim;
   const int64_t nope = c.qk_nope_head_dim, vd = c.v_head_dim, DI = c.index_head_dim;
@@ -141,8 +146,9 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
     GemmParams g;
     g.x = xin, g.ldx = ldx, g.w = w.p, g.ldw = K, g.w_is_nk = true, g.y = y, g.ldy = N, g.out = o;
     g.M = T, g.N = N, g.K = K;
-    gemm.run(g, st);
+    gemm.run(ctx, g);
   };
+  const cudaStream_t st = ctx.stream;  // for the ops whose params still carry a stream (SparseMlaParams)
   const bool fx = fused_prepared;
   const float* xp = xproj.as<float>();
   switch (s) {
@@ -161,8 +167,8 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       p.kv = kv.as<__nv_bfloat16>(), p.wkv = w_kv_a_norm.as<__nv_bfloat16>(), p.c_kv = c_kv.as<__nv_bfloat16>();
       p.T = T, p.ld_qa = ql, p.ld_kv = lat(), p.dq = static_cast<int>(ql), p.dkv = static_cast<int>(kvl);
       if (fx) p.qa_f32 = xp, p.kv_f32 = xp + ql, p.ld_qa = NX(), p.ld_kv = NX();
-      p.eps = static_cast<float>(c.rms_norm_eps), p.stream = st;
-      rms_norms(p);
+      p.eps = static_cast<float>(c.rms_norm_eps);
+      rms_norms(ctx, p);
       break;
     }
     case Stage::q_b_proj:
@@ -175,16 +181,16 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       p.kv = kv.as<__nv_bfloat16>(), p.ld_kv = lat(), p.k_rope_col = kvl, p.k_out = k_pe.as<__nv_bfloat16>();
       if (fx) p.kv_f32 = xp + ql, p.ld_kv = NX();
       p.positions = positions.as<int32_t>(), p.inv_freq = inv_freq.as<float>();
-      p.T = T, p.num_heads = static_cast<int>(H()), p.rope_dim = static_cast<int>(rope), p.stream = st;
-      mla_rope(p);
+      p.T = T, p.num_heads = static_cast<int>(H()), p.rope_dim = static_cast<int>(rope);
+      mla_rope(ctx, p);
       break;
     }
     case Stage::cache_append: {
       CacheAppendParams p;
       p.c_kv = c_kv.as<__nv_bfloat16>(), p.k_pe = k_pe.as<__nv_bfloat16>(), p.slot_mapping = slot_mapping.as<int64_t>();
       p.latent_pool = cache.latent, p.T = T, p.num_slots = cache.num_slots(), p.dkv = static_cast<int>(kvl);
-      p.rope = static_cast<int>(rope), p.fp8 = cache.latent_dtype == LatentCacheDType::FP8, p.stream = st;
-      cache_append(p);
+      p.rope = static_cast<int>(rope), p.fp8 = cache.latent_dtype == LatentCacheDType::FP8;
+      cache_append(ctx, p);
       break;
     }
     case Stage::indexer_q_proj:
@@ -209,8 +215,8 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
         p.dbg_k_scale = dbg_ks.as<float>();
       }
       p.T = T, p.num_heads = static_cast<int>(HI()), p.rope_dim = static_cast<int>(rope), p.hadamard = c.indexer_hadamard;
-      p.eps = static_cast<float>(c.rms_norm_eps), p.stream = st;
-      indexer_quant(p);
+      p.eps = static_cast<float>(c.rms_norm_eps);
+      indexer_quant(ctx, p);
       break;
     }
     case Stage::indexer_logits: {
@@ -219,22 +225,22 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       p.block_table = block_table.as<int32_t>(), p.token_request = token_request.as<int32_t>();
       p.visible_end = visible_end.as<int32_t>(), p.logits = logits.as<float>(), p.T = T, p.logits_stride = logits_stride;
       p.max_blocks_per_request = md.max_blocks_per_request, p.num_heads = static_cast<int>(HI());
-      p.tokens_per_block = static_cast<int>(c.tokens_per_block), p.stream = st;
-      indexer_logits(p);
+      p.tokens_per_block = static_cast<int>(c.tokens_per_block);
+      indexer_logits(ctx, p);
       break;
     }
     case Stage::topk: {
       TopkParams p;
       p.logits = logits.as<float>(), p.visible_end = visible_end.as<int32_t>(), p.out = topk_local.as<int32_t>();
       p.T = T, p.logits_stride = logits_stride, p.k = static_cast<int>(c.index_topk);
-      p.workspace = topk_ws.bytes > 16 ? topk_ws.p : nullptr, p.stream = st;
-      topk(p);
+      p.workspace = topk_ws.bytes > 16 ? topk_ws.p : nullptr;
+      topk(ctx, p);
       LocalToGlobalParams g;
       g.local = topk_local.as<int32_t>(), g.global = topk_global.as<int32_t>(), g.block_table = block_table.as<int32_t>();
       g.token_request = token_request.as<int32_t>(), g.visible_end = visible_end.as<int32_t>(), g.T = T;
       g.max_blocks = md.max_blocks_per_request, g.k = static_cast<int>(c.index_topk);
-      g.tokens_per_block = static_cast<int>(c.tokens_per_block), g.stream = st;
-      local_to_global(g);
+      g.tokens_per_block = static_cast<int>(c.tokens_per_block);
+      local_to_global(ctx, g);
       break;
     }
     case Stage::q_absorb: {
@@ -244,7 +250,7 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       g.w = w_kv_b.p, g.ldw = kvl, g.batch_stride_w = (nope + vd) * kvl, g.w_is_nk = false;
       g.y = q_cat.p, g.ldy = H() * lat(), g.batch_stride_y = lat(), g.out = GemmOut::BF16;
       g.M = T, g.N = kvl, g.K = nope, g.batch = static_cast<int>(H());
-      gemm.run(g, st);
+      gemm.run(ctx, g);
       break;
     }
     case Stage::sparse_mla: {
@@ -257,8 +263,8 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
         GatherFp8Params gp;
         gp.latent_pool = cache.latent, gp.indices = topk_global.as<int32_t>(), gp.out = kv_gather.as<__nv_bfloat16>();
         gp.out_indices = idx_gather.as<int32_t>(), gp.T = T, gp.num_slots = cache.num_slots();
-        gp.k = static_cast<int>(c.index_topk), gp.dkv = static_cast<int>(kvl), gp.rope = static_cast<int>(rope), gp.stream = st;
-        gather_latent_fp8(gp);
+        gp.k = static_cast<int>(c.index_topk), gp.dkv = static_cast<int>(kvl), gp.rope = static_cast<int>(rope);
+        gather_latent_fp8(ctx, gp);
         p.kv = kv_gather.as<__nv_bfloat16>(), p.indices = idx_gather.as<int32_t>(), p.num_slots = T * c.index_topk;
       }
       p.out = attn_out.as<__nv_bfloat16>(), p.lse = lse.as<float>(), p.row_max = row_max.as<float>();
@@ -276,7 +282,7 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       g.w = w_kv_b.as<uint16_t>() + nope * kvl, g.ldw = kvl, g.batch_stride_w = (nope + vd) * kvl, g.w_is_nk = true;
       g.y = v.p, g.ldy = H() * vd, g.batch_stride_y = vd, g.out = GemmOut::BF16;
       g.M = T, g.N = vd, g.K = kvl, g.batch = static_cast<int>(H());
-      gemm.run(g, st);
+      gemm.run(ctx, g);
       break;
     }
     case Stage::o_proj:
@@ -289,8 +295,8 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
 
 CudaLayer::CudaLayer(const LayerConfig& cfg, const LayerWeights& w) {
   validate(cfg);
-  const DeviceInfo& dev = current_device();
-  validate_for_gpu(cfg, dev.sm_major, dev.sm_minor);
+  const DeviceContext ctx = device_context();
+  validate_for_gpu(cfg, ctx.device->sm_major, ctx.device->sm_minor);
   check_weights(cfg, w);
   if (cfg.index_head_dim != 128) {
     throw ConfigError(fmt::format("index_head_dim = {}: the CUDA indexer quantizes 128-wide vectors (one warp, one fp8 scale "
@@ -306,7 +312,7 @@ CudaLayer::CudaLayer(const LayerConfig& cfg, const LayerWeights& w) {
                                   "multiple of 128 and the others multiples of 8",
                                   cfg.kv_lora_rank, cfg.q_lora_rank, cfg.hidden_size));
   }
-  impl_ = std::make_unique<Impl>(cfg);
+  impl_ = std::make_unique<Impl>(cfg, ctx);
   Impl& m = *impl_;
   upload(m.w_q_a, w.q_a_proj);
   upload(m.w_q_a_norm, w.q_a_layernorm);
@@ -336,7 +342,7 @@ CudaLayer::~CudaLayer() = default;
 
 const LayerConfig& CudaLayer::config() const { return impl_->cfg; }
 
-void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, const DeviceCacheView& cache) {
+void CudaLayer::prepare(const BatchMetadata& md, const DeviceCacheView& cache) {
   Impl& m = *impl_;
   const LayerConfig& c = m.cfg;
   if (md.tokens_per_block != c.tokens_per_block || cache.tokens_per_block != c.tokens_per_block) {
@@ -362,7 +368,10 @@ void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, co
   if (md.index_head_dim != c.index_head_dim) {
     throw ShapeError(fmt::format("batch metadata has index_head_dim {} but the layer {}", md.index_head_dim, c.index_head_dim));
   }
-  check_positions(md, position_ids, md.num_tokens);
+  if (static_cast<int64_t>(md.positions.size()) != md.num_tokens || static_cast<int64_t>(md.slot_mapping.size()) != md.num_tokens) {
+    throw ShapeError(fmt::format("batch metadata has {} positions and {} slots for {} tokens; build it with build_batch_metadata",
+                                 md.positions.size(), md.slot_mapping.size(), md.num_tokens));
+  }
   for (int64_t t = 0; t < md.num_tokens; ++t) {
     if (md.slot_mapping[t] < 0 || md.slot_mapping[t] >= cache.num_slots()) {
       throw ShapeError(fmt::format("token {} maps to slot {} outside the cache's {} slots; rebuild the metadata from this cache", t,
@@ -441,13 +450,14 @@ void CudaLayer::prepare(const BatchMetadata& md, const int32_t* position_ids, co
 void CudaLayer::enqueue(const void* hidden_device, CUstream_st* stream, bool timing) {
   Impl& m = *impl_;
   m.x = hidden_device;
+  m.ctx.stream = stream;
   const std::vector<Stage> stages = layer_stages(m.cfg, m.fused_prepared);
   if (timing) DSA_CUDA_CHECK(cudaEventRecord(m.ev_layer[0], stream));
   for (Stage s : stages) {
     nvtxRangePushA(stage_name(s));
     const size_t i = static_cast<size_t>(s);
     if (timing) DSA_CUDA_CHECK(cudaEventRecord(m.ev[2 * i], stream));
-    m.launch(s, stream);
+    m.launch(s);
     if (timing) DSA_CUDA_CHECK(cudaEventRecord(m.ev[2 * i + 1], stream));
     nvtxRangePop();
   }
@@ -462,7 +472,7 @@ void CudaLayer::run_stage(Stage s, CUstream_st* stream) {
   Impl& m = *impl_;
   if (!m.x) throw Error("run_stage: enqueue one whole step first so that every stage has its inputs");
   if (s == Stage::o_proj && !m.cfg.o_proj) {
-    throw ConfigError("--stage o_proj needs the o_proj projection switched on (--o-proj)");
+    throw ConfigError("run_stage(Stage::o_proj): this layer has no output projection; construct it with cfg.o_proj = true");
   }
   const std::vector<Stage> run = layer_stages(m.cfg, m.fused_prepared);
   if (std::find(run.begin(), run.end(), s) == run.end()) {
@@ -471,8 +481,9 @@ void CudaLayer::run_stage(Stage s, CUstream_st* stream) {
                                                      "as x_proj (time x_proj, or switch the fusion off)"
                                                    : "x_proj runs only with the fused x projection"));
   }
+  m.ctx.stream = stream;
   nvtxRangePushA(stage_name(s));
-  m.launch(s, stream);
+  m.launch(s);
   nvtxRangePop();
 }
 
@@ -523,9 +534,8 @@ void* CudaLayer::hidden_buffer(int64_t tokens) {
   return impl_->hidden.p;
 }
 
-std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const int32_t* position_ids, const BatchMetadata& md,
-                                       const DeviceCacheView& cache, CUstream_st* stream, LayerTrace* trace,
-                                       const TraceOptions& topt) {
+std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const BatchMetadata& md, const DeviceCacheView& cache,
+                                       CUstream_st* stream, LayerTrace* trace, const TraceOptions& topt) {
   Impl& m = *impl_;
   const int64_t T = md.num_tokens;
   if (static_cast<int64_t>(hidden.size()) != T * m.cfg.hidden_size) {
@@ -535,14 +545,15 @@ std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const 
   const bool old_mode = m.trace_mode;
   m.trace_mode = trace != nullptr && topt.intermediates;
   try {
-    prepare(md, position_ids, cache);
+    prepare(md, cache);
+    m.ctx.stream = stream;
     void* x = hidden_buffer(T);
     if (T) DSA_CUDA_CHECK(cudaMemcpyAsync(x, hidden.data(), hidden.size() * 2, cudaMemcpyHostToDevice, stream));
     if (m.poison) {
       for (DevBuf* b : {&m.xproj, &m.qa, &m.q_lat, &m.kv, &m.c_kv, &m.k_pe, &m.q, &m.q_cat, &m.qi, &m.kx, &m.wraw, &m.qi8, &m.q_scale,
                         &m.weights, &m.logits, &m.topk_local, &m.topk_global, &m.mla_ws, &m.attn_out, &m.lse, &m.row_max, &m.v, &m.out,
                         &m.dbg_q, &m.dbg_k, &m.dbg_k8, &m.dbg_ks}) {
-        if (b->p) fill_u32(b->p, 0xffffffffu, b->bytes / 4, stream);
+        if (b->p) fill_u32(m.ctx, b->p, 0xffffffffu, b->bytes / 4);
       }
     }
     enqueue(x, stream, false);
@@ -555,6 +566,13 @@ std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const 
     m.trace_mode = old_mode;
     throw;
   }
+}
+
+std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const int32_t* position_ids, const BatchMetadata& md,
+                                       const DeviceCacheView& cache, CUstream_st* stream, LayerTrace* trace,
+                                       const TraceOptions& topt) {
+  check_positions(md, position_ids, md.num_tokens);
+  return forward(hidden, md, cache, stream, trace, topt);
 }
 
 void CudaLayer::download_trace(LayerTrace& tr, const TraceOptions& opt, CUstream_st* stream) const {

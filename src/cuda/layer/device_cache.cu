@@ -3,7 +3,7 @@
 #include <cuda_fp8.h>
 #include <fmt/format.h>
 
-#include "check.cuh"
+#include "cuda/check.cuh"
 #include "dsa/cuda_layer.h"
 #include "dsa/hash.h"
 #include "dsa/error.h"

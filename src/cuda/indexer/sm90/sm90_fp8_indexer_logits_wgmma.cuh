@@ -14,10 +14,13 @@
 
 #include <cstdint>
 
-#include "cuda/indexer.h"
-#include "cuda/sm90/indexer/sm90_fp8_indexer_logits.cuh"
+#include "cuda/check.cuh"
+#include "cuda/indexer/config.h"
+#include "cuda/indexer/cp_async.cuh"
+#include "cuda/indexer/launch.h"
+#include "cuda/indexer/params.h"
 
-namespace dsa::cuda::sm90 {
+namespace dsa::cuda::indexer::sm90 {
 
 constexpr int kWgThreads = 128;
 
@@ -34,6 +37,10 @@ struct WgmmaSmemPlan {
 };
 
 namespace detail {
+
+using indexer::detail::cp_async16;
+using indexer::detail::cp_async_commit;
+using indexer::detail::cp_async_wait;
 
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups
 // 1024 bytes apart (SBO); LBO is unused for this layout.
@@ -105,7 +112,9 @@ __global__ void __launch_bounds__(kWgThreads, 3)
   constexpr int kAcc = 32 * kBT;
   const float kNegInf = __int_as_float(0xff800000u);
 
-  extern __shared__ uint8_t smem_raw[];
+  // 128-byte aligned: the shared-memory layout this kernel was measured with
+  // (it shared a file with the sm89 kernel, whose alignment applied to both).
+  extern __shared__ __align__(128) uint8_t smem_raw[];
   // The swizzle is computed from address bits 7-9: atoms must start 1024-aligned.
   uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t{1023});
   uint8_t* s_q = smem + Plan::kQOffset;
@@ -299,4 +308,17 @@ __global__ void __launch_bounds__(kWgThreads, 3)
   }
 }
 
-}  // namespace dsa::cuda::sm90
+// Host side; one explicit instantiation per variant in ../instantiations/.
+template <int kBT, int kKB, int kStages>
+void launch_wgmma(const DeviceContext& ctx, const IndexerLogitsParams& p) {
+  using Plan = WgmmaSmemPlan<kBT, kKB, kStages>;
+  auto kernel = indexer_logits_wgmma_kernel<kBT, kKB, kStages>;
+  static KernelSetup setup;
+  const int occupancy = prepare_kernel(reinterpret_cast<const void*>(kernel), kWgThreads, Plan::kBytes, ctx, setup);
+  int64_t tiles_per_split = 0;
+  const dim3 grid = make_grid(p, ctx, kBT, Plan::kTileKeys, occupancy, tiles_per_split);
+  kernel<<<grid, kWgThreads, Plan::kBytes, ctx.stream>>>(p, tiles_per_split);
+  DSA_CHECK_LAUNCH("indexer_logits_wgmma_kernel");
+}
+
+}  // namespace dsa::cuda::indexer::sm90

@@ -11,19 +11,23 @@
 // sum_h w[h] * relu(s[h]) happens in registers and across the 8 lanes that
 // hold one key column, as a reduce-scatter, so that every lane ends with one
 // distinct key's logit and a warp's store is 128 contiguous bytes.
+//
+// Named sm89: mma.sync with e4m3 operands needs sm_89 (Ada) or newer. On
+// sm_90 the wgmma kernel (../sm90/) is faster; this one is the fallback and
+// the cross-check.
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "cuda/indexer.h"
+#include "cuda/check.cuh"
+#include "cuda/indexer/config.h"
+#include "cuda/indexer/cp_async.cuh"
+#include "cuda/indexer/launch.h"
+#include "cuda/indexer/params.h"
 
-namespace dsa::cuda::sm90 {
+namespace dsa::cuda::indexer::sm89 {
 
 constexpr int kIdxThreads = 256;
-constexpr int kIdxHeads = 64;
-constexpr int kIdxDim = 128;
-constexpr int kIdxBlockTokens = 64;
-constexpr int kIdxBlockBytes = kIdxBlockTokens * (kIdxDim + 4);  // 8448: 64 x 128 fp8, then 64 fp32 scales
 
 // Shared-memory plan: kStages stages, each kKB * 64 key rows of 128 bytes
 // (16-byte chunks XOR-swizzled by row % 8 so ldmatrix is conflict-free), then
@@ -38,15 +42,9 @@ struct IndexerSmemPlan {
 
 namespace detail {
 
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem_src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
+using indexer::detail::cp_async16;
+using indexer::detail::cp_async_commit;
+using indexer::detail::cp_async_wait;
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_src) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_src));
@@ -72,7 +70,7 @@ __device__ __forceinline__ uint32_t ld_u32(const uint8_t* p) { return __ldg(rein
 // Warps per token = 8 / kBT; n-tiles (8 keys) per warp = kKB * kBT, a multiple of 4.
 template <int kBT, int kKB, int kStages>
 __global__ void __launch_bounds__(kIdxThreads, 1)
-    indexer_logits_fp8_kernel(const IndexerLogitsParams p, int64_t tiles_per_split) {
+    indexer_logits_mma_kernel(const IndexerLogitsParams p, int64_t tiles_per_split) {
   using Plan = IndexerSmemPlan<kKB, kStages>;
   constexpr int kWarpsPerToken = 8 / kBT;
   constexpr int kTileKeys = Plan::kTileKeys;
@@ -291,4 +289,17 @@ __global__ void __launch_bounds__(kIdxThreads, 1)
   }
 }
 
-}  // namespace dsa::cuda::sm90
+// Host side; one explicit instantiation per variant in ../instantiations/.
+template <int kBT, int kKB, int kStages>
+void launch_mma(const DeviceContext& ctx, const IndexerLogitsParams& p) {
+  using Plan = IndexerSmemPlan<kKB, kStages>;
+  auto kernel = indexer_logits_mma_kernel<kBT, kKB, kStages>;
+  static KernelSetup setup;
+  const int occupancy = prepare_kernel(reinterpret_cast<const void*>(kernel), kIdxThreads, Plan::kBytes, ctx, setup);
+  int64_t tiles_per_split = 0;
+  const dim3 grid = make_grid(p, ctx, kBT, Plan::kTileKeys, occupancy, tiles_per_split);
+  kernel<<<grid, kIdxThreads, Plan::kBytes, ctx.stream>>>(p, tiles_per_split);
+  DSA_CHECK_LAUNCH("indexer_logits_mma_kernel");
+}
+
+}  // namespace dsa::cuda::indexer::sm89

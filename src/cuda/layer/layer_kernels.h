@@ -1,11 +1,14 @@
 #pragma once
 // The layer's elementwise and small stages (everything that is not a GEMM,
 // the indexer logits / top-k or the sparse attention). Rounding points follow
-// docs/numerics.md exactly. Every launcher checks its launch.
+// docs/numerics.md exactly. Every launcher runs on ctx.stream and checks its
+// launch.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "dsa/cuda.h"
 
 namespace dsa::cuda {
 
@@ -26,9 +29,8 @@ struct NormsParams {
   int64_t T = 0, ld_qa = 0, ld_kv = 0;
   int dq = 1536, dkv = 512;
   float eps = 1e-6f;
-  cudaStream_t stream = nullptr;
 };
-void rms_norms(const NormsParams& p);
+void rms_norms(const DeviceContext& ctx, const NormsParams& p);
 
 // MLA RoPE (interleaved pairs) on q_pe of every head and on k_pe.
 //   q_pe of head h of token t at q[t * ld_q + h * q_head_stride + q_rope_col]
@@ -47,9 +49,8 @@ struct MlaRopeParams {
   const float* inv_freq = nullptr;     // [rope_dim / 2] fp32 f_i'
   int64_t T = 0;
   int num_heads = 0, rope_dim = 64;
-  cudaStream_t stream = nullptr;
 };
-void mla_rope(const MlaRopeParams& p);
+void mla_rope(const DeviceContext& ctx, const MlaRopeParams& p);
 
 // Appends [c_kv | k_pe] of each new token to the latent cache at its slot:
 // bf16 (dkv + rope values per slot) or the 656-byte fp8 form (dkv e4m3 in
@@ -63,9 +64,8 @@ struct CacheAppendParams {
   int64_t num_slots = 0;
   int dkv = 512, rope = 64;
   bool fp8 = false;
-  cudaStream_t stream = nullptr;
 };
-void cache_append(const CacheAppendParams& p);
+void cache_append(const DeviceContext& ctx, const CacheAppendParams& p);
 inline int64_t latent_fp8_bytes(int dkv, int rope) { return dkv + 4 * (dkv / 128) + 2 * rope; }
 
 // Indexer RoPE (half-split, first rope_dim dims) + optional 128-point
@@ -96,9 +96,8 @@ struct IndexerQuantParams {
   int num_heads = 64, rope_dim = 64;
   bool hadamard = true;
   float eps = 1e-6f;
-  cudaStream_t stream = nullptr;
 };
-void indexer_quant(const IndexerQuantParams& p);
+void indexer_quant(const DeviceContext& ctx, const IndexerQuantParams& p);
 
 // Request-local top-k positions -> global cache slots (-1, and anything
 // outside the token's visible keys, become -1).
@@ -110,9 +109,8 @@ struct LocalToGlobalParams {
   const int32_t* visible_end = nullptr;    // [T]
   int64_t T = 0, max_blocks = 0;
   int k = 0, tokens_per_block = 64;
-  cudaStream_t stream = nullptr;
 };
-void local_to_global(const LocalToGlobalParams& p);
+void local_to_global(const DeviceContext& ctx, const LocalToGlobalParams& p);
 
 // Sparse decode over the fp8 latent cache: each selected row (656 bytes:
 // e4m3 c_kv, ue8m0 scales, bf16 k_pe) is dequantized into a bf16 row of
@@ -126,12 +124,11 @@ struct GatherFp8Params {
   int32_t* out_indices = nullptr;        // [T, k]
   int64_t T = 0, num_slots = 0;
   int k = 0, dkv = 512, rope = 64;
-  cudaStream_t stream = nullptr;
 };
-void gather_latent_fp8(const GatherFp8Params& p);
+void gather_latent_fp8(const DeviceContext& ctx, const GatherFp8Params& p);
 
 // Writes `value` (a bit pattern) into n 32-bit words: poisons buffers in tests
 // and before traced runs.
-void fill_u32(void* ptr, uint32_t value, size_t n_words, cudaStream_t stream);
+void fill_u32(const DeviceContext& ctx, void* ptr, uint32_t value, size_t n_words);
 
 }  // namespace dsa::cuda

@@ -1,0 +1,6 @@
+// One variant of the indexer-logits kernels (the dispatch in ../indexer_logits.cu picks it).
+#include "cuda/indexer/sm89/sm89_fp8_indexer_logits_mma.cuh"
+
+namespace dsa::cuda::indexer::sm89 {
+template void launch_mma<8, 1, 4>(const DeviceContext& ctx, const IndexerLogitsParams& p);
+}
