@@ -34,7 +34,10 @@ float fp8_e4m3_to_float(fp8_t v);
 fp8_t float_to_fp8_e4m3(float f);
 inline float round_fp8_e4m3(float f) { return fp8_e4m3_to_float(float_to_fp8_e4m3(f)); }
 
-constexpr float kFp8E4M3Max = 448.0f;
+// The largest finite e4m3fn magnitude: one definition for the host and for
+// device code (a namespace-scope constexpr scalar is usable in kernels), so
+// that ue8m0 scales are computed from the same constant on both sides.
+inline constexpr float kFp8E4M3Max = 448.0f;
 
 // Power-of-two ("ue8m0") scale for a block whose largest magnitude is amax:
 // s = 2^ceil(log2(max(amax, 1e-4) / 448)). Spec section 3.5.

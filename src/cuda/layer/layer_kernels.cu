@@ -7,6 +7,7 @@
 
 #include "cuda/check.cuh"
 #include "cuda/layer/layer_kernels.h"
+#include "dsa/dtypes.h"
 #include "dsa/error.h"
 
 namespace dsa::cuda {
@@ -30,7 +31,7 @@ __device__ __forceinline__ float warp_max(float v) {
 // Same arithmetic as dsa::ue8m0_scale on the host: one IEEE fp32 division,
 // then the exponent, so both sides pick the same power of two.
 __device__ __forceinline__ float ue8m0(float amax) {
-  const float x = fmaxf(amax, 1e-4f) / 448.0f;
+  const float x = fmaxf(amax, 1e-4f) / kFp8E4M3Max;
   int e;
   const float m = frexpf(x, &e);
   return ldexpf(1.0f, m == 0.5f ? e - 1 : e);
