@@ -45,9 +45,10 @@ DeviceCacheView device_view(CacheManager& cache, int64_t layer);
 // Deterministic synthetic contents for every slot of every layer of a device
 // cache (seeded hash of the byte position): latent rows of unit RMS (bf16, or
 // the fp8 form with ue8m0 scales), indexer keys as e4m3 values over the whole
-// range with power-of-two scales. Stands in for a long prefill when only the
-// new tokens matter (decode benchmarks, dsa check); copy the pools to a host
-// manager to give the reference the same bytes.
+// range with power-of-two scales; the values are dsa/synthetic_cache.h's.
+// Stands in for a long prefill when only the new tokens matter (decode
+// benchmarks, dsa check); copy the pools to a host manager to give the
+// reference the same bytes. Synchronous, on the legacy default stream.
 void fill_synthetic(CacheManager& device_cache, uint64_t seed);
 
 // Copies every pool of every layer between two managers of the same

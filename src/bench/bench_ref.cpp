@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <thread>
@@ -17,53 +18,51 @@
 #include "dsa/cache.h"
 #include "dsa/error.h"
 #include "dsa/layer.h"
-#include "dsa/hash.h"
 #include "dsa/reference.h"
 #include "dsa/stats.h"
+#include "dsa/synthetic_cache.h"
 
 namespace dsa::ref {
 
 namespace {
 
-// Uniform magnitude in [1/16, 1), random sign: no zeros.
-float unit(uint64_t seed, uint64_t i) {
-  const uint64_t h = mix64(seed ^ mix64(i));
-  const float mag = 0.0625f + 0.9375f * static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
-  return (h & 1) ? -mag : mag;
-}
-
-// Stands in for the cached context: every slot of layer 0 gets valid values
-// (bf16 latent rows of RMS about 1, or the fp8 form with power-of-two scales;
-// e4m3 indexer keys over the whole range with power-of-two scales). The step's
-// new tokens overwrite their own slots.
+// Stands in for the cached context: every slot of every layer gets the values
+// dsa::cuda::fill_synthetic writes on the GPU (dsa/synthetic_cache.h): bf16
+// latent rows of RMS about 1, or the fp8 form with power-of-two scales; e4m3
+// indexer keys over the whole range with power-of-two scales. The step's new
+// tokens overwrite their own slots.
 void fill_synthetic_host(CacheManager& cache, uint64_t seed) {
+  namespace syn = synthetic_cache;
   const CacheConfig& cc = cache.config();
   const int64_t slots = cc.capacity_tokens(), tpb = cc.tokens_per_block, dkv = cc.kv_lora_rank, rope = cc.rope_dim;
-  const int64_t DI = cc.index_head_dim, row = cc.latent_bytes_per_token();
-  uint8_t* lat = cache.latent_pool(0);
-  uint8_t* idx = cache.indexer_pool(0);
+  const int64_t DI = cc.index_head_dim, row = cc.latent_bytes_per_token(), block_bytes = cc.indexer_bytes_per_block();
+  for (int64_t l = 0; l < cc.num_layers; ++l) {
+    const uint64_t ls = syn::layer_seed(seed, l);
+    uint8_t* lat = cache.latent_pool(l);
+    uint8_t* idx = cache.indexer_pool(l);
 #pragma omp parallel for schedule(static)
-  for (int64_t s = 0; s < slots; ++s) {
-    uint8_t* r = lat + s * row;
-    if (cc.latent_dtype == LatentCacheDType::BF16) {
-      for (int64_t i = 0; i < dkv + rope; ++i) {
-        const bf16_t b = float_to_bf16(1.7320508f * unit(seed, uint64_t(s) * row + i));
-        std::memcpy(r + 2 * i, &b, 2);
+    for (int64_t s = 0; s < slots; ++s) {
+      uint8_t* r = lat + s * row;
+      if (cc.latent_dtype == LatentCacheDType::BF16) {
+        for (int64_t i = 0; i < dkv + rope; ++i) {
+          const bf16_t b = float_to_bf16(syn::latent_bf16(ls, s * (dkv + rope) + i));
+          std::memcpy(r + 2 * i, &b, 2);
+        }
+      } else {
+        for (int64_t i = 0; i < dkv; ++i) r[i] = float_to_fp8_e4m3(syn::latent_fp8_ckv(ls, s * row + i));
+        const float sc = syn::kLatentFp8Scale;
+        for (int64_t g = 0; g < dkv / 128; ++g) std::memcpy(r + dkv + 4 * g, &sc, 4);
+        for (int64_t i = 0; i < rope; ++i) {
+          const bf16_t b = float_to_bf16(syn::latent_fp8_rope(ls, s * row + dkv + i));
+          std::memcpy(r + dkv + 4 * (dkv / 128) + 2 * i, &b, 2);
+        }
       }
-    } else {
-      for (int64_t i = 0; i < dkv; ++i) r[i] = float_to_fp8_e4m3(440.0f * unit(seed, uint64_t(s) * row + i));
-      const float sc = 1.0f / 256.0f;
-      for (int64_t g = 0; g < dkv / 128; ++g) std::memcpy(r + dkv + 4 * g, &sc, 4);
-      for (int64_t i = 0; i < rope; ++i) {
-        const bf16_t b = float_to_bf16(1.7320508f * unit(seed, uint64_t(s) * row + dkv + i));
-        std::memcpy(r + dkv + 4 * (dkv / 128) + 2 * i, &b, 2);
-      }
+      const int64_t blk = s / tpb, off = s % tpb;
+      uint8_t* k8 = idx + blk * block_bytes + off * DI;
+      for (int64_t i = 0; i < DI; ++i) k8[i] = float_to_fp8_e4m3(syn::indexer_key(ls, blk * block_bytes + off * DI + i));
+      const float ks = std::ldexp(1.0f, syn::indexer_scale_exponent(ls, blk * tpb + off));
+      std::memcpy(idx + blk * block_bytes + tpb * DI + off * 4, &ks, 4);
     }
-    const int64_t blk = s / tpb, off = s % tpb;
-    uint8_t* k8 = idx + blk * cc.indexer_bytes_per_block() + off * DI;
-    for (int64_t i = 0; i < DI; ++i) k8[i] = float_to_fp8_e4m3(440.0f * unit(seed ^ 0x5bd1e995u, uint64_t(s) * DI + i));
-    const float ks = 1.0f / 512.0f;
-    std::memcpy(idx + blk * cc.indexer_bytes_per_block() + tpb * DI + off * 4, &ks, 4);
   }
 }
 

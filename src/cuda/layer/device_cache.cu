@@ -5,8 +5,8 @@
 
 #include "cuda/check.cuh"
 #include "dsa/cuda_layer.h"
-#include "dsa/hash.h"
 #include "dsa/error.h"
+#include "dsa/synthetic_cache.h"
 
 namespace dsa::cuda {
 
@@ -26,18 +26,13 @@ void dev_copy(void* d, const void* s, size_t n) { DSA_CUDA_CHECK(cudaMemcpy(d, s
 
 const DeviceAllocator kAllocator{dev_alloc, dev_free, dev_memset, dev_copy};
 
-// Uniform in [-1, 1) with magnitude >= 1/16: no zeros.
-__device__ __forceinline__ float unit(uint64_t seed, uint64_t i) {
-  const uint64_t h = mix64(seed ^ mix64(i));
-  const float u = static_cast<float>(h >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-  const float mag = 0.0625f + 0.9375f * u;
-  return (h & 1) ? -mag : mag;
-}
+// The values are dsa/synthetic_cache.h's (shared with the host fill of the
+// CPU bench); these kernels only lay them out.
+namespace syn = ::dsa::synthetic_cache;
 
-// Latent rows: bf16 values of RMS about 1 (uniform magnitudes times sqrt(3)).
 __global__ void fill_latent_bf16(__nv_bfloat16* pool, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    pool[i] = __float2bfloat16_rn(1.7320508f * unit(seed, i));
+    pool[i] = __float2bfloat16_rn(syn::latent_bf16(seed, i));
 }
 
 // fp8 latent form per slot: dkv e4m3, dkv/128 fp32 scales, rope bf16.
@@ -46,26 +41,23 @@ __global__ void fill_latent_fp8(uint8_t* pool, int64_t slots, int dkv, int rope,
   for (int64_t s = blockIdx.x; s < slots; s += gridDim.x) {
     uint8_t* r = pool + s * row;
     for (int i = threadIdx.x; i < dkv; i += blockDim.x)
-      r[i] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(440.0f * unit(seed, s * row + i), __NV_SATFINITE, __NV_E4M3));
-    for (int g = threadIdx.x; g < dkv / 128; g += blockDim.x) reinterpret_cast<float*>(r + dkv)[g] = 1.0f / 256.0f;
+      r[i] = static_cast<uint8_t>(__nv_cvt_float_to_fp8(syn::latent_fp8_ckv(seed, s * row + i), __NV_SATFINITE, __NV_E4M3));
+    for (int g = threadIdx.x; g < dkv / 128; g += blockDim.x) reinterpret_cast<float*>(r + dkv)[g] = syn::kLatentFp8Scale;
     __nv_bfloat16* rp = reinterpret_cast<__nv_bfloat16*>(r + dkv + 4 * (dkv / 128));
-    for (int i = threadIdx.x; i < rope; i += blockDim.x) rp[i] = __float2bfloat16_rn(1.7320508f * unit(seed, s * row + dkv + i));
+    for (int i = threadIdx.x; i < rope; i += blockDim.x) rp[i] = __float2bfloat16_rn(syn::latent_fp8_rope(seed, s * row + dkv + i));
   }
 }
 
-// Indexer blocks: tokens_per_block x dim e4m3 over the whole range, then one
-// power-of-two scale per token (2^-9 .. 2^-6), so dequantized keys are O(1).
+// Indexer blocks: tokens_per_block x dim e4m3, then one power-of-two scale per token.
 __global__ void fill_indexer(uint8_t* pool, int64_t blocks, int tpb, int dim, uint64_t seed) {
   const int64_t block_bytes = static_cast<int64_t>(tpb) * (dim + 4);
   for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
     uint8_t* base = pool + b * block_bytes;
     for (int i = threadIdx.x; i < tpb * dim; i += blockDim.x)
       base[i] = static_cast<uint8_t>(
-          __nv_cvt_float_to_fp8(440.0f * unit(seed ^ 0x5bd1e995ull, b * block_bytes + i), __NV_SATFINITE, __NV_E4M3));
-    for (int t = threadIdx.x; t < tpb; t += blockDim.x) {
-      const uint64_t h = mix64(seed ^ 0x27d4eb2full ^ mix64(b * tpb + t));
-      reinterpret_cast<float*>(base + tpb * dim)[t] = ldexpf(1.0f, -9 + static_cast<int>(h & 3));
-    }
+          __nv_cvt_float_to_fp8(syn::indexer_key(seed, b * block_bytes + i), __NV_SATFINITE, __NV_E4M3));
+    for (int t = threadIdx.x; t < tpb; t += blockDim.x)
+      reinterpret_cast<float*>(base + tpb * dim)[t] = ldexpf(1.0f, syn::indexer_scale_exponent(seed, b * tpb + t));
   }
 }
 
@@ -94,7 +86,7 @@ void fill_synthetic(CacheManager& cache, uint64_t seed) {
   const CacheConfig& cc = cache.config();
   if (cc.storage != Storage::Device) throw CacheError("fill_synthetic: the cache must use Storage::Device");
   for (int64_t l = 0; l < cc.num_layers; ++l) {
-    const uint64_t ls = seed * 0x100000001b3ull + static_cast<uint64_t>(l);
+    const uint64_t ls = syn::layer_seed(seed, l);
     const int64_t slots = cc.num_blocks * cc.tokens_per_block;
     if (cc.latent_dtype == LatentCacheDType::BF16) {
       const int64_t n = slots * (cc.kv_lora_rank + cc.rope_dim);
