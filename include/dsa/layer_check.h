@@ -506,7 +506,7 @@ inline StepCheck check_step(const LayerConfig& cfg, const std::vector<StepReques
     TraceOptions ro;
     ro.intermediates = true;
     std::vector<std::pair<std::string, double>> ms;
-    const std::vector<float> rout = ref::layer_forward(cfg, w, hidden, md.positions, md, hcache, 0, ro, &r, &ms);
+    const std::vector<float> rout = ref::layer_forward(cfg, w, hidden, md, hcache, 0, ro, &r, &ms);
     ref_s = seconds_since(t0);
     tab.rel("layer", "output vs ref::layer_forward", widen(gout), rout, 2e-2, cfg.o_proj ? hs : H * dv);
     // Spec 7's whole-layer bound is judged on the rows below instead: where
