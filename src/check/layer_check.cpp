@@ -164,14 +164,9 @@ StepCheck check_step(const LayerConfig& cfg, const std::vector<StepRequest>& req
   // Caches: the same configuration and the same request operations on both
   // sides give the same block tables; cached context is synthetic rows made
   // on the GPU and copied byte for byte to the host.
-  CacheConfig cc = CacheConfig::for_layer(cfg);
-  int64_t tokens = 0;
+  const CacheConfig cc = CacheConfig::for_step(cfg, requests);
   bool any_cached = false;
-  for (const StepRequest& r : requests) {
-    tokens += cc.blocks_for(r.cached + r.num_new) * cc.tokens_per_block;
-    any_cached |= r.cached > 0;
-  }
-  cc.with_tokens(tokens);
+  for (const StepRequest& r : requests) any_cached |= r.cached > 0;
   CacheConfig dcc = cc;
   dcc.storage = Storage::Device;
   CacheManager hcache(cc);
