@@ -1,6 +1,7 @@
 #pragma once
-// CPU reference of every stage of spec section 3: plain loops, fp32 storage,
-// fp32/fp64 accumulation, no CUDA. "Rounded inputs" means values that have
+// CPU reference of the layer of spec section 3 and of the operations its
+// stages are built from (the stages themselves: dsa/reference_stages.h):
+// plain loops, fp32 storage, fp32/fp64 accumulation, no CUDA. "Rounded inputs" means values that have
 // already gone through round_bf16 / round_fp8_e4m3, so that a fast path and
 // the reference see the same numbers. All tensors are row-major, dense.
 #include <cstdint>
@@ -78,23 +79,21 @@ void sparse_mla(const float* q, const float* kv, int64_t num_slots, const int32_
 void write_latent_row(const LayerConfig& cfg, uint8_t* pool, int64_t slot, const float* c_kv, const float* k_pe);
 void read_latent_row(const LayerConfig& cfg, const uint8_t* pool, int64_t slot, float* row);
 
-// The forward step of spec section 3 for the T = md.num_tokens new tokens:
-// hidden [T, hidden_size] bf16 in md's token order, position_ids [T] (checked
-// against md). Writes each new token's latent row and indexer key into layer
-// `layer` of `cache` (Storage::Host) at md's slots, then reads every key and
-// latent row back from the paged cache. Returns the bf16-rounded output
-// [T, H * v_head_dim], or [T, hidden_size] with cfg.o_proj. trace (may be null)
-// receives the intermediates opt asks for; stage_ms (may be null) receives
-// (stage name, wall ms) in run order, names as the CUDA backend's stages:
-// q_a_proj, kv_a_proj, norms, q_b_proj, rope, cache_append, indexer_q_proj,
-// indexer_k_proj, indexer_weights_proj, indexer_quant, indexer_logits, topk,
-// q_absorb, sparse_mla, v_up_proj, o_proj.
+// The forward step of spec section 3 for the T = md.num_tokens new tokens,
+// composed of the per-stage functions of dsa/reference_stages.h: hidden
+// [T, hidden_size] bf16 in md's token order, at md.positions. Writes each new
+// token's latent row and indexer key into layer `layer` of `cache`
+// (Storage::Host) at md's slots, then reads every key and latent row back
+// from the paged cache. Returns the bf16-rounded output [T, H * v_head_dim],
+// or [T, hidden_size] with cfg.o_proj. trace (may be null) receives the
+// intermediates opt asks for; stage_ms (may be null) receives (stage name,
+// wall ms) in run order, named by dsa::stage_name (dsa/stages.h): the stages
+// of layer_stages(cfg, false).
 // Converting the weights to fp32 happens before the first stage, outside
 // stage_ms; callers that run many steps convert once with prepare_weights.
 std::vector<float> layer_forward(const LayerConfig& cfg, const LayerWeights& w, const std::vector<bf16_t>& hidden,
-                                 const std::vector<int32_t>& position_ids, const BatchMetadata& md, CacheManager& cache,
-                                 int64_t layer, const TraceOptions& opt, LayerTrace* trace,
-                                 std::vector<std::pair<std::string, double>>* stage_ms);
+                                 const BatchMetadata& md, CacheManager& cache, int64_t layer, const TraceOptions& opt,
+                                 LayerTrace* trace, std::vector<std::pair<std::string, double>>* stage_ms);
 
 // The weights as fp32 copies of their bf16 values, for repeated steps
 // (o_proj only when cfg.o_proj). Same names and layouts as LayerWeights.
@@ -104,8 +103,8 @@ struct PreparedWeights {
       idx_k_norm_weight, idx_k_norm_bias, idx_weights_proj;
 };
 PreparedWeights prepare_weights(const LayerConfig& cfg, const LayerWeights& w);
-std::vector<float> layer_forward(const PreparedWeights& w, const std::vector<bf16_t>& hidden, const std::vector<int32_t>& position_ids,
-                                 const BatchMetadata& md, CacheManager& cache, int64_t layer, const TraceOptions& opt,
-                                 LayerTrace* trace, std::vector<std::pair<std::string, double>>* stage_ms);
+std::vector<float> layer_forward(const PreparedWeights& w, const std::vector<bf16_t>& hidden, const BatchMetadata& md,
+                                 CacheManager& cache, int64_t layer, const TraceOptions& opt, LayerTrace* trace,
+                                 std::vector<std::pair<std::string, double>>* stage_ms);
 
 }  // namespace dsa::ref

@@ -101,7 +101,6 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   // Converted to fp32 once, so that the timed region is the step alone.
   const PreparedWeights w = prepare_weights(cfg, generate_weights(cfg, opt.seed));
   const std::vector<bf16_t> hidden = generate_hidden(cfg, md.num_tokens, opt.seed + 1);
-  const std::vector<int32_t> positions = md.positions;
   const int64_t out_cols = cfg.o_proj ? cfg.hidden_size : cfg.num_heads * cfg.v_head_dim;
   res.output_shape = {md.num_tokens, out_cols};
 
@@ -113,7 +112,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
     TraceOptions topt;
     topt.intermediates = trace != nullptr;
     const auto t0 = std::chrono::steady_clock::now();
-    const std::vector<float> out = layer_forward(w, hidden, positions, md, cache, 0, topt, trace, &times);
+    const std::vector<float> out = layer_forward(w, hidden, md, cache, 0, topt, trace, &times);
     const auto t1 = std::chrono::steady_clock::now();
     if (static_cast<int64_t>(out.size()) != md.num_tokens * out_cols) {
       throw ShapeError(fmt::format("reference layer returned {} values, expected {} x {}", out.size(), md.num_tokens, out_cols));

@@ -14,15 +14,19 @@
 #include <random>
 #include <vector>
 
+#include "dsa/config.h"
 #include "dsa/dtypes.h"
 #include "dsa/reference.h"
+#include "dsa/reference_stages.h"
 
 using namespace dsa;
 
 namespace {
 
 double run_case(bool hadamard, uint32_t seed) {
-  constexpr int64_t HI = 64, DI = 128, TPB = 64, T = 8, S = 256;
+  const LayerConfig cfg;  // DeepSeek-V3.2's indexer: 64 heads of 128
+  const int64_t HI = cfg.index_n_heads, DI = cfg.index_head_dim;
+  constexpr int64_t TPB = 64, T = 8, S = 256;
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.f, 1.f);
   std::vector<float> shared(DI);
@@ -60,20 +64,20 @@ double run_case(bool hadamard, uint32_t seed) {
   std::vector<float> qs(T * HI), ks(S);
   ref::quantize_fp8_blocks(q.data(), T * HI, DI, q8.data(), qs.data());
   ref::quantize_fp8_blocks(k.data(), S, DI, k8.data(), ks.data());
-  std::vector<float> wf(T * HI);
-  for (int64_t i = 0; i < T * HI; ++i)
-    wf[i] = w[i] * (1.0f / std::sqrt(float(HI))) * qs[i] * (1.0f / std::sqrt(float(DI)));
+  std::vector<float> wf = w;
+  ref::fold_indexer_weights(cfg, T, qs.data(), wf.data());
 
   // Paged cache with blocks in reverse order, one request seeing all S keys.
   const int64_t nblk = S / TPB, bpb = TPB * (DI + 4);
   std::vector<uint8_t> cache(nblk * bpb, 0xFF);
   std::vector<int32_t> table(nblk);
   for (int64_t b = 0; b < nblk; ++b) table[b] = int32_t(nblk - 1 - b);
+  std::vector<int64_t> k_offset(S), scale_offset(S);
   for (int64_t s = 0; s < S; ++s) {
-    uint8_t* blk = cache.data() + table[s / TPB] * bpb;
-    std::memcpy(blk + (s % TPB) * DI, k8.data() + s * DI, DI);
-    std::memcpy(blk + TPB * DI + (s % TPB) * 4, &ks[s], 4);
+    k_offset[s] = table[s / TPB] * bpb + (s % TPB) * DI;
+    scale_offset[s] = table[s / TPB] * bpb + TPB * DI + (s % TPB) * 4;
   }
+  ref::write_indexer_keys(cache.data(), k_offset.data(), scale_offset.data(), S, DI, k8.data(), ks.data());
   std::vector<int32_t> token_request(T, 0), visible(T, int32_t(S));
   std::vector<float> got(T * S);
   ref::indexer_logits(q8.data(), wf.data(), cache.data(), table.data(), token_request.data(), visible.data(), T, HI, nblk,

@@ -11,6 +11,7 @@
 #include "dsa/cache.h"
 #include "dsa/error.h"
 #include "dsa/reference.h"
+#include "dsa/stages.h"
 #include "small_layer_config.h"
 
 using namespace dsa;
@@ -31,7 +32,7 @@ struct Runner {
                           std::vector<std::pair<std::string, double>>* ms = nullptr) {
     reserve_step(cache, reqs);
     const BatchMetadata md = build_batch_metadata(cache, reqs);
-    return ref::layer_forward(cfg, w, hidden, md.positions, md, cache, 0, TraceOptions{}, tr, ms);
+    return ref::layer_forward(cfg, w, hidden, md, cache, 0, TraceOptions{}, tr, ms);
   }
 };
 
@@ -131,6 +132,10 @@ TEST(LayerReference, StagesAreNamedAndOrderedLikeTheGpuBackend) {
   EXPECT_EQ(names, (std::vector<std::string>{"q_a_proj", "kv_a_proj", "norms", "q_b_proj", "rope", "cache_append", "indexer_q_proj",
                                              "indexer_k_proj", "indexer_weights_proj", "indexer_quant", "indexer_logits", "topk",
                                              "q_absorb", "sparse_mla", "v_up_proj", "o_proj"}));
+  // ... which is the shared stage list's order for the unfused projections.
+  std::vector<std::string> registry;
+  for (Stage st : layer_stages(cfg, /*fused_x_projection=*/false)) registry.push_back(stage_name(st));
+  EXPECT_EQ(names, registry);
   for (float v : out) {
     ASSERT_TRUE(std::isfinite(v));
     ASSERT_EQ(v, round_bf16(v));
@@ -236,13 +241,15 @@ TEST(LayerReference, RejectsMismatchedInputs) {
   reserve_step(run.cache, reqs);
   const BatchMetadata md = build_batch_metadata(run.cache, reqs);
   const auto hidden = generate_hidden(cfg, 4, 16);
-  EXPECT_THROW(ref::layer_forward(cfg, run.w, rows(hidden, cfg.hidden_size, 0, 3), md.positions, md, run.cache, 0, {}, nullptr, nullptr),
+  EXPECT_THROW(ref::layer_forward(cfg, run.w, rows(hidden, cfg.hidden_size, 0, 3), md, run.cache, 0, {}, nullptr, nullptr),
                ShapeError);
-  std::vector<int32_t> bad_pos = {0, 1, 3, 4};
-  EXPECT_THROW(ref::layer_forward(cfg, run.w, hidden, bad_pos, md, run.cache, 0, {}, nullptr, nullptr), ShapeError);
+  // Positions come from the metadata; one whose per-token vectors disagree with its token count is rejected.
+  BatchMetadata short_md = md;
+  short_md.positions.pop_back();
+  EXPECT_THROW(ref::layer_forward(cfg, run.w, hidden, short_md, run.cache, 0, {}, nullptr, nullptr), ShapeError);
   LayerConfig other = cfg;
   other.num_heads = 128;
-  EXPECT_THROW(ref::layer_forward(other, run.w, hidden, md.positions, md, run.cache, 0, {}, nullptr, nullptr), ShapeError);
+  EXPECT_THROW(ref::layer_forward(other, run.w, hidden, md, run.cache, 0, {}, nullptr, nullptr), ShapeError);
 }
 
 TEST(LayerReference, PreparedWeightsGiveTheSameBits) {
@@ -255,5 +262,5 @@ TEST(LayerReference, PreparedWeightsGiveTheSameBits) {
   const ref::PreparedWeights pw = ref::prepare_weights(cfg, b.w);
   reserve_step(b.cache, reqs);
   const BatchMetadata md = build_batch_metadata(b.cache, reqs);
-  EXPECT_EQ(ref::layer_forward(pw, hidden, md.positions, md, b.cache, 0, {}, nullptr, nullptr), want);
+  EXPECT_EQ(ref::layer_forward(pw, hidden, md, b.cache, 0, {}, nullptr, nullptr), want);
 }

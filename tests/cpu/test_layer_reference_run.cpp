@@ -71,7 +71,7 @@ TEST(DsaRun, FilesReplayBitForBitAndMatchTheLibrary) {
   const std::vector<StepRequest> reqs = {{0, 0, 70}};
   reserve_step(cache, reqs);
   const auto md = build_batch_metadata(cache, reqs);
-  const auto out = ref::layer_forward(cfg, w, std::vector<bf16_t>(hidden.begin(), hidden.begin() + 70 * 256), md.positions, md, cache, 0,
+  const auto out = ref::layer_forward(cfg, w, std::vector<bf16_t>(hidden.begin(), hidden.begin() + 70 * 256), md, cache, 0,
                                       {}, nullptr, nullptr);
   const auto dumped = a.read_f32("output");
   EXPECT_EQ(std::vector<float>(dumped.begin(), dumped.begin() + 70 * 2048), out);

@@ -95,7 +95,7 @@ TEST(LayerStages, EachStageMatchesFloat64OnTheRecordedInputs) {
   TraceOptions opt;
   opt.logits = true;
   LayerTrace tr;
-  const auto out = ref::layer_forward(cfg, w, hidden, md.positions, md, cache, 0, opt, &tr, nullptr);
+  const auto out = ref::layer_forward(cfg, w, hidden, md, cache, 0, opt, &tr, nullptr);
   const auto x = f64(hidden);
   const auto X = [&](int64_t m, int64_t k) { return x[m * hs + k]; };
   const auto f = ref::rope_inv_freq(cfg);

@@ -170,7 +170,7 @@ TEST(WeightsFile, WriteThenReadIsBitExactAndGivesIdenticalLayerResults) {
     const std::vector<StepRequest> reqs = {{0, 0, 30}};
     reserve_step(cache, reqs);
     const auto md = build_batch_metadata(cache, reqs);
-    return ref::layer_forward(cfg, lw, generate_hidden(cfg, 30, 32), md.positions, md, cache, 0, {}, nullptr, nullptr);
+    return ref::layer_forward(cfg, lw, generate_hidden(cfg, 30, 32), md, cache, 0, {}, nullptr, nullptr);
   };
   EXPECT_EQ(run(w), run(back));
 }

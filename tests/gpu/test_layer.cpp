@@ -13,6 +13,7 @@
 #include "cuda/layer/layer_kernels.h"
 #include "dsa/cuda.h"
 #include "dsa/cuda_layer.h"
+#include "dsa/error.h"
 #include "dsa/layer_check.h"
 #include "dsa/reference.h"
 

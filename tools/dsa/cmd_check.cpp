@@ -30,6 +30,8 @@ void run_check(const CheckCliOptions& o) {
   const LayerConfig cfg = resolve_config(o.cfg);
   const std::vector<StepRequest> requests = resolve_requests(o.batch);
   check::CheckOptions co = o.check;
+  // check_step names its parameter; the user typed the flag.
+  if (co.sample < 1) throw ConfigError(fmt::format("--sample-tokens {} is invalid: check at least one token", co.sample));
   co.whole_layer = !o.skip_layer;
   co.poison = !o.no_poison;
   const check::StepCheck r = check::check_step(cfg, requests, co);

@@ -209,7 +209,7 @@ void run(const RunOptions& o) {
       const BatchMetadata pmd = build_batch_metadata(cache, prefix);
       TraceOptions none;
       none.intermediates = false;
-      ref::layer_forward(pw, in.prefix_hidden, pmd.positions, pmd, cache, 0, none, nullptr, nullptr);
+      ref::layer_forward(pw, in.prefix_hidden, pmd, cache, 0, none, nullptr, nullptr);
       fmt::print("prefix: ran the layer over {} cached tokens (prefix_hidden)\n", in.prefix_hidden.size() / cfg.hidden_size);
     } else {
       for (const auto& q : in.requests)
@@ -219,6 +219,9 @@ void run(const RunOptions& o) {
   }
   reserve_step(cache, in.requests);
   const BatchMetadata md = build_batch_metadata(cache, in.requests);
+  // The layer takes the positions from the metadata; an inputs file's own
+  // position_ids must agree with them.
+  check_positions(md, in.position_ids.data(), static_cast<int64_t>(in.position_ids.size()));
 
   TraceOptions topt;
   topt.intermediates = !o.no_intermediates;
@@ -226,7 +229,7 @@ void run(const RunOptions& o) {
   LayerTrace tr;
   std::vector<std::pair<std::string, double>> ms;
   const auto t0 = std::chrono::steady_clock::now();
-  std::vector<float> out = ref::layer_forward(pw, in.hidden, in.position_ids, md, cache, 0, topt, &tr, &ms);
+  std::vector<float> out = ref::layer_forward(pw, in.hidden, md, cache, 0, topt, &tr, &ms);
   const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   const int64_t T = md.num_tokens, H = cfg.num_heads, HI = cfg.index_n_heads, DI = cfg.index_head_dim, K = cfg.index_topk;
