@@ -82,8 +82,8 @@ TESTS=$B/tests/dsa_gpu_tests
 
 step "GPU tests" gpu-tests.log "$TL_TESTS" $TESTS --gtest_color=no
 if [ $QUICK -eq 0 ]; then
-  step "dsa check seed shape (T=4096 H=128 b=1)" check-seed.log "$TL_CHECK" $DSA check --batch 1 --cached 0 --new 4096
-  step "dsa check decode (64 x 32768 cached)" check-decode.log "$TL_CHECK" $DSA check --batch 64 --cached 32768 --new 1
+  step "dsa check seed shape (T=4096 H=128 b=1)" check-seed.log "$TL_CHECK" $DSA check --digests --batch 1 --cached 0 --new 4096
+  step "dsa check decode (64 x 32768 cached)" check-decode.log "$TL_CHECK" $DSA check --digests --batch 64 --cached 32768 --new 1
 fi
 step "dsa bench seed shape" bench-seed.txt "$TL_BENCH" $DSA bench --backend cuda --batch 1 --cached 0 --new 4096
 step "dsa bench decode (graph replay)" bench-decode.txt "$TL_BENCH" $DSA bench --backend cuda --batch 64 --cached 32768 --new 1 --graph

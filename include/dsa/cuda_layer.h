@@ -75,13 +75,6 @@ class CudaLayer {
   // intermediate is downloaded into it (synchronizes).
   std::vector<bf16_t> forward(const std::vector<bf16_t>& hidden, const BatchMetadata& md, const DeviceCacheView& cache,
                               CUstream_st* stream = nullptr, LayerTrace* trace = nullptr, const TraceOptions& trace_options = {});
-  // TRANSITIONAL, only for dsa/layer_check.h until the check moves to
-  // src/check (remove with that change): the former signature; position_ids
-  // must equal md.positions (ShapeError otherwise).
-  std::vector<bf16_t> forward(const std::vector<bf16_t>& hidden, const int32_t* position_ids, const BatchMetadata& md,
-                              const DeviceCacheView& cache, CUstream_st* stream = nullptr, LayerTrace* trace = nullptr,
-                              const TraceOptions& trace_options = {});
-
   // The three steps forward() is made of, for benchmarks and CUDA graphs:
   // prepare() checks and uploads the step's metadata and sizes the buffers
   // (synchronous; do it before capture); enqueue() launches every stage on

@@ -7,6 +7,7 @@
 // (CUDA builds only; src/check/).
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dsa/batch.h"
@@ -78,6 +79,10 @@ struct StepCheck {
   // Whole-layer error split by whether a token's top-k set equals the reference's.
   int64_t same_topk_rows = 0;
   double same_topk_err = 0, diff_topk_err = 0;
+  // FNV-1a fingerprints of the GPU step's output, every intermediate of its
+  // trace and both cache pools after it, in a fixed order: two builds or two
+  // runs produced the same bits exactly when their lists are equal.
+  std::vector<std::pair<std::string, uint64_t>> digests;
 };
 
 // One step of `requests` with synthetic weights, hidden states and cached

@@ -26,6 +26,16 @@ namespace dsa::check {
 
 namespace {
 
+// FNV-1a over the bytes of a vector (StepCheck::digests).
+template <class T>
+uint64_t digest_of(const std::vector<T>& v) {
+  const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (size_t i = 0; i < v.size() * sizeof(T); ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+
+
 std::vector<float> widen(const std::vector<bf16_t>& v) {
   std::vector<float> f(v.size());
   for (size_t i = 0; i < v.size(); ++i) f[i] = bf16_to_float(v[i]);
@@ -218,10 +228,10 @@ StepCheck check_step(const LayerConfig& cfg, const std::vector<StepRequest>& req
   topt.intermediates = true;
   topt.logits = true;
   auto t0 = std::chrono::steady_clock::now();
-  const std::vector<bf16_t> gout = layer.forward(hidden, md.positions.data(), md, cuda::device_view(dcache, 0), nullptr, &g, topt);
+  const std::vector<bf16_t> gout = layer.forward(hidden, md, cuda::device_view(dcache, 0), nullptr, &g, topt);
   const double gpu_s = seconds_since(t0);
   // Second run, same inputs: bitwise identical output (and cache writes repeat identically).
-  const std::vector<bf16_t> gout2 = layer.forward(hidden, md.positions.data(), md, cuda::device_view(dcache, 0));
+  const std::vector<bf16_t> gout2 = layer.forward(hidden, md, cuda::device_view(dcache, 0));
 
   // The GPU's cache pools after its step (its own rows for the new tokens).
   std::vector<uint8_t> dlatent(static_cast<size_t>(dcache.latent_pool_bytes())), dindexer(static_cast<size_t>(dcache.indexer_pool_bytes()));
@@ -463,6 +473,31 @@ StepCheck check_step(const LayerConfig& cfg, const std::vector<StepRequest>& req
     }
   }
 
+  {
+    auto& d = result.digests;
+    d.emplace_back("output", digest_of(gout));
+    d.emplace_back("q_lat", digest_of(g.q_lat));
+    d.emplace_back("c_kv", digest_of(g.c_kv));
+    d.emplace_back("k_pe", digest_of(g.k_pe));
+    d.emplace_back("q_nope", digest_of(g.q_nope));
+    d.emplace_back("q_pe", digest_of(g.q_pe));
+    d.emplace_back("idx_q", digest_of(g.idx_q));
+    d.emplace_back("idx_q_fp8", digest_of(g.idx_q_fp8));
+    d.emplace_back("idx_q_scale", digest_of(g.idx_q_scale));
+    d.emplace_back("idx_k", digest_of(g.idx_k));
+    d.emplace_back("idx_k_fp8", digest_of(g.idx_k_fp8));
+    d.emplace_back("idx_k_scale", digest_of(g.idx_k_scale));
+    d.emplace_back("idx_weights", digest_of(g.idx_weights));
+    d.emplace_back("idx_logits", digest_of(g.idx_logits));
+    d.emplace_back("topk_local", digest_of(g.topk_local));
+    d.emplace_back("topk_global", digest_of(g.topk_global));
+    d.emplace_back("q_cat", digest_of(g.q_cat));
+    d.emplace_back("attn_out", digest_of(g.attn_out));
+    d.emplace_back("attn_lse", digest_of(g.attn_lse));
+    d.emplace_back("attn_max", digest_of(g.attn_max));
+    d.emplace_back("latent_pool", digest_of(dlatent));
+    d.emplace_back("indexer_pool", digest_of(dindexer));
+  }
   result.table = std::move(tab);
   result.gpu_s = gpu_s, result.stage_s = stage_s, result.ref_s = ref_s, result.total_s = seconds_since(t_start);
   result.sampled = N;

@@ -96,16 +96,6 @@ TEST(LayerGpu, FullWidthsMixedStep) {
   EXPECT_EQ(r.table.failures(), 0) << r.header << "\n" << r.table.format();
 }
 
-TEST(LayerGpu, RopeFrequenciesAreTheReferences) {
-  for (const char* type : {"yarn", "none"}) {
-    dsa::LayerConfig cfg;
-    cfg.rope_scaling.type = type;
-    const std::vector<double> a = dsa::rope_inv_freq(cfg), b = dsa::ref::rope_inv_freq(cfg);
-    ASSERT_EQ(a.size(), b.size());
-    for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(static_cast<float>(a[i]), static_cast<float>(b[i])) << type << " i=" << i;
-  }
-}
-
 // The fp8 latent form (656 bytes: e4m3 c_kv, ue8m0 scales, bf16 rope) and the
 // bf16 form, written by the GPU at scattered slots, byte for byte what the
 // reference writes; untouched slots keep their poison.

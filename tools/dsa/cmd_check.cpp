@@ -24,6 +24,7 @@ struct CheckCliOptions {
   check::CheckOptions check;
   bool skip_layer = false;
   bool no_poison = false;
+  bool digests = false;
 };
 
 void run_check(const CheckCliOptions& o) {
@@ -36,6 +37,8 @@ void run_check(const CheckCliOptions& o) {
   co.poison = !o.no_poison;
   const check::StepCheck r = check::check_step(cfg, requests, co);
   fmt::print("{}\n\n{}\n", r.header, r.table.format());
+  if (o.digests)
+    for (const auto& [name, h] : r.digests) fmt::print("digest {:<14} {:016x}\n", name, h);
   fmt::print("GPU step {:.2f} s (with trace download), stage checks on {} sampled tokens {:.1f} s, reference layer {:.1f} s, "
              "total {:.1f} s\n",
              r.gpu_s, r.sampled, r.stage_s, r.ref_s, r.total_s);
@@ -65,6 +68,7 @@ void register_check(CLI::App& app) {
   sub->add_option("--seed", o->check.seed, "seed of the synthetic weights, hidden states and cached context");
   sub->add_option("--sample-tokens", o->check.sample, "tokens (evenly spread) on which each stage is checked against the reference");
   sub->add_flag("--skip-layer", o->skip_layer, "skip the whole-layer comparison with ref::layer_forward (stage checks only)");
+  sub->add_flag("--digests", o->digests, "print FNV-1a digests of the GPU output, every intermediate and the caches (compare builds bit for bit)");
   sub->add_flag("--no-poison", o->no_poison, "do not fill unused cache slots and GPU buffers with NaN before the runs");
   sub->callback([o] { run_check(*o); });
 #else

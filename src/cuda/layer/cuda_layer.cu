@@ -568,13 +568,6 @@ std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const 
   }
 }
 
-std::vector<bf16_t> CudaLayer::forward(const std::vector<bf16_t>& hidden, const int32_t* position_ids, const BatchMetadata& md,
-                                       const DeviceCacheView& cache, CUstream_st* stream, LayerTrace* trace,
-                                       const TraceOptions& topt) {
-  check_positions(md, position_ids, md.num_tokens);
-  return forward(hidden, md, cache, stream, trace, topt);
-}
-
 void CudaLayer::download_trace(LayerTrace& tr, const TraceOptions& opt, CUstream_st* stream) const {
   const Impl& m = *impl_;
   const LayerConfig& c = m.cfg;
