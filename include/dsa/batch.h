@@ -72,8 +72,10 @@ void check_positions(const BatchMetadata& md, const int32_t* position_ids, int64
 // place (-1 stays -1; a position outside the request's visible keys is an error).
 void local_to_global_indices(const BatchMetadata& md, int32_t* indices, int64_t topk);
 
-// Parses the command line's batch shapes: "--batch B --cached C --new N", or a
-// ragged list "c0:n0,c1:n1,..." (cached:new per request). Throws ConfigError.
+// Batch shapes as a front end gives them: a uniform batch (batch requests of
+// cached + num_new tokens), or a ragged list "c0:n0,c1:n1,..." (cached:new per
+// request). Throw ConfigError whose parameter() is "batch", "cached",
+// "num_new" or "requests".
 std::vector<StepRequest> parse_request_list(const std::string& list);
 std::vector<StepRequest> uniform_requests(int64_t batch, int64_t cached, int64_t num_new);
 

@@ -64,9 +64,12 @@ LayerConfig load_config_json_file(const std::string& path);
 // message that names the value, the rule and a fix.
 void validate(const LayerConfig& cfg);
 
-// What the sparse prefill kernel on a GPU of this compute capability accepts
-// (sm_90: heads a multiple of 64; sm_100: exactly 128). validate() already
-// enforces the sm_90 rule on every backend so that whatever runs on the
+// What the CUDA backend accepts on a GPU of this compute capability: it is
+// compiled for sm_90a only, so the GPU must be sm_90 (Hopper), else
+// NoDeviceError; its indexer kernels take index_n_heads = 64 and
+// tokens_per_block = 64 (ConfigError). Heads a multiple of 64 (the sm_90a
+// sparse MLA kernel runs 64 or 128, the simple kernel other multiples) is
+// enforced by validate() on every backend, so that whatever runs on the
 // reference also runs on the GPU.
 void validate_for_gpu(const LayerConfig& cfg, int sm_major, int sm_minor);
 

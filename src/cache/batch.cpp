@@ -91,7 +91,7 @@ void reserve_step(CacheManager& cache, const std::vector<StepRequest>& requests)
   }
   if (need > cache.free_blocks()) {
     throw CacheError(fmt::format("cache full: the step needs {} more block(s) ({} tokens per block) but only {} of {} blocks are free; "
-                                 "nothing was changed. Make the batch smaller (--batch, --cached, --new) or the cache larger",
+                                 "nothing was changed. Make the step smaller (fewer requests, cached or new tokens) or the cache larger",
                                  need, cc.tokens_per_block, cache.free_blocks(), cc.num_blocks));
   }
   // Cannot fail from here on: every request fits and ids are distinct.

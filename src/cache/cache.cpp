@@ -79,7 +79,8 @@ CacheConfig& CacheConfig::with_tokens(int64_t tokens) {
     throw ConfigError(fmt::format("cache capacity of {} tokens is invalid: give a positive token count", tokens));
   }
   if (tokens_per_block <= 0) {
-    throw ConfigError(fmt::format("tokens_per_block = {} is invalid: it must be positive (64 in DeepSeek-V3.2)", tokens_per_block));
+    throw ConfigError(fmt::format("tokens_per_block = {} is invalid: it must be positive (64 in DeepSeek-V3.2)", tokens_per_block),
+                      "tokens_per_block");
   }
   num_blocks = blocks_for(tokens);
   return *this;
@@ -98,9 +99,10 @@ CacheConfig& CacheConfig::with_bytes(int64_t bytes) {
 }
 
 void CacheConfig::validate() const {
-  if (num_layers <= 0) throw ConfigError(fmt::format("cache num_layers = {} is invalid: it must be at least 1", num_layers));
+  if (num_layers <= 0) throw ConfigError(fmt::format("cache num_layers = {} is invalid: it must be at least 1", num_layers), "num_layers");
   if (tokens_per_block <= 0) {
-    throw ConfigError(fmt::format("tokens_per_block = {} is invalid: it must be positive (64 in DeepSeek-V3.2)", tokens_per_block));
+    throw ConfigError(fmt::format("tokens_per_block = {} is invalid: it must be positive (64 in DeepSeek-V3.2)", tokens_per_block),
+                      "tokens_per_block");
   }
   if (kv_lora_rank <= 0 || rope_dim <= 0 || index_head_dim <= 0) {
     throw ConfigError(fmt::format("cache dimensions kv_lora_rank = {}, rope_dim = {}, index_head_dim = {} must all be positive",
@@ -109,7 +111,8 @@ void CacheConfig::validate() const {
   if (latent_dtype == LatentCacheDType::FP8 && kv_lora_rank % 128 != 0) {
     throw ConfigError(fmt::format("kv_lora_rank = {} cannot use the fp8 latent cache: it keeps one scale per 128 values, so "
                                   "kv_lora_rank must be a multiple of 128; use kv_cache_dtype bf16",
-                                  kv_lora_rank));
+                                  kv_lora_rank),
+                      "kv_cache_dtype");
   }
   if (num_blocks <= 0) {
     throw ConfigError(fmt::format("cache capacity of {} blocks is invalid: set it with with_tokens() or with_bytes()", num_blocks));
@@ -142,8 +145,8 @@ CacheManager::CacheManager(const CacheConfig& cfg, const DeviceAllocator* alloc)
     if (!latent_ || !indexer_) {
       if (latent_) dev_.free(latent_);
       latent_ = nullptr;
-      throw CacheError(fmt::format("could not allocate {} bytes of GPU memory for a cache of {} blocks ({} layer(s)); "
-                                   "give a smaller capacity (--cache-tokens / with_tokens)",
+      throw OutOfMemoryError(fmt::format("could not allocate {} bytes of GPU memory for a cache of {} blocks ({} layer(s)); "
+                                   "give a smaller capacity (num_blocks: with_tokens / with_bytes)",
                                    lat_bytes + idx_bytes, cfg_.num_blocks, cfg_.num_layers));
     }
     dev_.memset(latent_, 0, lat_bytes);
@@ -155,8 +158,8 @@ CacheManager::CacheManager(const CacheConfig& cfg, const DeviceAllocator* alloc)
     } catch (const std::bad_alloc&) {
       if (latent_) ::operator delete(latent_, kHostAlign);
       latent_ = nullptr;
-      throw CacheError(fmt::format("could not allocate {} bytes of host memory for a cache of {} blocks ({} layer(s)); "
-                                   "give a smaller capacity (--cache-tokens / with_tokens)",
+      throw OutOfMemoryError(fmt::format("could not allocate {} bytes of host memory for a cache of {} blocks ({} layer(s)); "
+                                   "give a smaller capacity (num_blocks: with_tokens / with_bytes)",
                                    lat_bytes + idx_bytes, cfg_.num_blocks, cfg_.num_layers));
     }
     std::memset(latent_, 0, lat_bytes);

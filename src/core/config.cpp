@@ -22,7 +22,7 @@ LatentCacheDType parse_latent_cache_dtype(const std::string& s) {
   throw ConfigError(fmt::format(
       "kv_cache_dtype '{}' is not known: use 'bf16' (1152 bytes per token, required by the sparse "
       "prefill kernel) or 'fp8' (656 bytes per token, decode only)",
-      s));
+      s), "kv_cache_dtype");
 }
 
 double LayerConfig::yarn_mscale() const {
@@ -74,20 +74,20 @@ int64_t get_int(const json& v, const std::string& key, const std::string& origin
     if (std::floor(d) == d && std::fabs(d) < 9e15) return static_cast<int64_t>(d);
   }
   throw ConfigError(fmt::format("{}: key '{}' must be an integer, but it is {} ({}); write it as a plain number, e.g. \"{}\": 128",
-                                origin, key, type_name(v), v.dump(), key));
+                                origin, key, type_name(v), v.dump(), key), key);
 }
 
 double get_num(const json& v, const std::string& key, const std::string& origin) {
   if (v.is_number()) return v.get<double>();
   throw ConfigError(fmt::format("{}: key '{}' must be a number, but it is {} ({}); write it as a plain number",
-                                origin, key, type_name(v), v.dump()));
+                                origin, key, type_name(v), v.dump()), key);
 }
 
 void req_int(const json& obj, std::initializer_list<const char*> keys, int64_t& out, const std::string& origin) {
   const json* v = find(obj, keys);
   if (!v) {
-    throw ConfigError(fmt::format("{}: required key '{}' is missing; add it (DeepSeek-V3.2 uses {}) or pass it on the command line",
-                                  origin, *keys.begin(), out));
+    throw ConfigError(fmt::format("{}: required key '{}' is missing; add it (DeepSeek-V3.2 uses {})", origin, *keys.begin(), out),
+                      *keys.begin());
   }
   out = get_int(*v, *keys.begin(), origin);
 }
@@ -171,7 +171,7 @@ LayerConfig load_config_json_file(const std::string& path) {
 
 namespace {
 void positive(const char* name, int64_t v, const char* why) {
-  if (v <= 0) throw ConfigError(fmt::format("{} = {} is invalid: it must be a positive integer ({})", name, v, why));
+  if (v <= 0) throw ConfigError(fmt::format("{} = {} is invalid: it must be a positive integer ({})", name, v, why), name);
 }
 }  // namespace
 
@@ -191,61 +191,83 @@ void validate(const LayerConfig& c) {
     throw ConfigError(fmt::format(
         "num_heads = {} is not supported: the sm_90 sparse MLA kernel needs a multiple of 64 (64 or 128 for "
         "DeepSeek-V3.2; 128 is one rank at TP=1, 64 at TP=2), and every backend enforces it so that what runs on the "
-        "reference also runs on the GPU; use --num-heads 64 or 128",
-        c.num_heads));
+        "reference also runs on the GPU; set num_heads to 64 or 128",
+        c.num_heads), "num_heads");
   }
   if (c.kv_lora_rank % 128 != 0) {
     throw ConfigError(fmt::format("kv_lora_rank = {} is not supported: it must be a multiple of 128 (fp8 cache scales cover 128 values); DeepSeek-V3.2 uses 512",
-                                  c.kv_lora_rank));
+                                  c.kv_lora_rank), "kv_lora_rank");
   }
   if (c.qk_rope_head_dim % 2 != 0) {
-    throw ConfigError(fmt::format("qk_rope_head_dim = {} is invalid: RoPE rotates pairs, so it must be even; DeepSeek-V3.2 uses 64", c.qk_rope_head_dim));
+    throw ConfigError(fmt::format("qk_rope_head_dim = {} is invalid: RoPE rotates pairs, so it must be even; DeepSeek-V3.2 uses 64", c.qk_rope_head_dim),
+                      "qk_rope_head_dim");
   }
   if (c.index_head_dim != 128) {
     throw ConfigError(fmt::format(
         "index_head_dim = {} is not supported: the indexer K cache layout (132 bytes per token) and the 128-point Hadamard "
         "rotation fix it at 128; use 128",
-        c.index_head_dim));
+        c.index_head_dim), "index_head_dim");
   }
   if (c.qk_rope_head_dim > c.index_head_dim) {
     throw ConfigError(fmt::format("qk_rope_head_dim = {} exceeds index_head_dim = {}: the indexer ropes its first qk_rope_head_dim dims",
-                                  c.qk_rope_head_dim, c.index_head_dim));
+                                  c.qk_rope_head_dim, c.index_head_dim), "qk_rope_head_dim");
   }
   if (c.index_topk % 64 != 0) {
     throw ConfigError(fmt::format("index_topk = {} is not supported: it must be a multiple of 64 (the attention kernels take indices in tiles of 64); DeepSeek-V3.2 uses 2048",
-                                  c.index_topk));
+                                  c.index_topk), "index_topk");
   }
   if (!(c.rms_norm_eps > 0.0) || !std::isfinite(c.rms_norm_eps)) {
-    throw ConfigError(fmt::format("rms_norm_eps = {} is invalid: it must be a positive finite number; DeepSeek-V3.2 uses 1e-6", c.rms_norm_eps));
+    throw ConfigError(fmt::format("rms_norm_eps = {} is invalid: it must be a positive finite number; DeepSeek-V3.2 uses 1e-6", c.rms_norm_eps),
+                      "rms_norm_eps");
   }
   if (!(c.rope_theta > 0.0) || !std::isfinite(c.rope_theta)) {
-    throw ConfigError(fmt::format("rope_theta = {} is invalid: it must be a positive finite number; DeepSeek-V3.2 uses 10000", c.rope_theta));
+    throw ConfigError(fmt::format("rope_theta = {} is invalid: it must be a positive finite number; DeepSeek-V3.2 uses 10000", c.rope_theta),
+                      "rope_theta");
   }
   if (c.rope_scaling.type == "yarn") {
     if (!(c.rope_scaling.factor >= 1.0)) {
-      throw ConfigError(fmt::format("rope_scaling.factor = {} is invalid: yarn needs a factor >= 1; DeepSeek-V3.2 uses 40", c.rope_scaling.factor));
+      throw ConfigError(fmt::format("rope_scaling.factor = {} is invalid: yarn needs a factor >= 1; DeepSeek-V3.2 uses 40", c.rope_scaling.factor),
+                        "rope_scaling.factor");
     }
     if (c.rope_scaling.original_max_position_embeddings <= 0) {
       throw ConfigError(fmt::format("rope_scaling.original_max_position_embeddings = {} is invalid: it must be positive; DeepSeek-V3.2 uses 4096",
-                                    c.rope_scaling.original_max_position_embeddings));
+                                    c.rope_scaling.original_max_position_embeddings),
+                        "rope_scaling.original_max_position_embeddings");
     }
     if (!(c.rope_scaling.beta_fast > c.rope_scaling.beta_slow) || !(c.rope_scaling.beta_slow > 0.0)) {
       throw ConfigError(fmt::format("rope_scaling beta_fast = {} / beta_slow = {} are invalid: need beta_fast > beta_slow > 0; DeepSeek-V3.2 uses 32 and 1",
-                                    c.rope_scaling.beta_fast, c.rope_scaling.beta_slow));
+                                    c.rope_scaling.beta_fast, c.rope_scaling.beta_slow),
+                        c.rope_scaling.beta_slow > 0.0 ? "rope_scaling.beta_fast" : "rope_scaling.beta_slow");
     }
   }
 }
 
 void validate_for_gpu(const LayerConfig& c, int sm_major, int sm_minor) {
   validate(c);
-  if (sm_major == 10 && c.num_heads != 128) {
-    throw ConfigError(fmt::format(
-        "num_heads = {} is not supported on sm_{}{}: the sm_100 sparse MLA kernel needs exactly 128 heads; use --num-heads 128",
-        c.num_heads, sm_major, sm_minor));
+  // The backend is compiled for sm_90a only (CMAKE_CUDA_ARCHITECTURES 90a):
+  // wgmma and setmaxnreg code of an "a" target runs on that exact compute
+  // capability and is neither forward- nor backward-compatible.
+  if (sm_major != 9 || sm_minor != 0) {
+    throw NoDeviceError(fmt::format(
+        "GPU sm_{}{} is not supported: the CUDA backend is compiled for sm_90a only (Hopper, compute capability 9.0: "
+        "H100, H200, H800, GH200), and sm_90a code runs on no other architecture; run on a Hopper GPU or on the CPU reference",
+        sm_major, sm_minor));
   }
-  if (sm_major != 9 && sm_major != 10) {
-    throw ConfigError(fmt::format("GPU sm_{}{} is not supported: the CUDA backend is built for Hopper (sm_90a); run on an H100/H200 or use --backend ref",
-                                  sm_major, sm_minor));
+  // Heads: validate() already requires a multiple of 64; the sm_90a sparse MLA
+  // kernel takes 64 or 128 heads (one or two 64-head wgmma tiles), other
+  // multiples of 64 run on the simple CUDA kernel. The indexer logits kernels
+  // are built for 64 indexer heads reading 64-token cache blocks.
+  if (c.index_n_heads != 64) {
+    throw ConfigError(fmt::format("index_n_heads = {} is not supported on the GPU: the sm_90a indexer kernels are built for 64 "
+                                  "indexer heads (DeepSeek-V3.2); set index_n_heads to 64 or run on the CPU reference",
+                                  c.index_n_heads),
+                      "index_n_heads");
+  }
+  if (c.tokens_per_block != 64) {
+    throw ConfigError(fmt::format("tokens_per_block = {} is not supported on the GPU: the sm_90a indexer kernels read 64-token "
+                                  "cache blocks (spec section 4); set tokens_per_block to 64 or run on the CPU reference",
+                                  c.tokens_per_block),
+                      "tokens_per_block");
   }
 }
 
@@ -253,7 +275,8 @@ void validate_for_sparse_prefill(const LayerConfig& c) {
   if (c.kv_cache_dtype != LatentCacheDType::BF16) {
     throw ConfigError(
         "kv_cache_dtype = fp8 cannot be used for the sparse prefill path: the sparse prefill kernel reads a bf16 latent "
-        "cache only (the 656-byte fp8 form is for sparse decode); use --kv-cache-dtype bf16");
+        "cache only (the 656-byte fp8 form is for sparse decode); set kv_cache_dtype to bf16",
+        "kv_cache_dtype");
   }
 }
 

@@ -67,8 +67,8 @@ void check_weights(const LayerConfig& c, const LayerWeights& w) {
   const int64_t h = c.hidden_size, H = c.num_heads, HI = c.index_n_heads, DI = c.index_head_dim;
   auto chk = [](const char* name, const std::vector<bf16_t>& v, int64_t rows, int64_t cols) {
     if (static_cast<int64_t>(v.size()) != rows * cols) {
-      throw ShapeError(fmt::format("weight '{}' has {} elements but the configuration needs [{}, {}] = {}; check --num-heads "
-                                   "and the other dimensions against the checkpoint",
+      throw ShapeError(fmt::format("weight '{}' has {} elements but the configuration needs [{}, {}] = {}; check num_heads "
+                                   "and the other dimensions of the configuration against the checkpoint",
                                    name, v.size(), rows, cols, rows * cols));
     }
   };

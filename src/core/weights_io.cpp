@@ -89,7 +89,7 @@ std::string weight_prefix(int64_t layer) { return fmt::format("model.layers.{}.s
 
 LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64_t layer) {
   validate(cfg);
-  if (layer < 0) throw ConfigError(fmt::format("layer index {} is invalid: it must be >= 0", layer));
+  if (layer < 0) throw ConfigError(fmt::format("layer index {} is invalid: it must be >= 0", layer), "layer");
   Source src(path);
   const std::string prefix = weight_prefix(layer);
   LayerWeights w;
@@ -97,12 +97,12 @@ LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64
     const std::string name = prefix + s.name;
     if (!src.has(name)) {
       throw FileError(fmt::format("'{}' has no tensor '{}'; the file must hold layer {}'s attention weights under their Hugging Face "
-                                  "names (write one with dsa run --save-weights, or pick the layer with --layer)",
+                                  "names (save_weights writes such a file), or pick another layer index",
                                   path, name, layer));
     }
     const st::Reader& r = src.reader(name);
     const std::vector<int64_t> shape = s.cols ? std::vector<int64_t>{s.rows, s.cols} : std::vector<int64_t>{s.rows};
-    r.expect_shape(name, shape, "the checkpoint and the layer configuration (--config, --num-heads, ...) disagree");
+    r.expect_shape(name, shape, "the checkpoint and the layer configuration (config.json, num_heads, ...) disagree");
     const st::TensorInfo& info = r.info(name);
     std::vector<bf16_t>& dst = w.*s.member;
     if (info.dtype == st::DType::F8_E4M3) {

@@ -68,11 +68,11 @@ TEST(Cli, BenchRejectsBadFlags) {
   expect_rejected("bench --backend foo", {"--backend 'foo' is not known", "auto", "ref", "cuda"});
   expect_rejected("bench --iters 0", {"--iters 0", "at least one"});
   expect_rejected("bench --warmup -1", {"--warmup -1"});
-  expect_rejected("bench --backend ref --new 0", {"--new 0 is invalid"});
+  expect_rejected("bench --backend ref --new 0", {"num_new = 0 is invalid", "(set with --new)"});
   expect_rejected("bench --backend ref --requests 5", {"request '5' has no ':'", "cached:new"});
   expect_rejected("bench --backend ref --requests 0:4,3:0", {"at least one new token"});
   expect_rejected("bench --backend ref --num-heads 96", {"num_heads = 96", "multiple of 64"});
-  expect_rejected("bench --backend ref --kv-cache-dtype fp9", {"kv_cache_dtype 'fp9'"});
+  expect_rejected("bench --backend ref --kv-cache-dtype fp9", {"kv_cache_dtype 'fp9'", "(set with --kv-cache-dtype)"});
   expect_rejected("bench --stage attention", {"--stage 'attention' is not a stage", "sparse_mla"});
   expect_rejected("bench --graph --backend ref", {"--graph", "CUDA backend"});
   expect_rejected("bench --json --csv", {"choose one"});
@@ -84,7 +84,7 @@ TEST(Cli, BenchRejectsBadFlags) {
   expect_rejected("bench --sweep-sparse-mla --stage topk", {"--stage does not apply"});
   expect_rejected("bench --stage sparse_mla --sweep --profile-once", {"--profile-once does not apply"});
   expect_rejected("bench --protocol flashmla --backend ref", {"--protocol", "give it with --sweep-sparse-mla"});
-  expect_rejected("bench --sweep-sparse-mla --protocol fast", {"--protocol 'fast' is not known", "sustained", "flashmla"});
+  expect_rejected("bench --sweep-sparse-mla --protocol fast", {"protocol 'fast' is not known", "sustained", "flashmla", "(set with --protocol)"});
   expect_rejected("bench --sweep-sparse-mla --protocol flashmla --iters 5", {"do not apply with --protocol flashmla"});
   expect_rejected("bench --sweep-sparse-mla --protocol flashmla --backend ref", {"needs the CUDA backend"});
   expect_rejected("bench --tokens 4 --new 4", {"--tokens and --new"});
@@ -97,14 +97,14 @@ TEST(Cli, BenchRejectsBadFlags) {
   // Without a GPU the backend is refused; with one, the bad --new is. Either way: a clear error.
   const Result r = run("bench --backend cuda --new 0");
   EXPECT_EQ(r.rc, 2) << r.err;
-  EXPECT_TRUE(r.err.find("--backend cuda") != std::string::npos || r.err.find("--new 0") != std::string::npos) << r.err;
+  EXPECT_TRUE(r.err.find("--backend cuda") != std::string::npos || r.err.find("num_new = 0") != std::string::npos) << r.err;
   // CLI11's own parse errors (not a number) are non-zero too.
   EXPECT_NE(run("bench --num-heads 1x").rc, 0);
   EXPECT_NE(run("bench --no-such-flag").rc, 0);
 }
 
 TEST(Cli, InfoRejectsBadFlagsAndSizesABatch) {
-  expect_rejected("info --batch 0", {"--batch 0"});
+  expect_rejected("info --batch 0", {"batch = 0", "(set with --batch)"});
   expect_rejected("info --requests 1:2:3", {"'2:3' is not an integer"});
   expect_rejected("info --tokens-per-block 0", {"tokens_per_block = 0"});
   EXPECT_NE(run("info --num-layers 0").rc, 0);
@@ -118,6 +118,13 @@ TEST(Cli, InfoRejectsBadFlagsAndSizesABatch) {
   EXPECT_NE(t.out.find("129 tokens need 3 blocks"), std::string::npos) << t.out;
   // floor(2^30 / 82176) = 13066 blocks.
   EXPECT_NE(t.out.find("1 GiB holds 13066 blocks = 836224 tokens"), std::string::npos) << t.out;
+}
+
+// The library names the parameter; the command line adds the flag that sets it.
+TEST(Cli, ErrorsNameTheParameterAndTheFlag) {
+  expect_rejected("info --num-heads 96", {"num_heads = 96", "multiple of 64", "(set with --num-heads)"});
+  expect_rejected("info --topk 100", {"index_topk = 100", "(set with --topk)"});
+  expect_rejected("info --tokens-per-block 0", {"tokens_per_block = 0", "(set with --tokens-per-block)"});
 }
 
 TEST(Cli, BenchReferenceTable) {

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <utility>
+
 #include "dsa/error.h"
 
 namespace dsa::cli {
@@ -63,6 +65,50 @@ void add_batch_options(CLI::App* app, BatchOptions& o, int64_t default_new) {
 std::vector<StepRequest> resolve_requests(const BatchOptions& o) {
   if (!o.requests.empty()) return parse_request_list(o.requests);
   return uniform_requests(o.batch, o.cached, o.num_new);
+}
+
+std::string flag_for_parameter(const std::string& parameter) {
+  // One table: library parameter -> flag. config.json spellings that differ
+  // from the LayerConfig field (num_attention_heads) are listed too.
+  static const std::pair<const char*, const char*> kFlags[] = {
+      {"hidden_size", "--hidden-size"},
+      {"num_heads", "--num-heads"},
+      {"num_attention_heads", "--num-heads"},
+      {"q_lora_rank", "--q-lora-rank"},
+      {"kv_lora_rank", "--kv-lora-rank"},
+      {"qk_nope_head_dim", "--qk-nope-head-dim"},
+      {"qk_rope_head_dim", "--qk-rope-head-dim"},
+      {"v_head_dim", "--v-head-dim"},
+      {"index_n_heads", "--index-n-heads"},
+      {"index_head_dim", "--index-head-dim"},
+      {"index_topk", "--topk"},
+      {"tokens_per_block", "--tokens-per-block"},
+      {"rope_theta", "--rope-theta"},
+      {"rms_norm_eps", "--rms-norm-eps"},
+      {"kv_cache_dtype", "--kv-cache-dtype"},
+      {"indexer_hadamard", "--no-hadamard"},
+      {"o_proj", "--o-proj"},
+      {"batch", "--batch"},
+      {"cached", "--cached"},
+      {"num_new", "--new"},
+      {"requests", "--requests"},
+      {"num_layers", "--num-layers"},
+      {"layer", "--layer"},
+      {"seed", "--seed"},
+      {"protocol", "--protocol"},
+      {"stage", "--stage"},
+      {"warmup", "--warmup"},
+      {"iters", "--iters"},
+  };
+  for (const auto& [p, f] : kFlags)
+    if (parameter == p) return f;
+  return {};
+}
+
+std::string error_text(const Error& e) {
+  const std::string flag = flag_for_parameter(e.parameter());
+  if (flag.empty()) return e.what();
+  return fmt::format("{} (set with {})", e.what(), flag);
 }
 
 std::string human_bytes(double b) {

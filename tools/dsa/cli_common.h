@@ -8,6 +8,7 @@
 
 #include "dsa/batch.h"
 #include "dsa/config.h"
+#include "dsa/error.h"
 
 namespace dsa::cli {
 
@@ -35,5 +36,13 @@ void add_batch_options(CLI::App* app, BatchOptions& o, int64_t default_new);
 std::vector<StepRequest> resolve_requests(const BatchOptions& o);
 
 std::string human_bytes(double bytes);
+
+// The command-line flag that sets a library parameter (dsa::Error::parameter():
+// a LayerConfig / CacheConfig field, a config.json key or a function
+// argument), or "" when no flag does.
+std::string flag_for_parameter(const std::string& parameter);
+// The text printed after "error: ": the library's message, then "(set with
+// --flag)" when the error names a parameter a flag sets.
+std::string error_text(const Error& e);
 
 }  // namespace dsa::cli

@@ -274,7 +274,7 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
     } catch (const Error& e) {
       // An invalid combination of a sweep is skipped; a single run fails.
       if (points.size() == 1) throw;
-      if (dynamic_cast<const CudaError*>(&e) || dynamic_cast<const FileError*>(&e)) throw;
+      if (dynamic_cast<const CudaError*>(&e) || dynamic_cast<const FileError*>(&e) || dynamic_cast<const NoDeviceError*>(&e)) throw;
       fmt::print(stderr, "skip [{}]: {}\n", p.label(), e.what());
       ++skipped;
       continue;

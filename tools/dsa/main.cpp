@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <exception>
 
+#include "cli_common.h"
 #include "commands.h"
 #include "dsa/error.h"
 
@@ -24,7 +25,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const dsa::Error& e) {
     std::fflush(stdout);
-    fmt::print(stderr, "error: {}\n", e.what());
+    fmt::print(stderr, "error: {}\n", dsa::cli::error_text(e));
     return 2;
   } catch (const std::bad_alloc&) {
     std::fflush(stdout);
