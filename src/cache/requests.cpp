@@ -29,6 +29,20 @@ std::vector<StepRequest> uniform_requests(int64_t batch, int64_t cached, int64_t
     throw ConfigError(fmt::format("num_new = {} is invalid: every request in a step needs at least one new token (decode: 1)", num_new),
                       "num_new");
   }
+  if (batch > StepLimits::kMaxRequests) {
+    throw ConfigError(fmt::format("batch = {} is too large: the limit is {} requests per step", batch, StepLimits::kMaxRequests), "batch");
+  }
+  if (num_new > StepLimits::kMaxSlots) {
+    throw ConfigError(fmt::format("num_new = {} is too large: a request holds at most {} tokens (positions and cache slots are int32)",
+                                  num_new, StepLimits::kMaxSlots),
+                      "num_new");
+  }
+  if (cached > StepLimits::kMaxSlots - num_new) {
+    throw ConfigError(fmt::format("cached = {} is too large: with num_new = {} a request would hold more than {} tokens (positions and "
+                                  "cache slots are int32)",
+                                  cached, num_new, StepLimits::kMaxSlots),
+                      "cached");
+  }
   std::vector<StepRequest> v(static_cast<size_t>(batch));
   for (int64_t i = 0; i < batch; ++i) v[i] = StepRequest{i, cached, num_new};
   return v;
@@ -53,6 +67,15 @@ std::vector<StepRequest> parse_request_list(const std::string& list) {
     r.num_new = parse_count(item.substr(colon + 1), item, "new");
     if (r.cached < 0) throw ConfigError(fmt::format("request '{}': cached tokens cannot be negative", item), "requests");
     if (r.num_new <= 0) throw ConfigError(fmt::format("request '{}': every request needs at least one new token", item), "requests");
+    if (r.num_new > StepLimits::kMaxSlots || r.cached > StepLimits::kMaxSlots - r.num_new) {
+      throw ConfigError(fmt::format("request '{}': cached + new is more than the {} tokens a request can hold (positions and cache "
+                                    "slots are int32)",
+                                    item, StepLimits::kMaxSlots),
+                        "requests");
+    }
+    if (static_cast<int64_t>(out.size()) >= StepLimits::kMaxRequests) {
+      throw ConfigError(fmt::format("the request list has more than {} requests, the limit per step", StepLimits::kMaxRequests), "requests");
+    }
     out.push_back(r);
   }
   return out;
