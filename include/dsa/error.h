@@ -57,6 +57,13 @@ class CudaError : public Error {
   using Error::Error;
 };
 
+// Values handed in are unusable although their shapes are right: NaN or Inf
+// in an input, a weight or an fp8 scale.
+class ValueError : public Error {
+ public:
+  using Error::Error;
+};
+
 // No usable GPU: the build has no CUDA backend, no device is visible, or the
 // device is not one the backend is compiled for.
 class NoDeviceError : public Error {
