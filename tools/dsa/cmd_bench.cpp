@@ -67,10 +67,10 @@ Backend pick_backend(const std::string& name) {
   if (name == "ref" || name == "reference") return Backend::Ref;
   if (name == "cuda") {
     if (!cuda_built()) {
-      throw ConfigError("--backend cuda: this build has no CUDA backend (nvcc was not found when it was configured); "
-                        "rebuild on a machine with the CUDA toolkit or use --backend ref");
+      throw NoDeviceError("--backend cuda: this build has no CUDA backend (nvcc was not found when it was configured); "
+                          "rebuild on a machine with the CUDA toolkit or use --backend ref");
     }
-    if (gpu_count() == 0) throw ConfigError("--backend cuda: no CUDA GPU is visible on this machine; use --backend ref (or auto)");
+    if (gpu_count() == 0) throw NoDeviceError("--backend cuda: no CUDA GPU is visible on this machine; use --backend ref (or auto)");
     return Backend::Cuda;
   }
   if (name == "auto") return gpu_count() > 0 ? Backend::Cuda : Backend::Ref;
@@ -222,7 +222,10 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
       }
     }
     if (backend != Backend::Cuda) {
-      throw ConfigError("the sparse MLA sweep times the GPU kernel and needs the CUDA backend on a GPU; none is in use here");
+      const std::string msg = "the sparse MLA sweep times the GPU kernel and needs the CUDA backend on a GPU; none is in use here";
+      // Asked for the reference: a usage error; left to auto without a GPU: no usable GPU.
+      if (o.backend == "auto") throw NoDeviceError(msg);
+      throw ConfigError(msg + " (--backend " + o.backend + ")");
     }
 #ifdef DSA_HAVE_CUDA
     const SparseMlaSweep sweep = cuda::sweep_sparse_mla(opt);
