@@ -3,6 +3,7 @@
 // (for `dsa run --dump`, `dsa check` and tests). Shared by the CPU reference
 // and the CUDA backend so that both produce the same, comparable record.
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -92,7 +93,9 @@ std::string weight_prefix(int64_t layer);
 // paths, no ".." out of it). Unless allow_nonfinite, every weight and every
 // fp8 block scale must be finite (ValueError naming the tensor and index).
 LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64_t layer = 0, bool allow_nonfinite = false);
-// Writes the weights as bf16 under the same names (a file load_weights reads back bit for bit).
-void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer = 0);
+// Writes the weights as bf16 under the same names (a file load_weights reads
+// back bit for bit), with `metadata` added to the file's __metadata__.
+void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer = 0,
+                  const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace dsa

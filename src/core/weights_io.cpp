@@ -174,7 +174,8 @@ void check_weights_finite(const LayerConfig& cfg, const LayerWeights& w, const s
   }
 }
 
-void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer) {
+void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer,
+                  const std::map<std::string, std::string>& metadata) {
   check_weights(cfg, w);
   st::Writer out;
   const std::string prefix = weight_prefix(layer);
@@ -182,6 +183,7 @@ void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::stri
     const std::vector<int64_t> shape = s.cols ? std::vector<int64_t>{s.rows, s.cols} : std::vector<int64_t>{s.rows};
     out.add_bf16(prefix + s.name, shape, w.*s.member);
   }
+  for (const auto& [k, v] : metadata) out.set_metadata(k, v);
   out.set_metadata("format", "pt");
   out.set_metadata("producer", "dsalab");
   out.write(path);

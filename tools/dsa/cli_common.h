@@ -23,8 +23,17 @@ struct ConfigOptions {
 };
 
 void add_config_options(CLI::App* app, ConfigOptions& o);
-// Defaults, then the file, then flags; validated. Throws ConfigError / FileError.
-LayerConfig resolve_config(const ConfigOptions& o);
+// Defaults (or `recorded`, the configuration a saved run file holds), then
+// the --config file, then flags; validated. Throws ConfigError / FileError.
+LayerConfig resolve_config(const ConfigOptions& o, const LayerConfig* recorded = nullptr);
+
+// CLI11 check for options whose value is a path or a list: an empty value
+// ('') would otherwise read as "not given" and fall back to a default.
+extern const CLI::Validator kNonEmpty;
+// The parent folder of `path` exists and is writable, and `path` is not a
+// directory or special file: checked before any work, so that a step does not
+// run for minutes and then fail to write. Throws ConfigError naming `flag`.
+void check_writable(const std::string& path, const char* flag);
 
 struct BatchOptions {
   int64_t batch = 1;
