@@ -115,6 +115,7 @@ TEST(CliBounds, InfoChecksEverythingBeforePrinting) {
   refused("info --tokens 0", {"tokens = 0"});
   refused("info --num-layers 1000000", {"num_layers = 1000000", "(set with --num-layers)"});
   refused("info --requests 2147483647:1", {"int32"});
+  refused("bench --backend ref --batch 1048576 --cached 4096", {"blocks", "int32"});
   // Still fine at sane sizes, and the largest capacities print positive sizes.
   const CliResult r = run_dsa("info --tokens 2147483584 --memory-gib 2000");
   ASSERT_EQ(r.rc, 0) << r.err;

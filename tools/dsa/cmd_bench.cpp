@@ -273,6 +273,7 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
       std::vector<StepRequest> reqs =
           explicit_list ? parse_request_list(o.batch.requests)
                         : uniform_requests(get("batch", o.batch.batch), get("cached", o.batch.cached), get("new", num_new));
+      check_step_limits(reqs, cfg.tokens_per_block);  // before the backend allocates anything
       res = run_backend(backend, cfg, reqs, opt);
     } catch (const Error& e) {
       // An invalid combination of a sweep is skipped; a single run fails.
