@@ -4,6 +4,7 @@
 // everything the stages derive from that. Plain data, host side; the CUDA
 // backend uploads it.
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -17,6 +18,22 @@ struct StepRequest {
   int64_t cached = 0;  // tokens already in the caches
   int64_t num_new = 1; // tokens in this step (decode: 1; speculative: next_n = 2..4)
 };
+
+// Limits of one step. Positions, sequence lengths and global cache slots are
+// int32 in the metadata and in the kernels' index tensors, so a request's
+// cached + num_new, and the slots of all requests together (each rounded up
+// to whole blocks), must fit int32.
+struct StepLimits {
+  static constexpr int64_t kMaxSlots = std::numeric_limits<int32_t>::max();
+  static constexpr int64_t kMaxRequests = int64_t{1} << 20;
+};
+
+// Checks a step's counts before anything is sized from them: 1..kMaxRequests
+// requests, cached >= 0, num_new >= 1, cached + num_new <= kMaxSlots, and the
+// blocks of all requests at most kMaxSlots slots. Every sum is checked before
+// it is formed. `what` starts the message (e.g. the file the step came from).
+// Throws ConfigError (parameter "requests").
+void check_step_limits(const std::vector<StepRequest>& requests, int64_t tokens_per_block, const std::string& what = "the step");
 
 struct BatchMetadata {
   int64_t num_requests = 0;
@@ -67,13 +84,18 @@ BatchMetadata build_batch_metadata(const CacheManager& cache, const std::vector<
 // metadata implies (cached + i per request, in order). Throws ShapeError that
 // names the first token that disagrees.
 void check_positions(const BatchMetadata& md, const int32_t* position_ids, int64_t n);
+// The same check from the requests alone, before any cache exists, on 64-bit
+// positions as a file holds them (a value past int32 is reported, not cut).
+void check_positions(const std::vector<StepRequest>& requests, const int64_t* position_ids, int64_t n);
 
 // Converts request-local top-k positions [T, topk] to global cache slots in
 // place (-1 stays -1; a position outside the request's visible keys is an error).
 void local_to_global_indices(const BatchMetadata& md, int32_t* indices, int64_t topk);
 
-// Parses the command line's batch shapes: "--batch B --cached C --new N", or a
-// ragged list "c0:n0,c1:n1,..." (cached:new per request). Throws ConfigError.
+// Batch shapes as a front end gives them: a uniform batch (batch requests of
+// cached + num_new tokens), or a ragged list "c0:n0,c1:n1,..." (cached:new per
+// request). Throw ConfigError whose parameter() is "batch", "cached",
+// "num_new" or "requests".
 std::vector<StepRequest> parse_request_list(const std::string& list);
 std::vector<StepRequest> uniform_requests(int64_t batch, int64_t cached, int64_t num_new);
 

@@ -54,20 +54,25 @@ struct CacheConfig {
   int64_t total_bytes() const;
   int64_t capacity_tokens() const { return num_blocks * tokens_per_block; }
   // Blocks (of this config's page size) that n tokens occupy.
-  int64_t blocks_for(int64_t tokens) const { return (tokens + tokens_per_block - 1) / tokens_per_block; }
+  // Written so that it cannot overflow for any tokens >= 0.
+  int64_t blocks_for(int64_t tokens) const { return tokens / tokens_per_block + (tokens % tokens_per_block != 0); }
 
   static CacheConfig for_layer(const LayerConfig& cfg, int64_t num_layers = 1);
   // One layer with room for exactly one step: each request's cached + num_new
   // tokens in whole blocks (at least one block in all).
   static CacheConfig for_step(const LayerConfig& cfg, const std::vector<StepRequest>& requests);
   // Capacity from a token count (rounded up to whole blocks) or a byte budget
-  // (rounded down). Throw ConfigError for non-positive values or a budget
-  // below one block.
+  // (rounded down). Throw ConfigError for non-positive values, a budget below
+  // one block, or a capacity past kMaxSlots (StepLimits) slots.
   CacheConfig& with_tokens(int64_t tokens);
   CacheConfig& with_bytes(int64_t bytes);
 
-  // Sizes and limits (slots must fit int32 for the attention kernels'
-  // indices). Throws ConfigError naming the value, the rule and a fix.
+  static constexpr int64_t kMaxLayers = int64_t{1} << 12;  // DeepSeek-V3.2 has 61
+
+  // Sizes and limits: dimensions within ConfigLimits, 1..kMaxLayers layers,
+  // slots (num_blocks * tokens_per_block) fit int32 for the attention
+  // kernels' indices, and total_bytes() fits int64. Throws ConfigError naming
+  // the value, the rule and a fix.
   void validate() const;
 };
 

@@ -23,6 +23,20 @@ struct RopeScaling {
   double mscale_all_dim = 1.0;
 };
 
+// Upper bounds validate() enforces (lower bounds and divisibility: validate()).
+// They are far above any real model (DeepSeek-V3.2's value in parentheses)
+// and keep every size product of the layer (weights, activations, cache rows,
+// FLOP counts) well inside int64, so nothing downstream overflows; what a
+// machine can hold is checked where memory is sized (CacheConfig, the CLI).
+struct ConfigLimits {
+  static constexpr int64_t kMaxWidth = int64_t{1} << 16;          // hidden_size (7168), q_lora_rank (1536), kv_lora_rank (512)
+  static constexpr int64_t kMaxHeads = int64_t{1} << 12;          // num_heads (128), index_n_heads (64)
+  static constexpr int64_t kMaxHeadDim = int64_t{1} << 10;        // qk_nope_head_dim, v_head_dim (128)
+  static constexpr int64_t kMaxTopk = int64_t{1} << 16;           // index_topk (2048)
+  static constexpr int64_t kMaxTokensPerBlock = int64_t{1} << 12; // tokens_per_block (64)
+  static constexpr int64_t kMaxPositionEmbeddings = int64_t{1} << 31;  // rope_scaling.original_max_position_embeddings (4096)
+};
+
 struct LayerConfig {
   int64_t hidden_size = 7168;
   int64_t num_heads = 128;  // H, heads on this rank
@@ -57,16 +71,30 @@ struct LayerConfig {
 // Rebuilds from a JSON object string / file. Keys the layer uses are checked
 // for type; missing required keys are an error naming the key; every other key
 // of a full model config is ignored. Throws ConfigError / FileError.
+// The file must be a regular file of at most 64 MiB (a directory, a FIFO or a
+// device such as /dev/zero is refused before anything is read).
 LayerConfig load_config_json_text(const std::string& text, const std::string& origin = "<string>");
 LayerConfig load_config_json_file(const std::string& path);
 
-// Checks sizes and rules every backend shares. Throws ConfigError with a
-// message that names the value, the rule and a fix.
+// The configuration as a JSON object: every key load_config_json_text reads
+// (config.json spellings) plus the run settings tokens_per_block,
+// kv_cache_dtype, indexer_hadamard and o_proj, with doubles written exactly.
+// config_from_json_text(config_to_json(c)) == c; saved run files record it.
+std::string config_to_json(const LayerConfig& cfg);
+LayerConfig config_from_json_text(const std::string& text, const std::string& origin);
+
+// Checks sizes and rules every backend shares: every dimension within
+// ConfigLimits, and the derived values (yarn mscale, softmax scale, RoPE
+// inverse frequencies) finite and positive. Throws ConfigError with a message
+// that names the value, the rule and a fix, and parameter() set to the field.
 void validate(const LayerConfig& cfg);
 
-// What the sparse prefill kernel on a GPU of this compute capability accepts
-// (sm_90: heads a multiple of 64; sm_100: exactly 128). validate() already
-// enforces the sm_90 rule on every backend so that whatever runs on the
+// What the CUDA backend accepts on a GPU of this compute capability: it is
+// compiled for sm_90a only, so the GPU must be sm_90 (Hopper), else
+// NoDeviceError; its indexer kernels take index_n_heads = 64 and
+// tokens_per_block = 64 (ConfigError). Heads a multiple of 64 (the sm_90a
+// sparse MLA kernel runs 64 or 128, the simple kernel other multiples) is
+// enforced by validate() on every backend, so that whatever runs on the
 // reference also runs on the GPU.
 void validate_for_gpu(const LayerConfig& cfg, int sm_major, int sm_minor);
 

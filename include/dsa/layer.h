@@ -3,6 +3,7 @@
 // (for `dsa run --dump`, `dsa check` and tests). Shared by the CPU reference
 // and the CUDA backend so that both produce the same, comparable record.
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -70,6 +71,14 @@ std::vector<bf16_t> generate_hidden(const LayerConfig& cfg, int64_t T, uint64_t 
 // Checks every tensor's size against the configuration; throws ShapeError naming the tensor.
 void check_weights(const LayerConfig& cfg, const LayerWeights& w);
 
+// NaN or Inf anywhere in a tensor is a ValueError naming the tensor and its
+// first non-finite element as a multi-index of `shape` (parameter
+// "allow_nonfinite": front ends may let such values through on request).
+void check_finite(const std::string& tensor, const std::vector<int64_t>& shape, const bf16_t* v, int64_t n);
+void check_finite(const std::string& tensor, const std::vector<int64_t>& shape, const float* v, int64_t n);
+// Every weight, named by its Hugging Face name after `prefix` (weight_prefix(L)).
+void check_weights_finite(const LayerConfig& cfg, const LayerWeights& w, const std::string& prefix = "");
+
 // ---- weights files (src/core/weights_io.cpp) --------------------------------
 // "model.layers.{layer}.self_attn."
 std::string weight_prefix(int64_t layer);
@@ -80,8 +89,13 @@ std::string weight_prefix(int64_t layer);
 // with a `<name>_scale_inv` tensor of fp32 scales per 128x128 block
 // ([ceil(out/128), ceil(in/128)]; value = fp8 * scale, rounded to bf16).
 // Shapes are checked against cfg. Throws FileError naming the tensor.
-LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64_t layer = 0);
-// Writes the weights as bf16 under the same names (a file load_weights reads back bit for bit).
-void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer = 0);
+// Shard names in an index must stay inside the index's folder (no absolute
+// paths, no ".." out of it). Unless allow_nonfinite, every weight and every
+// fp8 block scale must be finite (ValueError naming the tensor and index).
+LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64_t layer = 0, bool allow_nonfinite = false);
+// Writes the weights as bf16 under the same names (a file load_weights reads
+// back bit for bit), with `metadata` added to the file's __metadata__.
+void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer = 0,
+                  const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace dsa

@@ -32,6 +32,8 @@ struct TensorInfo {
 };
 
 std::string shape_string(const std::vector<int64_t>& shape);  // "[4096, 7168]"
+// The multi-index of row-major element `flat` of a tensor of this shape: "[3, 17]".
+std::string index_string(const std::vector<int64_t>& shape, int64_t flat);
 
 class Reader {
  public:

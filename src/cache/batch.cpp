@@ -26,6 +26,11 @@ void check_step_shape(const std::vector<StepRequest>& requests, const char* what
                                    "(decode: 1, speculative: 2..4); leave idle requests out of the step",
                                    what, q.id, r, q.num_new));
     }
+    if (q.num_new > StepLimits::kMaxSlots || q.cached > StepLimits::kMaxSlots - q.num_new) {
+      throw ShapeError(fmt::format("{}: request {} (index {}) has cached {} + new {} tokens, more than the {} positions a request "
+                                   "can hold (positions and cache slots are int32)",
+                                   what, q.id, r, q.cached, q.num_new, StepLimits::kMaxSlots));
+    }
     if (!seen.insert(q.id).second) {
       throw ShapeError(fmt::format("{}: request id {} appears twice in the step (index {}); each request may appear once per step, "
                                    "merge its new tokens into one entry",
@@ -35,6 +40,41 @@ void check_step_shape(const std::vector<StepRequest>& requests, const char* what
 }
 
 }  // namespace
+
+void check_step_limits(const std::vector<StepRequest>& requests, int64_t tokens_per_block, const std::string& what) {
+  using L = StepLimits;
+  if (tokens_per_block <= 0) {
+    throw ConfigError(fmt::format("tokens_per_block = {} is invalid: it must be positive", tokens_per_block), "tokens_per_block");
+  }
+  if (requests.empty()) throw ConfigError(fmt::format("{} has no requests; give at least one (cached, new) pair", what), "requests");
+  if (static_cast<int64_t>(requests.size()) > L::kMaxRequests) {
+    throw ConfigError(fmt::format("{} has {} requests, more than the limit of {}; split it into several steps", what, requests.size(),
+                                  L::kMaxRequests),
+                      "requests");
+  }
+  int64_t blocks = 0;  // at most kMaxRequests * (kMaxSlots / 1 + 1): no overflow
+  for (size_t r = 0; r < requests.size(); ++r) {
+    const StepRequest& q = requests[r];
+    if (q.cached < 0 || q.num_new < 1) {
+      throw ConfigError(fmt::format("{}: request {} (index {}) has cached {} and new {}; need cached >= 0 and new >= 1", what, q.id, r,
+                                    q.cached, q.num_new),
+                        "requests");
+    }
+    if (q.num_new > L::kMaxSlots || q.cached > L::kMaxSlots - q.num_new) {
+      throw ConfigError(fmt::format("{}: request {} (index {}) has cached {} + new {} tokens, more than the limit of {} per request "
+                                    "(positions and cache slots are int32); give a shorter sequence",
+                                    what, q.id, r, q.cached, q.num_new, L::kMaxSlots),
+                        "requests");
+    }
+    const int64_t seq = q.cached + q.num_new;
+    blocks += seq / tokens_per_block + (seq % tokens_per_block != 0);
+  }
+  if (blocks > L::kMaxSlots / tokens_per_block) {
+    throw ConfigError(fmt::format("{} needs {} blocks of {} tokens, more than the {} slots one cache can address (slots are int32); "
+                                  "give fewer requests or shorter sequences",
+                                  what, blocks, tokens_per_block, L::kMaxSlots));
+  }
+}
 
 int64_t BatchMetadata::max_seq_len() const {
   int64_t m = 0;
@@ -91,7 +131,7 @@ void reserve_step(CacheManager& cache, const std::vector<StepRequest>& requests)
   }
   if (need > cache.free_blocks()) {
     throw CacheError(fmt::format("cache full: the step needs {} more block(s) ({} tokens per block) but only {} of {} blocks are free; "
-                                 "nothing was changed. Make the batch smaller (--batch, --cached, --new) or the cache larger",
+                                 "nothing was changed. Make the step smaller (fewer requests, cached or new tokens) or the cache larger",
                                  need, cc.tokens_per_block, cache.free_blocks(), cc.num_blocks));
   }
   // Cannot fail from here on: every request fits and ids are distinct.
@@ -174,6 +214,24 @@ void check_positions(const BatchMetadata& md, const int32_t* position_ids, int64
                                    "is {}; positions must be cached + i per request, in order",
                                    t, position_ids[t], t, t - md.token_offsets[r], md.requests[r].id, md.requests[r].cached,
                                    md.positions[t]));
+    }
+  }
+}
+
+void check_positions(const std::vector<StepRequest>& requests, const int64_t* position_ids, int64_t n) {
+  int64_t total = 0;  // each num_new is at most StepLimits::kMaxSlots (check_step_limits)
+  for (const StepRequest& q : requests) total += q.num_new;
+  if (n != total) {
+    throw ShapeError(fmt::format("position_ids has {} entries but the step has {} new tokens; give one position per new token", n, total));
+  }
+  int64_t t = 0;
+  for (const StepRequest& q : requests) {
+    for (int64_t i = 0; i < q.num_new; ++i, ++t) {
+      if (position_ids[t] != q.cached + i) {
+        throw ShapeError(fmt::format("position_ids[{}] = {} but token {} is new token {} of request {} (cached {}), so its position "
+                                     "is {}; positions must be cached + i per request, in order",
+                                     t, position_ids[t], t, i, q.id, q.cached, q.cached + i));
+      }
     }
   }
 }

@@ -43,6 +43,37 @@ const DeviceAllocator* device_allocator() {
 
 // ---- CacheConfig ------------------------------------------------------------
 
+namespace {
+
+// Everything but the capacity: each factor of bytes_per_block() bounded, so
+// that no size computed from a valid layout overflows int64.
+void check_layout(const CacheConfig& c) {
+  if (c.num_layers <= 0 || c.num_layers > CacheConfig::kMaxLayers) {
+    throw ConfigError(fmt::format("cache num_layers = {} is invalid: it must be in [1, {}]", c.num_layers, CacheConfig::kMaxLayers),
+                      "num_layers");
+  }
+  if (c.tokens_per_block <= 0 || c.tokens_per_block > ConfigLimits::kMaxTokensPerBlock) {
+    throw ConfigError(fmt::format("tokens_per_block = {} is invalid: it must be in [1, {}] (64 in DeepSeek-V3.2)", c.tokens_per_block,
+                                  ConfigLimits::kMaxTokensPerBlock),
+                      "tokens_per_block");
+  }
+  if (c.kv_lora_rank <= 0 || c.rope_dim <= 0 || c.index_head_dim <= 0 || c.kv_lora_rank > ConfigLimits::kMaxWidth ||
+      c.rope_dim > ConfigLimits::kMaxHeadDim || c.index_head_dim > ConfigLimits::kMaxHeadDim) {
+    throw ConfigError(fmt::format("cache dimensions kv_lora_rank = {}, rope_dim = {}, index_head_dim = {} must be positive and at most "
+                                  "{}, {}, {}",
+                                  c.kv_lora_rank, c.rope_dim, c.index_head_dim, ConfigLimits::kMaxWidth, ConfigLimits::kMaxHeadDim,
+                                  ConfigLimits::kMaxHeadDim));
+  }
+  if (c.latent_dtype == LatentCacheDType::FP8 && c.kv_lora_rank % 128 != 0) {
+    throw ConfigError(fmt::format("kv_lora_rank = {} cannot use the fp8 latent cache: it keeps one scale per 128 values, so "
+                                  "kv_lora_rank must be a multiple of 128; use kv_cache_dtype bf16",
+                                  c.kv_lora_rank),
+                      "kv_cache_dtype");
+  }
+}
+
+}  // namespace
+
 int64_t CacheConfig::latent_bytes_per_token() const {
   if (latent_dtype == LatentCacheDType::BF16) return (kv_lora_rank + rope_dim) * 2;
   // fp8 c_kv, one fp32 scale per 128 values, then k_pe unquantized in bf16 (spec section 4).
@@ -67,7 +98,8 @@ CacheConfig CacheConfig::for_layer(const LayerConfig& cfg, int64_t num_layers) {
 
 CacheConfig CacheConfig::for_step(const LayerConfig& cfg, const std::vector<StepRequest>& requests) {
   CacheConfig c = for_layer(cfg);
-  if (c.tokens_per_block <= 0) c.validate();
+  check_layout(c);
+  check_step_limits(requests, c.tokens_per_block);  // the sum below cannot overflow past this
   int64_t blocks = 0;
   for (const StepRequest& r : requests) blocks += c.blocks_for(r.cached + r.num_new);
   c.with_tokens(std::max<int64_t>(blocks, 1) * c.tokens_per_block);
@@ -75,52 +107,55 @@ CacheConfig CacheConfig::for_step(const LayerConfig& cfg, const std::vector<Step
 }
 
 CacheConfig& CacheConfig::with_tokens(int64_t tokens) {
+  check_layout(*this);
   if (tokens <= 0) {
-    throw ConfigError(fmt::format("cache capacity of {} tokens is invalid: give a positive token count", tokens));
+    throw ConfigError(fmt::format("cache capacity of {} tokens is invalid: give a positive token count", tokens), "tokens");
   }
-  if (tokens_per_block <= 0) {
-    throw ConfigError(fmt::format("tokens_per_block = {} is invalid: it must be positive (64 in DeepSeek-V3.2)", tokens_per_block));
+  const int64_t max_blocks = StepLimits::kMaxSlots / tokens_per_block;
+  if (blocks_for(tokens) > max_blocks) {
+    throw ConfigError(fmt::format("cache capacity of {} tokens is too large: a cache addresses at most {} blocks of {} tokens ({} "
+                                  "slots; slot numbers are int32)",
+                                  tokens, max_blocks, tokens_per_block, max_blocks * tokens_per_block),
+                      "tokens");
   }
   num_blocks = blocks_for(tokens);
   return *this;
 }
 
 CacheConfig& CacheConfig::with_bytes(int64_t bytes) {
-  if (tokens_per_block <= 0 || num_layers <= 0) validate();
-  const int64_t per_block = bytes_per_block();
+  check_layout(*this);
+  const int64_t per_block = bytes_per_block();  // fits: check_layout bounds every factor
   if (bytes < per_block) {
     throw ConfigError(fmt::format(
         "a cache budget of {} bytes holds no block: one {}-token block of {} layer(s) takes {} bytes; give at least that much",
-        bytes, tokens_per_block, num_layers, per_block));
+        bytes, tokens_per_block, num_layers, per_block), "bytes");
+  }
+  const int64_t max_blocks = StepLimits::kMaxSlots / tokens_per_block;
+  if (bytes / per_block > max_blocks) {
+    throw ConfigError(fmt::format("a cache budget of {} bytes holds {} blocks, more than the {} blocks of {} tokens a cache can address "
+                                  "(slot numbers are int32); give at most {} bytes",
+                                  bytes, bytes / per_block, max_blocks, tokens_per_block, max_blocks * per_block),
+                      "bytes");
   }
   num_blocks = bytes / per_block;
   return *this;
 }
 
 void CacheConfig::validate() const {
-  if (num_layers <= 0) throw ConfigError(fmt::format("cache num_layers = {} is invalid: it must be at least 1", num_layers));
-  if (tokens_per_block <= 0) {
-    throw ConfigError(fmt::format("tokens_per_block = {} is invalid: it must be positive (64 in DeepSeek-V3.2)", tokens_per_block));
-  }
-  if (kv_lora_rank <= 0 || rope_dim <= 0 || index_head_dim <= 0) {
-    throw ConfigError(fmt::format("cache dimensions kv_lora_rank = {}, rope_dim = {}, index_head_dim = {} must all be positive",
-                                  kv_lora_rank, rope_dim, index_head_dim));
-  }
-  if (latent_dtype == LatentCacheDType::FP8 && kv_lora_rank % 128 != 0) {
-    throw ConfigError(fmt::format("kv_lora_rank = {} cannot use the fp8 latent cache: it keeps one scale per 128 values, so "
-                                  "kv_lora_rank must be a multiple of 128; use kv_cache_dtype bf16",
-                                  kv_lora_rank));
-  }
+  check_layout(*this);
   if (num_blocks <= 0) {
-    throw ConfigError(fmt::format("cache capacity of {} blocks is invalid: set it with with_tokens() or with_bytes()", num_blocks));
+    throw ConfigError(fmt::format("cache capacity of {} blocks is invalid: set it with with_tokens() or with_bytes()", num_blocks),
+                      "num_blocks");
   }
   // Attention kernels take global slots as int32.
-  const int64_t max_slots = std::numeric_limits<int32_t>::max();
+  const int64_t max_slots = StepLimits::kMaxSlots;
   if (num_blocks > max_slots / tokens_per_block) {
     throw ConfigError(fmt::format("cache capacity of {} blocks x {} tokens exceeds {} slots: slot numbers must fit int32; "
                                   "give a smaller capacity",
-                                  num_blocks, tokens_per_block, max_slots));
+                                  num_blocks, tokens_per_block, max_slots),
+                      "num_blocks");
   }
+  // total_bytes() = bytes per token (< 2^18) * slots (< 2^31) * layers (<= 2^12) < 2^61: fits int64.
 }
 
 // ---- CacheManager -------------------------------------------------------------
@@ -142,8 +177,8 @@ CacheManager::CacheManager(const CacheConfig& cfg, const DeviceAllocator* alloc)
     if (!latent_ || !indexer_) {
       if (latent_) dev_.free(latent_);
       latent_ = nullptr;
-      throw CacheError(fmt::format("could not allocate {} bytes of GPU memory for a cache of {} blocks ({} layer(s)); "
-                                   "give a smaller capacity (--cache-tokens / with_tokens)",
+      throw OutOfMemoryError(fmt::format("could not allocate {} bytes of GPU memory for a cache of {} blocks ({} layer(s)); "
+                                   "give a smaller capacity (num_blocks: with_tokens / with_bytes)",
                                    lat_bytes + idx_bytes, cfg_.num_blocks, cfg_.num_layers));
     }
     dev_.memset(latent_, 0, lat_bytes);
@@ -155,8 +190,8 @@ CacheManager::CacheManager(const CacheConfig& cfg, const DeviceAllocator* alloc)
     } catch (const std::bad_alloc&) {
       if (latent_) ::operator delete(latent_, kHostAlign);
       latent_ = nullptr;
-      throw CacheError(fmt::format("could not allocate {} bytes of host memory for a cache of {} blocks ({} layer(s)); "
-                                   "give a smaller capacity (--cache-tokens / with_tokens)",
+      throw OutOfMemoryError(fmt::format("could not allocate {} bytes of host memory for a cache of {} blocks ({} layer(s)); "
+                                   "give a smaller capacity (num_blocks: with_tokens / with_bytes)",
                                    lat_bytes + idx_bytes, cfg_.num_blocks, cfg_.num_layers));
     }
     std::memset(latent_, 0, lat_bytes);
@@ -203,6 +238,11 @@ void CacheManager::reserve(int64_t id, int64_t tokens) {
   find(id, "reserve");
   Request& r = requests_.at(id);
   if (tokens <= r.tokens) return;
+  if (tokens > cfg_.capacity_tokens()) {
+    throw CacheError(fmt::format("cache full: request {} cannot grow to {} tokens, more than the cache's whole capacity of {} tokens "
+                                 "({} blocks of {}); nothing was changed. Build the cache with more capacity",
+                                 id, tokens, cfg_.capacity_tokens(), cfg_.num_blocks, cfg_.tokens_per_block));
+  }
   if (r.max_tokens > 0 && tokens > r.max_tokens) {
     throw CacheError(fmt::format("request {} cannot grow to {} tokens: its limit is max_tokens = {}; add it with a larger limit",
                                  id, tokens, r.max_tokens));

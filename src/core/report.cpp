@@ -187,7 +187,7 @@ std::string format_csv(const BenchResult& r, bool header) {
 
 void check_sweep_protocol(const std::string& protocol) {
   if (protocol != "sustained" && protocol != "flashmla") {
-    throw ConfigError(fmt::format("--protocol '{}' is not known; use sustained or flashmla", protocol));
+    throw ConfigError(fmt::format("protocol '{}' is not known; use sustained or flashmla", protocol), "protocol");
   }
 }
 

@@ -95,8 +95,24 @@ std::string shape_string(const std::vector<int64_t>& shape) {
   return s + "]";
 }
 
+std::string index_string(const std::vector<int64_t>& shape, int64_t flat) {
+  std::vector<int64_t> idx(shape.size());
+  for (size_t d = shape.size(); d-- > 0;) {
+    const int64_t n = shape[d] > 0 ? shape[d] : 1;
+    idx[d] = d == 0 ? flat : flat % n;
+    flat /= n;
+  }
+  return shape_string(idx);
+}
+
 Reader::Reader(const std::string& path) : path_(path) {
   std::error_code ec;
+  // A directory, FIFO or device has no size to check the header against.
+  const auto st = std::filesystem::status(path, ec);
+  if (!ec && std::filesystem::exists(st) && !std::filesystem::is_regular_file(st)) {
+    throw FileError(fmt::format("'{}' is {}, not a safetensors file; give the file itself", path,
+                                std::filesystem::is_directory(st) ? "a directory" : "a device, FIFO or socket"));
+  }
   const auto fsize = std::filesystem::file_size(path, ec);
   if (ec) throw FileError(fmt::format("cannot read safetensors file '{}': {}; check the path", path, ec.message()));
   std::ifstream f(path, std::ios::binary);

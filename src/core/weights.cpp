@@ -5,6 +5,7 @@
 #include "dsa/error.h"
 #include "dsa/hash.h"
 #include "dsa/layer.h"
+#include "dsa/safetensors.h"
 
 namespace dsa {
 
@@ -67,8 +68,8 @@ void check_weights(const LayerConfig& c, const LayerWeights& w) {
   const int64_t h = c.hidden_size, H = c.num_heads, HI = c.index_n_heads, DI = c.index_head_dim;
   auto chk = [](const char* name, const std::vector<bf16_t>& v, int64_t rows, int64_t cols) {
     if (static_cast<int64_t>(v.size()) != rows * cols) {
-      throw ShapeError(fmt::format("weight '{}' has {} elements but the configuration needs [{}, {}] = {}; check --num-heads "
-                                   "and the other dimensions against the checkpoint",
+      throw ShapeError(fmt::format("weight '{}' has {} elements but the configuration needs [{}, {}] = {}; check num_heads "
+                                   "and the other dimensions of the configuration against the checkpoint",
                                    name, v.size(), rows, cols, rows * cols));
     }
   };
@@ -84,6 +85,29 @@ void check_weights(const LayerConfig& c, const LayerWeights& w) {
   chk("indexer.k_norm.weight", w.idx_k_norm_weight, DI, 1);
   chk("indexer.k_norm.bias", w.idx_k_norm_bias, DI, 1);
   chk("indexer.weights_proj.weight", w.idx_weights_proj, HI, h);
+}
+
+namespace {
+template <class T, class ToFloat>
+void check_finite_impl(const std::string& tensor, const std::vector<int64_t>& shape, const T* v, int64_t n, ToFloat to_float) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = to_float(v[i]);
+    if (!std::isfinite(x)) {
+      throw ValueError(fmt::format("'{}' {} holds {} at {} (element {} of {}); fix the data, or let non-finite values through on "
+                                   "purpose (allow_nonfinite)",
+                                   tensor, st::shape_string(shape), x, st::index_string(shape, i), i, n),
+                       "allow_nonfinite");
+    }
+  }
+}
+}  // namespace
+
+void check_finite(const std::string& tensor, const std::vector<int64_t>& shape, const bf16_t* v, int64_t n) {
+  check_finite_impl(tensor, shape, v, n, [](bf16_t b) { return bf16_to_float(b); });
+}
+
+void check_finite(const std::string& tensor, const std::vector<int64_t>& shape, const float* v, int64_t n) {
+  check_finite_impl(tensor, shape, v, n, [](float f) { return f; });
 }
 
 }  // namespace dsa

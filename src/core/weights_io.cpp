@@ -40,11 +40,41 @@ std::vector<WeightSlot> weight_slots(const LayerConfig& c) {
   };
 }
 
+// A shard name of an index must name a file inside the index's folder: a
+// relative path without a ".." that climbs out of it. The check is lexical on
+// purpose: a Hugging Face cache keeps shards as symlinks from snapshots/ into
+// blobs/, which must keep working.
+std::string shard_path(const std::string& index, const std::filesystem::path& dir, const std::string& tensor, const std::string& shard) {
+  namespace fs = std::filesystem;
+  const fs::path p(shard);
+  const fs::path norm = p.lexically_normal();
+  const bool escapes = !norm.empty() && *norm.begin() == "..";
+  if (shard.empty() || p.is_absolute() || p.has_root_name() || p.has_root_directory() || escapes || norm == ".") {
+    throw FileError(fmt::format("'{}': weight_map entry '{}' names shard '{}', which is not a file inside the index's folder; shard "
+                                "names must be relative paths that stay in '{}'",
+                                index, tensor, shard, dir.empty() ? "." : dir.string()));
+  }
+  return (dir / norm).string();
+}
+
+// Reading a FIFO or a device such as /dev/zero would block or never end.
+void require_regular_file(const std::string& path, const char* what) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (ec || !fs::exists(st)) throw FileError(fmt::format("cannot open {} '{}': no such file; check the path", what, path));
+  if (!fs::is_regular_file(st)) {
+    throw FileError(fmt::format("{} '{}' is {}, not a regular file; give the file itself", what, path,
+                                fs::is_directory(st) ? "a directory" : "a device, FIFO or socket"));
+  }
+}
+
 // Where each tensor lives: one file, or the shards of an index.json.
 class Source {
  public:
   explicit Source(const std::string& path) : path_(path) {
     if (path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0) {
+      require_regular_file(path, "checkpoint index");
       std::ifstream f(path);
       if (!f) throw FileError(fmt::format("cannot open checkpoint index '{}'; check the path", path));
       nlohmann::json j;
@@ -59,7 +89,7 @@ class Source {
       const auto dir = std::filesystem::path(path).parent_path();
       for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
         if (!it.value().is_string()) throw FileError(fmt::format("'{}': weight_map entry '{}' is not a file name", path, it.key()));
-        shard_of_[it.key()] = (dir / it.value().get<std::string>()).string();
+        shard_of_[it.key()] = shard_path(path, dir, it.key(), it.value().get<std::string>());
       }
     } else {
       single_ = std::make_unique<st::Reader>(path);
@@ -87,9 +117,9 @@ class Source {
 
 std::string weight_prefix(int64_t layer) { return fmt::format("model.layers.{}.self_attn.", layer); }
 
-LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64_t layer) {
+LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64_t layer, bool allow_nonfinite) {
   validate(cfg);
-  if (layer < 0) throw ConfigError(fmt::format("layer index {} is invalid: it must be >= 0", layer));
+  if (layer < 0) throw ConfigError(fmt::format("layer index {} is invalid: it must be >= 0", layer), "layer");
   Source src(path);
   const std::string prefix = weight_prefix(layer);
   LayerWeights w;
@@ -97,12 +127,12 @@ LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64
     const std::string name = prefix + s.name;
     if (!src.has(name)) {
       throw FileError(fmt::format("'{}' has no tensor '{}'; the file must hold layer {}'s attention weights under their Hugging Face "
-                                  "names (write one with dsa run --save-weights, or pick the layer with --layer)",
+                                  "names (save_weights writes such a file), or pick another layer index",
                                   path, name, layer));
     }
     const st::Reader& r = src.reader(name);
     const std::vector<int64_t> shape = s.cols ? std::vector<int64_t>{s.rows, s.cols} : std::vector<int64_t>{s.rows};
-    r.expect_shape(name, shape, "the checkpoint and the layer configuration (--config, --num-heads, ...) disagree");
+    r.expect_shape(name, shape, "the checkpoint and the layer configuration (config.json, num_heads, ...) disagree");
     const st::TensorInfo& info = r.info(name);
     std::vector<bf16_t>& dst = w.*s.member;
     if (info.dtype == st::DType::F8_E4M3) {
@@ -115,6 +145,7 @@ LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64
       const int64_t br = (s.rows + 127) / 128, bc = (s.cols + 127) / 128;
       rs.expect_shape(sname, {br, bc}, "fp8 weights carry one scale per 128x128 block");
       const auto scale = rs.read_f32(sname);
+      if (!allow_nonfinite) check_finite(sname, {br, bc}, scale.data(), static_cast<int64_t>(scale.size()));
       const auto q = r.bytes(name);
       dst.resize(static_cast<size_t>(s.rows * s.cols));
       for (int64_t i = 0; i < s.rows; ++i) {
@@ -130,10 +161,21 @@ LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64
     }
   }
   check_weights(cfg, w);
+  if (!allow_nonfinite) check_weights_finite(cfg, w, prefix);
   return w;
 }
 
-void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer) {
+void check_weights_finite(const LayerConfig& cfg, const LayerWeights& w, const std::string& prefix) {
+  check_weights(cfg, w);
+  for (const auto& s : weight_slots(cfg)) {
+    const std::vector<bf16_t>& v = w.*s.member;
+    const std::vector<int64_t> shape = s.cols ? std::vector<int64_t>{s.rows, s.cols} : std::vector<int64_t>{s.rows};
+    check_finite(prefix + s.name, shape, v.data(), static_cast<int64_t>(v.size()));
+  }
+}
+
+void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer,
+                  const std::map<std::string, std::string>& metadata) {
   check_weights(cfg, w);
   st::Writer out;
   const std::string prefix = weight_prefix(layer);
@@ -141,6 +183,7 @@ void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::stri
     const std::vector<int64_t> shape = s.cols ? std::vector<int64_t>{s.rows, s.cols} : std::vector<int64_t>{s.rows};
     out.add_bf16(prefix + s.name, shape, w.*s.member);
   }
+  for (const auto& [k, v] : metadata) out.set_metadata(k, v);
   out.set_metadata("format", "pt");
   out.set_metadata("producer", "dsalab");
   out.write(path);

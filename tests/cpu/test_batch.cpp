@@ -281,5 +281,5 @@ TEST(RequestList, ParsesAndRejects) {
   ASSERT_EQ(u.size(), 4u);
   EXPECT_EQ(u[3].id, 3);
   EXPECT_EQ(u[3].cached, 100);
-  expect_error<ConfigError>([] { uniform_requests(0, 0, 1); }, {"--batch 0"});
+  expect_error<ConfigError>([] { uniform_requests(0, 0, 1); }, {"batch = 0"});
 }

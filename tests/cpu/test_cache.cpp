@@ -284,7 +284,7 @@ TEST(CacheManager, DeviceStorageGoesThroughTheAllocatorHook) {
     EXPECT_EQ(g_allocs, 4);
   }
   g_fail_alloc = true;
-  expect_error<CacheError>([&] { CacheManager m(c); }, {"GPU memory", "smaller capacity"});
+  expect_error<OutOfMemoryError>([&] { CacheManager m(c); }, {"GPU memory", "smaller capacity"});
   g_fail_alloc = false;
   set_device_allocator(nullptr);
   EXPECT_EQ(g_frees, 4);

@@ -8,6 +8,7 @@
 #include "expect_error.h"
 #include "dsa/config.h"
 #include "dsa/error.h"
+#include "dsa/batch.h"
 #include "dsa/stages.h"
 
 using namespace dsa;
@@ -115,7 +116,7 @@ TEST(Config, ValidationMessages) {
     return c;
   };
   expect_error<ConfigError>([&] { validate(with([](LayerConfig& c) { c.num_heads = 96; })); },
-                            {"num_heads = 96", "multiple of 64", "--num-heads"});
+                            {"num_heads = 96", "multiple of 64", "set num_heads to 64 or 128"});
   expect_error<ConfigError>([&] { validate(with([](LayerConfig& c) { c.num_heads = 0; })); }, {"num_heads = 0", "positive"});
   expect_error<ConfigError>([&] { validate(with([](LayerConfig& c) { c.num_heads = -64; })); }, {"num_heads = -64", "positive"});
   expect_error<ConfigError>([&] { validate(with([](LayerConfig& c) { c.hidden_size = 0; })); }, {"hidden_size = 0", "positive"});
@@ -143,20 +144,66 @@ TEST(Config, ValidationMessages) {
 }
 
 TEST(Config, GpuRules) {
+  // The backend is compiled for sm_90a only: that code runs on sm_90 and on no other GPU.
   LayerConfig c;
   c.num_heads = 64;
   EXPECT_NO_THROW(validate_for_gpu(c, 9, 0));
-  expect_error<ConfigError>([&] { validate_for_gpu(c, 10, 0); }, {"num_heads = 64", "sm_100", "exactly 128"});
   c.num_heads = 128;
-  EXPECT_NO_THROW(validate_for_gpu(c, 10, 0));
-  expect_error<ConfigError>([&] { validate_for_gpu(c, 8, 0); }, {"sm_80", "Hopper"});
+  EXPECT_NO_THROW(validate_for_gpu(c, 9, 0));
+  c.num_heads = 256;  // a multiple of 64 past the sm_90a kernel's 128 runs on the simple kernel
+  EXPECT_NO_THROW(validate_for_gpu(c, 9, 0));
+  expect_error<NoDeviceError>([&] { validate_for_gpu(c, 10, 0); }, {"sm_100", "sm_90a only", "Hopper"});
+  expect_error<NoDeviceError>([&] { validate_for_gpu(c, 8, 0); }, {"sm_80", "sm_90a only"});
+  expect_error<NoDeviceError>([&] { validate_for_gpu(c, 8, 9); }, {"sm_89"});
+  c.num_heads = 96;
+  expect_error<ConfigError>([&] { validate_for_gpu(c, 9, 0); }, {"num_heads = 96", "multiple of 64"});
+  c.num_heads = 128;
+  c.index_n_heads = 32;
+  expect_error<ConfigError>([&] { validate_for_gpu(c, 9, 0); }, {"index_n_heads = 32", "64 indexer heads"});
+  c.index_n_heads = 64;
+  c.tokens_per_block = 32;
+  expect_error<ConfigError>([&] { validate_for_gpu(c, 9, 0); }, {"tokens_per_block = 32", "64-token"});
+}
+
+// Library errors name parameters, never a front end's flags; the one parameter
+// at fault travels in Error::parameter() for the front end to map.
+TEST(Config, ErrorsNameTheParameterNotAFlag) {
+  auto param_of = [](auto fn) -> std::string {
+    try {
+      fn();
+    } catch (const Error& e) {
+      EXPECT_EQ(std::string(e.what()).find("--"), std::string::npos) << "a library message names a flag: " << e.what();
+      return e.parameter();
+    }
+    ADD_FAILURE() << "expected an exception";
+    return {};
+  };
+  auto with = [](auto mutate) {
+    LayerConfig c;
+    mutate(c);
+    return c;
+  };
+  EXPECT_EQ(param_of([&] { validate(with([](LayerConfig& c) { c.num_heads = 96; })); }), "num_heads");
+  EXPECT_EQ(param_of([&] { validate(with([](LayerConfig& c) { c.index_topk = 100; })); }), "index_topk");
+  EXPECT_EQ(param_of([&] { validate(with([](LayerConfig& c) { c.tokens_per_block = 0; })); }), "tokens_per_block");
+  EXPECT_EQ(param_of([&] { validate(with([](LayerConfig& c) { c.rope_theta = -1; })); }), "rope_theta");
+  EXPECT_EQ(param_of([&] { validate(with([](LayerConfig& c) { c.rope_scaling.factor = 0.5; })); }), "rope_scaling.factor");
+  EXPECT_EQ(param_of([] { parse_latent_cache_dtype("int4"); }), "kv_cache_dtype");
+  EXPECT_EQ(param_of([&] { validate_for_sparse_prefill(with([](LayerConfig& c) { c.kv_cache_dtype = LatentCacheDType::FP8; })); }),
+            "kv_cache_dtype");
+  EXPECT_EQ(param_of([] { load_config_json_text(R"({"hidden_size": 7168})"); }), "num_attention_heads");
+  EXPECT_EQ(param_of([] { uniform_requests(0, 0, 1); }), "batch");
+  EXPECT_EQ(param_of([] { uniform_requests(1, -1, 1); }), "cached");
+  EXPECT_EQ(param_of([] { uniform_requests(1, 0, 0); }), "num_new");
+  EXPECT_EQ(param_of([] { parse_request_list(""); }), "requests");
+  EXPECT_EQ(param_of([] { validate_for_gpu(LayerConfig{}, 8, 0); }), "");
 }
 
 TEST(Config, Fp8LatentCacheRefusedForSparsePrefill) {
   LayerConfig c;
   EXPECT_NO_THROW(validate_for_sparse_prefill(c));
   c.kv_cache_dtype = LatentCacheDType::FP8;
-  expect_error<ConfigError>([&] { validate_for_sparse_prefill(c); }, {"fp8", "bf16", "sparse prefill", "--kv-cache-dtype bf16"});
+  expect_error<ConfigError>([&] { validate_for_sparse_prefill(c); }, {"fp8", "bf16", "sparse prefill", "set kv_cache_dtype to bf16"});
   expect_error<ConfigError>([] { parse_latent_cache_dtype("int4"); }, {"int4", "bf16", "fp8"});
   EXPECT_EQ(parse_latent_cache_dtype("fp8"), LatentCacheDType::FP8);
   EXPECT_EQ(parse_latent_cache_dtype("bf16"), LatentCacheDType::BF16);

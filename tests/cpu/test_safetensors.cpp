@@ -159,7 +159,7 @@ TEST(WeightsFile, WriteThenReadIsBitExactAndGivesIdenticalLayerResults) {
   EXPECT_EQ(r.info("model.layers.3.self_attn.kv_b_proj.weight").shape, (std::vector<int64_t>{64 * 64, 128}));
   const LayerWeights back = load_weights(cfg, p, 3);
   EXPECT_TRUE(same(w, back));
-  expect_error<FileError>([&] { load_weights(cfg, p, 0); }, {"model.layers.0.self_attn.q_a_proj.weight", "--layer"});
+  expect_error<FileError>([&] { load_weights(cfg, p, 0); }, {"model.layers.0.self_attn.q_a_proj.weight", "layer index"});
   LayerConfig other = cfg;
   other.num_heads = 128;
   expect_error<FileError>([&] { load_weights(other, p, 3); }, {"q_b_proj.weight", "[6144, 128]", "[12288, 128]"});

@@ -2,12 +2,18 @@
 
 #include <fmt/format.h>
 
+#include <unistd.h>
+
+#include <filesystem>
+#include <utility>
+
 #include "dsa/error.h"
 
 namespace dsa::cli {
 
 void add_config_options(CLI::App* app, ConfigOptions& o) {
-  app->add_option("--config", o.config_path, "Hugging Face config.json of the model (keys the layer does not use are ignored)");
+  app->add_option("--config", o.config_path, "Hugging Face config.json of the model (keys the layer does not use are ignored)")
+      ->check(kNonEmpty);
   app->add_option("--hidden-size", o.hidden_size, "model width (7168)");
   app->add_option("--num-heads", o.num_heads, "attention heads on this rank, a multiple of 64 (128; 64 at TP=2)");
   app->add_option("--q-lora-rank", o.q_lora_rank, "query latent width (1536)");
@@ -26,8 +32,8 @@ void add_config_options(CLI::App* app, ConfigOptions& o) {
   app->add_flag("--o-proj", o.o_proj, "apply o_proj: output [T, hidden] instead of [T, H*v_head_dim]");
 }
 
-LayerConfig resolve_config(const ConfigOptions& o) {
-  LayerConfig c;
+LayerConfig resolve_config(const ConfigOptions& o, const LayerConfig* recorded) {
+  LayerConfig c = recorded ? *recorded : LayerConfig{};
   if (!o.config_path.empty()) c = load_config_json_file(o.config_path);
   auto set = [](auto& dst, const auto& src) {
     if (src) dst = *src;
@@ -57,12 +63,84 @@ void add_batch_options(CLI::App* app, BatchOptions& o, int64_t default_new) {
   app->add_option("--batch", o.batch, "requests in the step (all of the same shape)");
   app->add_option("--cached", o.cached, "tokens already cached per request");
   app->add_option("--new", o.num_new, "new tokens per request (decode: 1; speculative: 2..4)");
-  app->add_option("--requests", o.requests, "ragged batch as cached:new pairs, e.g. 0:4096,32768:1,1024:2 (overrides --batch/--cached/--new)");
+  app->add_option("--requests", o.requests, "ragged batch as cached:new pairs, e.g. 0:4096,32768:1,1024:2 (overrides --batch/--cached/--new)")
+      ->check(kNonEmpty);
 }
 
 std::vector<StepRequest> resolve_requests(const BatchOptions& o) {
   if (!o.requests.empty()) return parse_request_list(o.requests);
   return uniform_requests(o.batch, o.cached, o.num_new);
+}
+
+const CLI::Validator kNonEmpty(
+    [](std::string& v) { return v.empty() ? std::string("the value is empty ('')") : std::string(); }, "NON-EMPTY", "NonEmpty");
+
+void check_writable(const std::string& path, const char* flag) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (fs::exists(st)) {
+    if (!fs::is_regular_file(st)) {
+      throw ConfigError(fmt::format("{} '{}' is {}; give a file path", flag, path, fs::is_directory(st) ? "a directory" : "not a regular file"));
+    }
+    if (::access(path.c_str(), W_OK) != 0) throw ConfigError(fmt::format("{} '{}' exists and is not writable", flag, path));
+    return;
+  }
+  fs::path dir = fs::path(path).parent_path();
+  if (dir.empty()) dir = ".";
+  if (!fs::is_directory(dir, ec)) {
+    throw ConfigError(fmt::format("{} '{}': the folder '{}' does not exist; create it first", flag, path, dir.string()));
+  }
+  if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+    throw ConfigError(fmt::format("{} '{}': the folder '{}' is not writable", flag, path, dir.string()));
+  }
+}
+
+std::string flag_for_parameter(const std::string& parameter) {
+  // One table: library parameter -> flag. config.json spellings that differ
+  // from the LayerConfig field (num_attention_heads) are listed too.
+  static const std::pair<const char*, const char*> kFlags[] = {
+      {"hidden_size", "--hidden-size"},
+      {"num_heads", "--num-heads"},
+      {"num_attention_heads", "--num-heads"},
+      {"q_lora_rank", "--q-lora-rank"},
+      {"kv_lora_rank", "--kv-lora-rank"},
+      {"qk_nope_head_dim", "--qk-nope-head-dim"},
+      {"qk_rope_head_dim", "--qk-rope-head-dim"},
+      {"v_head_dim", "--v-head-dim"},
+      {"index_n_heads", "--index-n-heads"},
+      {"index_head_dim", "--index-head-dim"},
+      {"index_topk", "--topk"},
+      {"tokens_per_block", "--tokens-per-block"},
+      {"rope_theta", "--rope-theta"},
+      {"rms_norm_eps", "--rms-norm-eps"},
+      {"kv_cache_dtype", "--kv-cache-dtype"},
+      {"indexer_hadamard", "--no-hadamard"},
+      {"o_proj", "--o-proj"},
+      {"batch", "--batch"},
+      {"cached", "--cached"},
+      {"num_new", "--new"},
+      {"requests", "--requests"},
+      {"num_layers", "--num-layers"},
+      {"layer", "--layer"},
+      {"seed", "--seed"},
+      {"protocol", "--protocol"},
+      {"stage", "--stage"},
+      {"warmup", "--warmup"},
+      {"iters", "--iters"},
+      {"tokens", "--tokens"},
+      {"bytes", "--memory-gib"},
+      {"allow_nonfinite", "--allow-nonfinite"},
+  };
+  for (const auto& [p, f] : kFlags)
+    if (parameter == p) return f;
+  return {};
+}
+
+std::string error_text(const Error& e) {
+  const std::string flag = flag_for_parameter(e.parameter());
+  if (flag.empty()) return e.what();
+  return fmt::format("{} (set with {})", e.what(), flag);
 }
 
 std::string human_bytes(double b) {

@@ -8,6 +8,7 @@
 
 #include "dsa/batch.h"
 #include "dsa/config.h"
+#include "dsa/error.h"
 
 namespace dsa::cli {
 
@@ -22,8 +23,17 @@ struct ConfigOptions {
 };
 
 void add_config_options(CLI::App* app, ConfigOptions& o);
-// Defaults, then the file, then flags; validated. Throws ConfigError / FileError.
-LayerConfig resolve_config(const ConfigOptions& o);
+// Defaults (or `recorded`, the configuration a saved run file holds), then
+// the --config file, then flags; validated. Throws ConfigError / FileError.
+LayerConfig resolve_config(const ConfigOptions& o, const LayerConfig* recorded = nullptr);
+
+// CLI11 check for options whose value is a path or a list: an empty value
+// ('') would otherwise read as "not given" and fall back to a default.
+extern const CLI::Validator kNonEmpty;
+// The parent folder of `path` exists and is writable, and `path` is not a
+// directory or special file: checked before any work, so that a step does not
+// run for minutes and then fail to write. Throws ConfigError naming `flag`.
+void check_writable(const std::string& path, const char* flag);
 
 struct BatchOptions {
   int64_t batch = 1;
@@ -35,5 +45,13 @@ void add_batch_options(CLI::App* app, BatchOptions& o, int64_t default_new);
 std::vector<StepRequest> resolve_requests(const BatchOptions& o);
 
 std::string human_bytes(double bytes);
+
+// The command-line flag that sets a library parameter (dsa::Error::parameter():
+// a LayerConfig / CacheConfig field, a config.json key or a function
+// argument), or "" when no flag does.
+std::string flag_for_parameter(const std::string& parameter);
+// The text printed after "error: ": the library's message, then "(set with
+// --flag)" when the error names a parameter a flag sets.
+std::string error_text(const Error& e);
 
 }  // namespace dsa::cli

@@ -67,10 +67,10 @@ Backend pick_backend(const std::string& name) {
   if (name == "ref" || name == "reference") return Backend::Ref;
   if (name == "cuda") {
     if (!cuda_built()) {
-      throw ConfigError("--backend cuda: this build has no CUDA backend (nvcc was not found when it was configured); "
-                        "rebuild on a machine with the CUDA toolkit or use --backend ref");
+      throw NoDeviceError("--backend cuda: this build has no CUDA backend (nvcc was not found when it was configured); "
+                          "rebuild on a machine with the CUDA toolkit or use --backend ref");
     }
-    if (gpu_count() == 0) throw ConfigError("--backend cuda: no CUDA GPU is visible on this machine; use --backend ref (or auto)");
+    if (gpu_count() == 0) throw NoDeviceError("--backend cuda: no CUDA GPU is visible on this machine; use --backend ref (or auto)");
     return Backend::Cuda;
   }
   if (name == "auto") return gpu_count() > 0 ? Backend::Cuda : Backend::Ref;
@@ -222,7 +222,10 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
       }
     }
     if (backend != Backend::Cuda) {
-      throw ConfigError("the sparse MLA sweep times the GPU kernel and needs the CUDA backend on a GPU; none is in use here");
+      const std::string msg = "the sparse MLA sweep times the GPU kernel and needs the CUDA backend on a GPU; none is in use here";
+      // Asked for the reference: a usage error; left to auto without a GPU: no usable GPU.
+      if (o.backend == "auto") throw NoDeviceError(msg);
+      throw ConfigError(msg + " (--backend " + o.backend + ")");
     }
 #ifdef DSA_HAVE_CUDA
     const SparseMlaSweep sweep = cuda::sweep_sparse_mla(opt);
@@ -270,11 +273,12 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
       std::vector<StepRequest> reqs =
           explicit_list ? parse_request_list(o.batch.requests)
                         : uniform_requests(get("batch", o.batch.batch), get("cached", o.batch.cached), get("new", num_new));
+      check_step_limits(reqs, cfg.tokens_per_block);  // before the backend allocates anything
       res = run_backend(backend, cfg, reqs, opt);
     } catch (const Error& e) {
       // An invalid combination of a sweep is skipped; a single run fails.
       if (points.size() == 1) throw;
-      if (dynamic_cast<const CudaError*>(&e) || dynamic_cast<const FileError*>(&e)) throw;
+      if (dynamic_cast<const CudaError*>(&e) || dynamic_cast<const FileError*>(&e) || dynamic_cast<const NoDeviceError*>(&e)) throw;
       fmt::print(stderr, "skip [{}]: {}\n", p.label(), e.what());
       ++skipped;
       continue;

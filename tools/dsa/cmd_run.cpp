@@ -4,11 +4,17 @@
 // docs/run-format.md.
 #include <fmt/format.h>
 
+#include <unistd.h>
+
+#include <charconv>
 #include <chrono>
-#include <cstring>
 #include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <map>
 #include <memory>
 #include <numeric>
+#include <optional>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -30,7 +36,49 @@ struct RunOptions {
   int64_t layer = 0;
   bool logits = false;
   bool no_intermediates = false;
+  bool allow_nonfinite = false;
 };
+
+// Keys of the __metadata__ every file dsa run writes, so that a replay needs
+// no flags repeated (docs/run-format.md).
+constexpr const char* kMetaConfig = "dsa.config";  // config_to_json of the run's LayerConfig
+constexpr const char* kMetaSeed = "dsa.seed";      // decimal uint64: weights, hidden and synthetic cache rows
+constexpr const char* kMetaLayer = "dsa.layer";    // weights only: L of model.layers.L.self_attn.*
+
+// What a saved file recorded (each part absent when it did not).
+struct Recorded {
+  std::optional<LayerConfig> cfg;
+  std::optional<uint64_t> seed;
+  std::optional<int64_t> layer;
+};
+
+template <class T>
+void metadata_integer(const st::Reader& r, const char* key, std::optional<T>& out) {
+  const auto it = r.metadata().find(key);
+  if (it == r.metadata().end()) return;
+  const std::string& s = it->second;
+  T v{};
+  const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (s.empty() || ec != std::errc() || p != s.data() + s.size()) {
+    throw FileError(fmt::format("'{}': metadata {} = '{}' is not an integer; the file was not written by dsa run", r.path(), key, s));
+  }
+  out = v;
+}
+
+Recorded read_recorded(const std::string& path) {
+  Recorded rec;
+  const st::Reader r(path);  // the header only
+  if (auto it = r.metadata().find(kMetaConfig); it != r.metadata().end()) {
+    rec.cfg = config_from_json_text(it->second, fmt::format("'{}' metadata {}", path, kMetaConfig));
+  }
+  metadata_integer(r, kMetaSeed, rec.seed);
+  metadata_integer(r, kMetaLayer, rec.layer);
+  return rec;
+}
+
+std::map<std::string, std::string> run_metadata(const LayerConfig& cfg, uint64_t seed) {
+  return {{kMetaConfig, config_to_json(cfg)}, {kMetaSeed, std::to_string(seed)}};
+}
 
 // Everything a step needs besides the weights.
 struct StepInputs {
@@ -75,7 +123,10 @@ void fill_synthetic_prefix(const LayerConfig& cfg, CacheManager& cache, const St
   }
 }
 
-StepInputs read_inputs(const LayerConfig& cfg, const std::string& path) {
+// Reads and checks an inputs file: the step's counts first (bounded before
+// anything is sized from them), then the positions, then the tensors, each
+// checked for NaN/Inf unless allow_nonfinite.
+StepInputs read_inputs(const LayerConfig& cfg, const std::string& path, bool allow_nonfinite) {
   st::Reader r(path);
   StepInputs in;
   if (!r.has("hidden")) throw FileError(fmt::format("inputs '{}' has no tensor 'hidden' [T, hidden_size]; see docs/run-format.md", path));
@@ -85,7 +136,12 @@ StepInputs read_inputs(const LayerConfig& cfg, const std::string& path) {
                                 path, st::shape_string(hi.shape), cfg.hidden_size));
   }
   const int64_t T = hi.shape[0];
-  in.hidden = r.read_bf16("hidden");
+  for (const char* name : {"request_new", "request_cached", "request_ids"}) {
+    if (r.has(name) && r.info(name).shape.size() != 1) {
+      throw FileError(fmt::format("inputs '{}': '{}' has shape {} but one entry per request [R] is needed", path, name,
+                                  st::shape_string(r.info(name).shape)));
+    }
+  }
   if (r.has("request_new")) {
     const auto nw = r.read_i64("request_new");
     const auto cached = r.has("request_cached") ? r.read_i64("request_cached") : std::vector<int64_t>(nw.size(), 0);
@@ -103,32 +159,45 @@ StepInputs read_inputs(const LayerConfig& cfg, const std::string& path) {
     if (r.has("request_cached")) throw FileError(fmt::format("inputs '{}' has request_cached but no request_new", path));
     in.requests.push_back(StepRequest{0, 0, T});
   }
+  // Bounded, and every sum below safe, before anything is sized from the counts.
+  check_step_limits(in.requests, cfg.tokens_per_block, fmt::format("inputs '{}'", path));
   int64_t total_new = 0, total_cached = 0;
   for (const auto& q : in.requests) {
-    if (q.num_new <= 0 || q.cached < 0) {
-      throw FileError(fmt::format("inputs '{}': request {} has cached {} and new {}; need cached >= 0 and new >= 1", path, q.id, q.cached, q.num_new));
-    }
     total_new += q.num_new;
     total_cached += q.cached;
   }
   if (total_new != T) {
     throw FileError(fmt::format("inputs '{}': the requests' new tokens add up to {} but 'hidden' has {} rows", path, total_new, T));
   }
+  // Positions are compared as the file holds them (an I64 past 2^31 is an
+  // error, not cut to int32) before any cache is filled; then they fit int32.
   if (r.has("position_ids")) {
     r.expect_shape("position_ids", {T}, "one position per row of hidden");
-    for (int64_t v : r.read_i64("position_ids")) in.position_ids.push_back(static_cast<int32_t>(v));
-  } else {
-    for (const auto& q : in.requests)
-      for (int64_t i = 0; i < q.num_new; ++i) in.position_ids.push_back(static_cast<int32_t>(q.cached + i));
+    const std::vector<int64_t> pos = r.read_i64("position_ids");
+    try {
+      check_positions(in.requests, pos.data(), T);
+    } catch (const ShapeError& e) {
+      throw FileError(fmt::format("inputs '{}': {}", path, e.what()));
+    }
   }
+  for (const auto& q : in.requests)
+    for (int64_t i = 0; i < q.num_new; ++i) in.position_ids.push_back(static_cast<int32_t>(q.cached + i));
   if (r.has("prefix_hidden")) {
     r.expect_shape("prefix_hidden", {total_cached, cfg.hidden_size}, "the cached tokens of every request, in request order");
+  }
+  in.hidden = r.read_bf16("hidden");
+  if (!allow_nonfinite) check_finite("hidden", {T, cfg.hidden_size}, in.hidden.data(), static_cast<int64_t>(in.hidden.size()));
+  if (r.has("prefix_hidden")) {
     in.prefix_hidden = r.read_bf16("prefix_hidden");
+    if (!allow_nonfinite) {
+      check_finite("prefix_hidden", {total_cached, cfg.hidden_size}, in.prefix_hidden.data(),
+                   static_cast<int64_t>(in.prefix_hidden.size()));
+    }
   }
   return in;
 }
 
-void write_inputs(const LayerConfig& cfg, const StepInputs& in, const std::string& path) {
+void write_inputs(const LayerConfig& cfg, uint64_t seed, const StepInputs& in, const std::string& path) {
   st::Writer w;
   const int64_t T = static_cast<int64_t>(in.position_ids.size()), R = static_cast<int64_t>(in.requests.size());
   w.add_bf16("hidden", {T, cfg.hidden_size}, in.hidden);
@@ -146,6 +215,7 @@ void write_inputs(const LayerConfig& cfg, const StepInputs& in, const std::strin
     w.add_bf16("prefix_hidden", {static_cast<int64_t>(in.prefix_hidden.size()) / cfg.hidden_size, cfg.hidden_size}, in.prefix_hidden);
   }
   w.set_metadata("producer", "dsa run");
+  for (const auto& [k, v] : run_metadata(cfg, seed)) w.set_metadata(k, v);
   w.write(path);
 }
 
@@ -162,40 +232,108 @@ std::vector<uint8_t> to_fp8(const std::vector<float>& v) {
   return b;
 }
 
-void run(const RunOptions& o) {
+// Host bytes the step needs at least: weights (bf16 and the reference's fp32
+// copy), both caches, hidden, and the largest activations ([T, H, 576] q_cat,
+// [T, H, kv_lora_rank] attention output, [T, topk] indices, logits on request).
+// Every factor is bounded (validate, check_step_limits): no overflow in double.
+double step_host_bytes(const LayerConfig& cfg, const CacheConfig& cc, const std::vector<StepRequest>& reqs, bool logits) {
+  double T = 0, S = 0, cached = 0;
+  for (const auto& q : reqs) {
+    T += double(q.num_new);
+    cached += double(q.cached);
+    S = std::max(S, double(q.cached + q.num_new));
+  }
+  const double H = double(cfg.num_heads);
+  double b = 6.0 * double(weight_count(cfg)) + double(cc.total_bytes()) + 2.0 * (T + cached) * double(cfg.hidden_size);
+  b += 4.0 * T * H * double(cfg.latent_dim() + cfg.kv_lora_rank) + 8.0 * T * double(cfg.index_topk);
+  if (logits) b += 4.0 * T * S;
+  return b;
+}
+
+double physical_memory_bytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? double(pages) * double(page) : 0.0;
+}
+
+void run(const RunOptions& o, const CLI::App& sub) {
   const auto wall0 = std::chrono::steady_clock::now();
-  const LayerConfig cfg = resolve_config(o.cfg);
-  if (o.layer < 0) throw ConfigError(fmt::format("--layer {} is invalid: layer indices start at 0", o.layer));
-  const LayerWeights w = o.weights.empty() ? generate_weights(cfg, o.seed) : load_weights(cfg, o.weights, o.layer);
-  fmt::print("weights: {}\n", o.weights.empty() ? fmt::format("generated from seed {}", o.seed)
-                                                   : fmt::format("{} (layer {})", o.weights, o.layer));
-  if (!o.save_weights.empty()) {
-    save_weights(cfg, w, o.save_weights, o.layer);
-    fmt::print("wrote weights to {} (bf16, prefix {})\n", o.save_weights, weight_prefix(o.layer));
+  // Everything is resolved and checked before any work and before anything is
+  // printed: a bad flag or file fails in milliseconds, not after the step.
+  if (!o.inputs.empty()) {
+    for (const char* flag : {"--requests", "--batch", "--cached", "--new"}) {
+      if (sub.count(flag) > 0) {
+        throw ConfigError(fmt::format("{} does not apply with --inputs: the inputs file fixes the step (request_cached, "
+                                      "request_new); drop one of them",
+                                      flag));
+      }
+    }
+  }
+  // Configuration and seed recorded by the files dsa run wrote (defaults for
+  // a replay; --config and flags still win).
+  const Recorded from_inputs = o.inputs.empty() ? Recorded{} : read_recorded(o.inputs);
+  const bool weights_file = !o.weights.empty() && !(o.weights.size() >= 5 && o.weights.compare(o.weights.size() - 5, 5, ".json") == 0);
+  const Recorded from_weights = weights_file ? read_recorded(o.weights) : Recorded{};
+  if (from_inputs.cfg && from_weights.cfg && config_to_json(*from_inputs.cfg) != config_to_json(*from_weights.cfg)) {
+    throw ConfigError(fmt::format("inputs '{}' and weights '{}' were saved by runs of different configurations ({} / {}); give "
+                                  "files of one run, or set the configuration with --config and flags",
+                                  o.inputs, o.weights, config_to_json(*from_inputs.cfg), config_to_json(*from_weights.cfg)));
+  }
+  const std::optional<LayerConfig>& recorded = from_inputs.cfg ? from_inputs.cfg : from_weights.cfg;
+  const LayerConfig cfg = resolve_config(o.cfg, recorded ? &*recorded : nullptr);
+  const bool seed_given = sub.count("--seed") > 0;
+  const uint64_t seed = seed_given ? o.seed : from_inputs.seed ? *from_inputs.seed : from_weights.seed ? *from_weights.seed : o.seed;
+  const int64_t layer = sub.count("--layer") > 0 ? o.layer : from_weights.layer ? *from_weights.layer : o.layer;
+  if (layer < 0) throw ConfigError(fmt::format("layer = {} is invalid: layer indices start at 0", layer), "layer");
+  for (const auto& [path, flag] : {std::pair{&o.dump, "--dump"}, std::pair{&o.save_weights, "--save-weights"},
+                                   std::pair{&o.save_inputs, "--save-inputs"}}) {
+    if (path->empty()) continue;
+    check_writable(*path, flag);
+    for (const std::string* in : {&o.inputs, &o.weights}) {
+      std::error_code ec;
+      if (!in->empty() && std::filesystem::equivalent(*path, *in, ec)) {
+        throw ConfigError(fmt::format("{} '{}' is the file the run reads; write to another file", flag, *path));
+      }
+    }
   }
 
   StepInputs in;
   if (!o.inputs.empty()) {
-    in = read_inputs(cfg, o.inputs);
+    in = read_inputs(cfg, o.inputs, o.allow_nonfinite);
   } else {
     in.requests = resolve_requests(o.batch);
+    check_step_limits(in.requests, cfg.tokens_per_block);
+  }
+  const CacheConfig cc = CacheConfig::for_step(cfg, in.requests);
+  const double need = step_host_bytes(cfg, cc, in.requests, o.logits), have = physical_memory_bytes();
+  if (have > 0 && need > have) {
+    throw OutOfMemoryError(fmt::format("the step needs at least {} of host memory (weights, caches of {} blocks, activations) and "
+                                       "this machine has {}; give a smaller step (--new, --cached, --batch, --requests) or layer",
+                                       human_bytes(need), cc.num_blocks, human_bytes(have)));
+  }
+  if (o.inputs.empty()) {
     int64_t T = 0;
     for (const auto& q : in.requests) {
       for (int64_t i = 0; i < q.num_new; ++i) in.position_ids.push_back(static_cast<int32_t>(q.cached + i));
       T += q.num_new;
     }
-    in.hidden = generate_hidden(cfg, T, o.seed + 1000);
+    in.hidden = generate_hidden(cfg, T, seed + 1000);
+  }
+  const LayerWeights w = o.weights.empty() ? generate_weights(cfg, seed) : load_weights(cfg, o.weights, layer, o.allow_nonfinite);
+
+  fmt::print("weights: {}\n", o.weights.empty() ? fmt::format("generated from seed {}", seed)
+                                                   : fmt::format("{} (layer {})", o.weights, layer));
+  if (!o.save_weights.empty()) {
+    std::map<std::string, std::string> meta = run_metadata(cfg, seed);
+    meta[kMetaLayer] = std::to_string(layer);
+    save_weights(cfg, w, o.save_weights, layer, meta);
+    fmt::print("wrote weights to {} (bf16, prefix {})\n", o.save_weights, weight_prefix(layer));
   }
   if (!o.save_inputs.empty()) {
-    write_inputs(cfg, in, o.save_inputs);
+    write_inputs(cfg, seed, in, o.save_inputs);
     fmt::print("wrote inputs to {}\n", o.save_inputs);
   }
 
   const ref::PreparedWeights pw = ref::prepare_weights(cfg, w);
-  CacheConfig cc = CacheConfig::for_layer(cfg);
-  int64_t blocks = 0;
-  for (const auto& q : in.requests) blocks += cc.blocks_for(q.cached + q.num_new);
-  cc.with_tokens(std::max<int64_t>(blocks, 1) * cc.tokens_per_block);
   CacheManager cache(cc);
   cache.fill(0xFF);  // NaN in every slot nobody writes: a stray read shows in the output
 
@@ -213,8 +351,8 @@ void run(const RunOptions& o) {
       fmt::print("prefix: ran the layer over {} cached tokens (prefix_hidden)\n", in.prefix_hidden.size() / cfg.hidden_size);
     } else {
       for (const auto& q : in.requests)
-        if (q.cached > 0) fill_synthetic_prefix(cfg, cache, q, o.seed);
-      fmt::print("prefix: synthetic cache rows for the cached tokens (seed {}; give prefix_hidden for real ones)\n", o.seed);
+        if (q.cached > 0) fill_synthetic_prefix(cfg, cache, q, seed);
+      fmt::print("prefix: synthetic cache rows for the cached tokens (seed {}; give prefix_hidden for real ones)\n", seed);
     }
   }
   reserve_step(cache, in.requests);
@@ -238,7 +376,12 @@ void run(const RunOptions& o) {
              std::accumulate(in.requests.begin(), in.requests.end(), int64_t{0}, [](int64_t a, const StepRequest& q) { return a + q.cached; }),
              T, width);
   double ss = 0;
-  for (float v : out) ss += double(v) * v;
+  int64_t first_nonfinite = -1;
+  for (size_t i = 0; i < out.size(); ++i) {
+    ss += double(out[i]) * out[i];
+    if (first_nonfinite < 0 && !std::isfinite(out[i])) first_nonfinite = static_cast<int64_t>(i);
+  }
+  const float bad_value = first_nonfinite >= 0 ? out[first_nonfinite] : 0.0f;
   fmt::print("output rms {:.6g}\n", std::sqrt(ss / std::max<size_t>(out.size(), 1)));
   for (const auto& [name, t] : ms) fmt::print("  {:<22} {:>10.1f} ms\n", name, t);
   fmt::print("  {:<22} {:>10.1f} ms\n", "layer", step_s * 1e3);
@@ -281,11 +424,20 @@ void run(const RunOptions& o) {
       d.add_f32("idx_logits", {T, S}, take(tr.idx_logits));
     }
     d.set_metadata("producer", "dsa run (CPU reference)");
-    d.set_metadata("weights", o.weights.empty() ? fmt::format("seed {}", o.seed) : o.weights);
+    d.set_metadata("weights", o.weights.empty() ? fmt::format("seed {}", seed) : o.weights);
+    for (const auto& [k, v] : run_metadata(cfg, seed)) d.set_metadata(k, v);
     d.write(o.dump);
     fmt::print("wrote {}\n", o.dump);
   }
   fmt::print("wall {:.1f} s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count());
+  // Inputs and weights were finite (checked above), so a non-finite output is
+  // an overflow inside the layer: an error, not a result.
+  if (first_nonfinite >= 0 && !o.allow_nonfinite) {
+    throw ValueError(fmt::format("the output holds {} at {} although the inputs and weights are finite (an overflow inside the "
+                                 "layer); check the scale of hidden and the weights, or keep it (allow_nonfinite)",
+                                 bad_value, st::index_string({T, width}, first_nonfinite)),
+                     "allow_nonfinite");
+  }
 }
 
 }  // namespace
@@ -297,6 +449,9 @@ void register_run(CLI::App& app) {
                                      "(file formats: docs/run-format.md)");
   add_config_options(sub, o->cfg);
   add_batch_options(sub, o->batch, 16);
+  sub->add_flag("--allow-nonfinite", o->allow_nonfinite,
+                "let NaN/Inf in hidden, prefix_hidden, the weights or their fp8 scales through (and in the output); by default "
+                "the first one is reported by tensor and index and the run fails");
   sub->add_option("--weights", o->weights, "weights: .safetensors (bf16, or fp8 with weight_scale_inv) or a model.safetensors.index.json; "
                                            "omitted: generated from --seed");
   sub->add_option("--layer", o->layer, "layer index L of the weight names model.layers.L.self_attn.* (0)");
@@ -308,7 +463,8 @@ void register_run(CLI::App& app) {
   sub->add_flag("--no-intermediates", o->no_intermediates, "dump only the output (and the step's shape)");
   sub->add_option("--save-weights", o->save_weights, "also write the weights (bf16, Hugging Face names) to this file");
   sub->add_option("--save-inputs", o->save_inputs, "also write the step's inputs to this file (replayable with --inputs)");
-  sub->callback([o] { run(*o); });
+  for (const char* name : {"--weights", "--inputs", "--dump", "--save-weights", "--save-inputs"}) sub->get_option(name)->check(kNonEmpty);
+  sub->callback([o, sub] { run(*o, *sub); });
 }
 
 }  // namespace dsa::cli
