@@ -79,9 +79,10 @@ int threads() {
 BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& requests, const BenchOptions& opt) {
   validate(cfg);
   if (opt.iters < 1 || opt.warmup < 0) {
-    throw ConfigError(fmt::format("--iters {} / --warmup {}: need at least one timed run and no negative warm-up", opt.iters, opt.warmup));
+    throw ConfigError(fmt::format("iters = {}, warmup = {}: need at least one timed run and no negative warm-up", opt.iters, opt.warmup),
+                      opt.iters < 1 ? "iters" : "warmup");
   }
-  if (opt.cuda_graph) throw ConfigError("--graph replays a CUDA graph and needs the CUDA backend; drop --graph for the CPU reference");
+  if (opt.cuda_graph) throw ConfigError("cuda_graph replays a CUDA graph and needs the CUDA backend; switch it off for the CPU reference", "cuda_graph");
   if (!opt.stage.empty()) stage_work(cfg, BatchMetadata{}, opt.stage, 0, 0);  // rejects unknown names before any work
 
   BenchResult res;
@@ -165,7 +166,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   }
   if (!opt.stage.empty()) {
     if (res.stages.empty()) {
-      const char* why = opt.stage == "o_proj" ? "o_proj runs only with --o-proj"
+      const char* why = opt.stage == "o_proj" ? "o_proj runs only with the o_proj projection switched on (cfg.o_proj)"
                         : opt.stage == "x_proj" ? "x_proj is the CUDA backend's fused projection of x; the reference times q_a_proj, kv_a_proj, indexer_k_proj and indexer_weights_proj separately"
                                                 : "the reference does not run it";
       throw ConfigError(fmt::format("stage '{}' does not run in this configuration ({})", opt.stage, why));

@@ -166,8 +166,8 @@ double overlap(const int32_t* a, const int32_t* b, int64_t k) {
 
 StepCheck check_step(const LayerConfig& cfg, const std::vector<StepRequest>& requests, const CheckOptions& o) {
   StepCheck result;
-  if (cuda::device_count() == 0) throw CudaError("check_step compares the GPU with the reference and needs a CUDA GPU; none is visible");
-  if (o.sample < 1) throw ConfigError(fmt::format("sample = {} tokens is invalid: check at least one token", o.sample));
+  if (cuda::device_count() == 0) throw NoDeviceError("check_step compares the GPU with the reference and needs a CUDA GPU; none is visible");
+  if (o.sample < 1) throw ConfigError(fmt::format("sample = {} tokens is invalid: check at least one token", o.sample), "sample");
   const cuda::DeviceInfo& dev = cuda::current_device();
   const auto t_start = std::chrono::steady_clock::now();
 

@@ -9,6 +9,11 @@
 #define DSA_CUDA_CHECK(expr)                                                                                      \
   do {                                                                                                            \
     cudaError_t dsa_err_ = (expr);                                                                                \
+    if (dsa_err_ == cudaErrorMemoryAllocation) {                                                                  \
+      (void)cudaGetLastError();                                                                                   \
+      throw ::dsa::OutOfMemoryError(fmt::format("{} failed: out of GPU memory ({}) at {}:{}", #expr,              \
+                                                cudaGetErrorName(dsa_err_), __FILE__, __LINE__));                 \
+    }                                                                                                             \
     if (dsa_err_ != cudaSuccess) {                                                                                \
       throw ::dsa::CudaError(fmt::format("{} failed: {} ({}) at {}:{}", #expr, cudaGetErrorString(dsa_err_),      \
                                          cudaGetErrorName(dsa_err_), __FILE__, __LINE__));                        \

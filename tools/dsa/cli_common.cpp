@@ -131,6 +131,8 @@ std::string flag_for_parameter(const std::string& parameter) {
       {"tokens", "--tokens"},
       {"bytes", "--memory-gib"},
       {"allow_nonfinite", "--allow-nonfinite"},
+      {"sample", "--sample-tokens"},
+      {"cuda_graph", "--graph"},
   };
   for (const auto& [p, f] : kFlags)
     if (parameter == p) return f;

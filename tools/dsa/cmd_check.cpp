@@ -31,8 +31,6 @@ void run_check(const CheckCliOptions& o) {
   const LayerConfig cfg = resolve_config(o.cfg);
   const std::vector<StepRequest> requests = resolve_requests(o.batch);
   check::CheckOptions co = o.check;
-  // check_step names its parameter; the user typed the flag.
-  if (co.sample < 1) throw ConfigError(fmt::format("--sample-tokens {} is invalid: check at least one token", co.sample));
   co.whole_layer = !o.skip_layer;
   co.poison = !o.no_poison;
   const check::StepCheck r = check::check_step(cfg, requests, co);
@@ -51,7 +49,7 @@ void run_check(const CheckCliOptions& o) {
   if (!bad.empty()) {
     std::string list;
     for (const std::string& b : bad) list += (list.empty() ? "" : "; ") + b;
-    throw Error(fmt::format("dsa check failed {} of {} checks: {}", bad.size(), r.table.rows().size(), list));
+    throw CheckError(fmt::format("dsa check failed {} of {} checks: {}", bad.size(), r.table.rows().size(), list));
   }
   fmt::print("dsa check: all {} checks passed\n", r.table.rows().size());
 }
@@ -72,7 +70,7 @@ void register_check(CLI::App& app) {
   sub->add_flag("--no-poison", o->no_poison, "do not fill unused cache slots and GPU buffers with NaN before the runs");
   sub->callback([o] { run_check(*o); });
 #else
-  sub->callback([] { throw Error("dsa check needs the CUDA backend; this build has none (nvcc was not found at configure time)"); });
+  sub->callback([] { throw NoDeviceError("dsa check needs the CUDA backend; this build has none (nvcc was not found at configure time)"); });
 #endif
 }
 

@@ -43,10 +43,6 @@ int exit_code(const dsa::Error& e) {
   if (dynamic_cast<const dsa::CheckError*>(&e)) return kExitCheckFailed;
   if (dynamic_cast<const dsa::NoDeviceError*>(&e)) return kExitNoGpu;
   if (dynamic_cast<const dsa::OutOfMemoryError*>(&e)) return kExitOutOfMemory;
-  // DSA_CUDA_CHECK reports cudaErrorMemoryAllocation by name.
-  if (dynamic_cast<const dsa::CudaError*>(&e) && std::string(e.what()).find("cudaErrorMemoryAllocation") != std::string::npos) {
-    return kExitOutOfMemory;
-  }
   return kExitUsage;
 }
 

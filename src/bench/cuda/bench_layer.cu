@@ -87,10 +87,10 @@ void measure_peaks(const DeviceContext& ctx, double& tflops, double& gbps) {
 
 BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& requests, const BenchOptions& opt) {
   validate(cfg);
-  if (device_count() == 0) throw CudaError("dsa bench --backend cuda needs a CUDA GPU; none is visible (use --backend ref)");
+  if (device_count() == 0) throw NoDeviceError("the CUDA layer benchmark needs a CUDA GPU; none is visible (use the CPU reference backend)");
   if (opt.iters < 1 || opt.warmup < 0) {
-    throw ConfigError(fmt::format("--iters {} / --warmup {}: need at least one timed run and no negative warm-up", opt.iters,
-                                  opt.warmup));
+    throw ConfigError(fmt::format("iters = {}, warmup = {}: need at least one timed run and no negative warm-up", opt.iters, opt.warmup),
+                      opt.iters < 1 ? "iters" : "warmup");
   }
   const DeviceInfo& dev = current_device();
   BenchResult res;

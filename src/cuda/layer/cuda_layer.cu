@@ -44,9 +44,11 @@ struct DevBuf {
     if (e != cudaSuccess) {
       (void)cudaGetLastError();
       p = nullptr;
-      throw CudaError(fmt::format("cudaMalloc of {} bytes for a layer buffer failed ({}); the step is too large for this GPU's "
+      const std::string msg = fmt::format("cudaMalloc of {} bytes for a layer buffer failed ({}); the step is too large for this GPU's "
                                   "memory: use fewer new tokens per request (num_new), fewer requests or a shorter context",
-                                  n, cudaGetErrorString(e)));
+                                  n, cudaGetErrorString(e));
+      if (e == cudaErrorMemoryAllocation) throw OutOfMemoryError(msg);
+      throw CudaError(msg);
     }
     bytes = n;
   }
