@@ -17,7 +17,7 @@
 #include "gemm.h"
 #include "indexer.h"
 #include "layer_kernels.h"
-#include "sparse_mla.h"
+#include "sparse_mla/sparse_mla.h"
 
 namespace dsa::cuda {
 
@@ -264,9 +264,10 @@ void CudaLayer::Impl::launch(Stage s, cudaStream_t st) {
       p.out = attn_out.as<__nv_bfloat16>(), p.lse = lse.as<float>(), p.row_max = row_max.as<float>();
       p.T = T, p.stride_q_t = H() * lat(), p.num_heads = static_cast<int>(H());
       p.topk = static_cast<int>(c.index_topk), p.d_qk = static_cast<int>(lat()), p.d_v = static_cast<int>(kvl);
-      p.softmax_scale = static_cast<float>(c.softmax_scale()), p.stream = st;
+      p.softmax_scale = static_cast<float>(c.softmax_scale());
       p.workspace = mla_ws.as<float>(), p.workspace_bytes = mla_ws.bytes;
-      sparse_mla(p);
+      // Other strides 0: dense. The context is looked up here until the layer holds one.
+      sparse_mla(p, device_context(st));
       break;
     }
     case Stage::v_up_proj: {
