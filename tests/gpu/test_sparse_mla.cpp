@@ -1,4 +1,4 @@
-// Sparse MLA kernels (src/cuda/sparse_mla.h) against a float64 reference on
+// Sparse MLA kernels (src/cuda/sparse_mla/sparse_mla.h) against a float64 reference on
 // the same bf16-rounded inputs, spec 3.6 / 7: out rel L2 <= 1e-2 and cosine
 // distance <= 1e-5, |lse diff| <= 1e-3, row max likewise, rows with no valid
 // index exactly (0, +inf, -inf); outputs poisoned before each run; two runs
@@ -9,16 +9,19 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "cuda/sparse_mla.h"
+#include "cuda/sparse_mla/sparse_mla.h"
 #include "dev_buf.h"
 #include "dsa/cuda.h"
 #include "dsa/dtypes.h"
+#include "dsa/error.h"
 #include "dsa/reference.h"
 
 namespace {
@@ -184,21 +187,21 @@ void run_case(const Case& c) {
   p.row_max = dmax.p;
   p.T = c.T;
   p.num_slots = c.num_slots;
-  p.stride_q_t = static_cast<int64_t>(c.H) * D;
   p.num_heads = c.H;
   p.topk = c.topk;
   p.softmax_scale = kScale;
-  if (c.kernel == Kernel::Sm90 && !dsa::cuda::sparse_mla_sm90_can_implement(p))
+  const dsa::cuda::DeviceContext ctx = dsa::cuda::device_context();
+  if (c.kernel == Kernel::Sm90 && !dsa::cuda::sparse_mla_sm90_can_implement(p, ctx))
     GTEST_SKIP() << "sm90 kernel does not take this shape on this device";
   // ws_slots < 0: the workspace for this cache; else sized as for a cache of ws_slots rows.
   const size_t ws_bytes =
-      c.workspace ? dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H, c.topk, c.ws_slots < 0 ? c.num_slots : c.ws_slots) : 0;
+      c.workspace ? dsa::cuda::sparse_mla_workspace_bytes(ctx, c.T, c.H, c.topk, c.ws_slots < 0 ? c.num_slots : c.ws_slots) : 0;
   if (c.reorder >= 0) {
     // The test's claim about the path: the launcher reorders when the size
     // query plans room for the reordered copy beyond the split parts (the
     // size for a one-row cache) and the workspace passed has that room.
-    const size_t full = dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H, c.topk, c.num_slots);
-    const size_t split_only = dsa::cuda::sparse_mla_workspace_bytes(c.T, c.H, c.topk, 1);
+    const size_t full = dsa::cuda::sparse_mla_workspace_bytes(ctx, c.T, c.H, c.topk, c.num_slots);
+    const size_t split_only = dsa::cuda::sparse_mla_workspace_bytes(ctx, c.T, c.H, c.topk, 1);
     const bool reorders = full > split_only && ws_bytes >= full;
     EXPECT_EQ(reorders, c.reorder == 1) << "workspace of " << ws_bytes << " bytes (" << full << " with the reordering, "
                                         << split_only << " without): the launcher " << (c.reorder ? "would not" : "would")
@@ -217,9 +220,9 @@ void run_case(const Case& c) {
     CK(cudaMemset(dmax.p, 0xff, dmax.bytes()));
     CK(cudaMemset(dws.p, 0xff, dws.bytes()));  // the workspace needs no initialization
     switch (c.kernel) {
-      case Kernel::Simple: dsa::cuda::sparse_mla_simple(p); break;
-      case Kernel::Sm90: dsa::cuda::sparse_mla_sm90(p); break;
-      case Kernel::Dispatch: dsa::cuda::sparse_mla(p); break;
+      case Kernel::Simple: dsa::cuda::sparse_mla_simple(p, ctx); break;
+      case Kernel::Sm90: dsa::cuda::sparse_mla_sm90(p, ctx); break;
+      case Kernel::Dispatch: dsa::cuda::sparse_mla(p, ctx); break;
     }
     CK(cudaDeviceSynchronize());
     out[run].resize(dout.n);
@@ -381,11 +384,11 @@ TEST(SparseMlaVsReference, H64Topk256) {
   p.row_max = dmax.p;
   p.T = c.T;
   p.num_slots = c.num_slots;
-  p.stride_q_t = static_cast<int64_t>(c.H) * D;
+  p.stride_q_t = static_cast<int64_t>(c.H) * D;  // explicit dense strides take the same path as 0
   p.num_heads = c.H;
   p.topk = c.topk;
   p.softmax_scale = kScale;
-  dsa::cuda::sparse_mla(p);
+  dsa::cuda::sparse_mla(p, dsa::cuda::device_context());
   CK(cudaDeviceSynchronize());
   std::vector<uint16_t> out(ref_out.size());
   std::vector<float> lse(ref_lse.size()), rmax(ref_max.size());
@@ -413,3 +416,357 @@ TEST(SparseMlaVsReference, H64Topk256) {
   EXPECT_LE(1.0 - dot / std::sqrt(ref2 * got2), 1e-5);
   EXPECT_LE(worst_lse, 1e-3);
 }
+
+namespace {
+
+// ---- Strided views -----------------------------------------------------------
+// Every tensor as a view with padding between its rows, heads and tokens.
+// The inputs' padding holds NaN (a kernel that read it would produce NaN),
+// the outputs' padding a sentinel that must survive; the strided call must
+// give the dense call's bits (same kernel, same workspace, so the same path:
+// split, reordering, kernel build).
+
+struct Strides {
+  int64_t q_h, q_t, kv_slot, indices_t, valid_len_t, out_h, out_t, lse_t, row_max_t;
+};
+
+// Padding from the dense sizes: a, b, c extra elements per head / token / row.
+Strides padded(int H, int topk) {
+  constexpr int D = 576, DV = 512;
+  Strides s;
+  s.q_h = D + 64;
+  s.q_t = H * s.q_h + 64;
+  s.kv_slot = D + 32;
+  s.indices_t = topk + 3;
+  s.valid_len_t = 2;
+  s.out_h = DV + 8;
+  s.out_t = H * s.out_h + 24;
+  s.lse_t = H + 1;
+  s.row_max_t = H + 7;
+  return s;
+}
+
+// dense [n0, n1, n2] -> a view with strides (s0, s1, 1); the rest holds fill.
+template <typename T>
+std::vector<T> spread(const std::vector<T>& dense, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1, T fill) {
+  std::vector<T> v(static_cast<size_t>((n0 - 1) * s0 + (n1 - 1) * s1 + n2), fill);
+  for (int64_t i = 0; i < n0; ++i)
+    for (int64_t j = 0; j < n1; ++j)
+      std::copy_n(dense.begin() + (i * n1 + j) * n2, n2, v.begin() + i * s0 + j * s1);
+  return v;
+}
+
+// The view's elements back to dense; *padding_changed counts the elements
+// outside the view that no longer hold fill (compared bitwise).
+template <typename T>
+std::vector<T> gather(const std::vector<T>& v, int64_t n0, int64_t n1, int64_t n2, int64_t s0, int64_t s1, T fill,
+                      int64_t* padding_changed) {
+  std::vector<T> dense(static_cast<size_t>(n0 * n1 * n2));
+  std::vector<char> in_view(v.size(), 0);
+  for (int64_t i = 0; i < n0; ++i)
+    for (int64_t j = 0; j < n1; ++j)
+      for (int64_t k = 0; k < n2; ++k) {
+        dense[(i * n1 + j) * n2 + k] = v[i * s0 + j * s1 + k];
+        in_view[i * s0 + j * s1 + k] = 1;
+      }
+  *padding_changed = 0;
+  for (size_t e = 0; e < v.size(); ++e)
+    if (!in_view[e] && std::memcmp(&v[e], &fill, sizeof(T)) != 0) ++*padding_changed;
+  return dense;
+}
+
+struct Outputs {
+  std::vector<uint16_t> out;
+  std::vector<float> lse, row_max;
+};
+
+// Runs `kernel` on the case's inputs laid out with strides s (null: dense,
+// every stride 0). Returns the outputs gathered back to dense.
+void run_view(const Case& c, const Inputs& in, Kernel kernel, const Strides* s, Outputs* got, int64_t* padding_changed) {
+  constexpr int D = 576, DV = 512;
+  const dsa::cuda::DeviceContext ctx = dsa::cuda::device_context();
+  const int64_t T = c.T, H = c.H, K = c.topk;
+  ASSERT_LE(T, kQPeriod) << "the strided tests lay out q from one period";
+  const uint16_t kNan = 0x7fc0, kOutFill = 0x1234;
+  const float kStatFill = 12345.f;
+  const Strides d{D, H * D, D, K, 1, DV, H * DV, H, H};
+  const Strides& v = s ? *s : d;
+  const std::vector<uint16_t> q = spread<uint16_t>(in.q, T, H, D, v.q_t, v.q_h, kNan);
+  const int64_t rows = static_cast<int64_t>(in.kv.size()) / D;  // the cache and its NaN rows past the end
+  const std::vector<uint16_t> kv = spread<uint16_t>(in.kv, rows, 1, D, v.kv_slot, 0, kNan);
+  const std::vector<int32_t> idx = spread<int32_t>(in.idx, T, 1, K, v.indices_t, 0, -1);
+  std::vector<int32_t> vl;
+  if (c.with_valid_len) vl = spread<int32_t>(in.vlen, T, 1, 1, v.valid_len_t, 0, 0);
+  const std::vector<uint16_t> out0 = spread<uint16_t>(std::vector<uint16_t>(T * H * DV, kOutFill), T, H, DV, v.out_t, v.out_h, kOutFill);
+  const std::vector<float> lse0 = spread<float>(std::vector<float>(T * H, kStatFill), T, 1, H, v.lse_t, 0, kStatFill);
+  const std::vector<float> max0 = spread<float>(std::vector<float>(T * H, kStatFill), T, 1, H, v.row_max_t, 0, kStatFill);
+
+  DevBuf<__nv_bfloat16> dq(q.size()), dkv(kv.size()), dout(out0.size());
+  DevBuf<int32_t> didx(idx.size()), dvl(std::max<size_t>(vl.size(), 1));
+  DevBuf<float> dlse(lse0.size()), dmax(max0.size());
+  ASSERT_TRUE(dq.p && dkv.p && dout.p && didx.p && dvl.p && dlse.p && dmax.p) << "cudaMalloc failed";
+  CK(cudaMemcpy(dq.p, q.data(), dq.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dkv.p, kv.data(), dkv.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(didx.p, idx.data(), didx.bytes(), cudaMemcpyHostToDevice));
+  if (!vl.empty()) CK(cudaMemcpy(dvl.p, vl.data(), vl.size() * 4, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dout.p, out0.data(), dout.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dlse.p, lse0.data(), dlse.bytes(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dmax.p, max0.data(), dmax.bytes(), cudaMemcpyHostToDevice));
+
+  dsa::cuda::SparseMlaParams p;
+  p.q = dq.p;
+  p.kv = dkv.p;
+  p.indices = didx.p;
+  p.valid_len = c.with_valid_len ? dvl.p : nullptr;
+  p.out = dout.p;
+  p.lse = dlse.p;
+  p.row_max = dmax.p;
+  p.T = T;
+  p.num_slots = c.num_slots;
+  p.num_heads = c.H;
+  p.topk = c.topk;
+  p.softmax_scale = kScale;
+  if (s) {
+    p.stride_q_t = s->q_t, p.stride_q_h = s->q_h, p.stride_kv_slot = s->kv_slot;
+    p.stride_indices_t = s->indices_t, p.stride_valid_len_t = s->valid_len_t;
+    p.stride_out_t = s->out_t, p.stride_out_h = s->out_h, p.stride_lse_t = s->lse_t, p.stride_row_max_t = s->row_max_t;
+  }
+  if (kernel == Kernel::Sm90) {
+    std::string why;
+    ASSERT_TRUE(dsa::cuda::sparse_mla_sm90_can_implement(p, ctx, &why)) << why;
+  }
+  const size_t ws_bytes = c.workspace ? dsa::cuda::sparse_mla_workspace_bytes(ctx, T, c.H, c.topk, c.num_slots) : 0;
+  DevBuf<float> dws(std::max<size_t>(ws_bytes / sizeof(float), 1));
+  ASSERT_TRUE(dws.p) << "cudaMalloc failed";
+  CK(cudaMemset(dws.p, 0xff, dws.bytes()));
+  p.workspace = dws.p;
+  p.workspace_bytes = ws_bytes;
+  switch (kernel) {
+    case Kernel::Simple: dsa::cuda::sparse_mla_simple(p, ctx); break;
+    case Kernel::Sm90: dsa::cuda::sparse_mla_sm90(p, ctx); break;
+    case Kernel::Dispatch: dsa::cuda::sparse_mla(p, ctx); break;
+  }
+  CK(cudaDeviceSynchronize());
+  std::vector<uint16_t> out(out0.size());
+  std::vector<float> lse(lse0.size()), rmax(max0.size());
+  CK(cudaMemcpy(out.data(), dout.p, dout.bytes(), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(lse.data(), dlse.p, dlse.bytes(), cudaMemcpyDeviceToHost));
+  CK(cudaMemcpy(rmax.data(), dmax.p, dmax.bytes(), cudaMemcpyDeviceToHost));
+  int64_t changed[3];
+  got->out = gather<uint16_t>(out, T, H, DV, v.out_t, v.out_h, kOutFill, &changed[0]);
+  got->lse = gather<float>(lse, T, 1, H, v.lse_t, 0, kStatFill, &changed[1]);
+  got->row_max = gather<float>(rmax, T, 1, H, v.row_max_t, 0, kStatFill, &changed[2]);
+  *padding_changed = changed[0] + changed[1] + changed[2];
+}
+
+// The strided call (strided_kernel, strides s) against the dense call
+// (dense_kernel), bit for bit.
+void run_strided_case(const Case& c, Kernel dense_kernel, Kernel strided_kernel, const Strides& s) {
+  if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
+  if (dense_kernel == Kernel::Sm90 || strided_kernel == Kernel::Sm90) {
+    // The dense call decides whether the kernel applies to the shape on this device.
+    dsa::cuda::SparseMlaParams probe;
+    probe.q = probe.kv = reinterpret_cast<const __nv_bfloat16*>(uintptr_t{256});
+    probe.indices = reinterpret_cast<const int32_t*>(uintptr_t{256});
+    probe.out = reinterpret_cast<__nv_bfloat16*>(uintptr_t{256});
+    probe.lse = reinterpret_cast<float*>(uintptr_t{256});
+    probe.T = c.T, probe.num_slots = c.num_slots, probe.num_heads = c.H, probe.topk = c.topk, probe.softmax_scale = kScale;
+    if (!dsa::cuda::sparse_mla_sm90_can_implement(probe, dsa::cuda::device_context()))
+      GTEST_SKIP() << "sm90 kernel does not take this shape on this device";
+  }
+  const Inputs in = make_inputs(c);
+  Outputs dense, strided;
+  int64_t dense_padding = 0, strided_padding = 0;
+  ASSERT_NO_FATAL_FAILURE(run_view(c, in, dense_kernel, nullptr, &dense, &dense_padding));
+  ASSERT_NO_FATAL_FAILURE(run_view(c, in, strided_kernel, &s, &strided, &strided_padding));
+  EXPECT_EQ(strided_padding, 0) << "the kernel wrote outside the out / lse / row_max views";
+  ASSERT_EQ(dense.out.size(), strided.out.size());
+  EXPECT_EQ(0, std::memcmp(dense.out.data(), strided.out.data(), dense.out.size() * 2)) << "out differs from the dense call";
+  EXPECT_EQ(0, std::memcmp(dense.lse.data(), strided.lse.data(), dense.lse.size() * 4)) << "lse differs from the dense call";
+  EXPECT_EQ(0, std::memcmp(dense.row_max.data(), strided.row_max.data(), dense.row_max.size() * 4))
+      << "row_max differs from the dense call";
+  size_t nan_out = 0;
+  for (uint16_t b : strided.out) nan_out += (b & 0x7fff) > 0x7f80;
+  EXPECT_EQ(nan_out, 0u) << "NaN in out: padding of q or kv was read";
+}
+
+TEST(SparseMlaStrided, SimpleH64ValidLen) {
+  run_strided_case({77, 64, 128, 300, true, Kernel::Simple, 41}, Kernel::Simple, Kernel::Simple, padded(64, 128));
+}
+TEST(SparseMlaStrided, SimpleH128) {
+  run_strided_case({20, 128, 256, 1000, false, Kernel::Simple, 42}, Kernel::Simple, Kernel::Simple, padded(128, 256));
+}
+// Several items per CTA and the last round split (combine kernel).
+TEST(SparseMlaStrided, Sm90H64ItemsPerCtaSplit) {
+  run_strided_case({300, 64, 256, 4000, true, Kernel::Sm90, 43}, Kernel::Sm90, Kernel::Sm90, padded(64, 256));
+}
+TEST(SparseMlaStrided, Sm90H128SplitLastRound) {
+  run_strided_case({70, 128, 512, 3000, true, Kernel::Sm90, 44}, Kernel::Sm90, Kernel::Sm90, padded(128, 512));
+}
+// Caches over half of L2 and larger than L2: the other kernel builds, and
+// the reordering pre-pass reading strided indices and valid_len.
+TEST(SparseMlaStrided, Sm90H128CacheOverHalfL2) {
+  run_strided_case({150, 128, 384, 30000, true, Kernel::Sm90, 45}, Kernel::Sm90, Kernel::Sm90, padded(128, 384));
+}
+TEST(SparseMlaStrided, Sm90H64CacheLargerThanL2Reordered) {
+  run_strided_case({300, 64, 256, 60000, true, Kernel::Sm90, 46}, Kernel::Sm90, Kernel::Sm90, padded(64, 256));
+}
+TEST(SparseMlaStrided, Sm90H64CacheLargerThanL2NoWorkspace) {
+  run_strided_case({300, 64, 256, 60000, true, Kernel::Sm90, 47, false}, Kernel::Sm90, Kernel::Sm90, padded(64, 256));
+}
+// Strides the sm90 kernel does not take (rows not a multiple of 16 bytes):
+// the dispatch falls back to the simple kernel, which gives its dense bits.
+TEST(SparseMlaStrided, DispatchFallsBackOnUnalignedStrides) {
+  Strides s = padded(64, 256);
+  s.kv_slot = 577;
+  s.out_h = 515;
+  s.out_t = 64 * s.out_h + 1;
+  run_strided_case({40, 64, 256, 2000, true, Kernel::Dispatch, 48}, Kernel::Simple, Kernel::Dispatch, s);
+}
+
+// ---- Parameter checks (no GPU needed: they throw before any CUDA call) -------
+
+// A Hopper device as the launchers see it, and parameters that pass every
+// check; the pointers are never dereferenced.
+struct CheckFixture {
+  dsa::cuda::DeviceInfo info;
+  dsa::cuda::DeviceContext ctx;
+  dsa::cuda::SparseMlaParams p;
+  CheckFixture() {
+    info.name = "fake H100";
+    info.sm_major = 9;
+    info.sm_minor = 0;
+    info.multiprocessors = 132;
+    info.l2_bytes = 50u << 20;
+    info.smem_optin_per_block = 232448;
+    ctx.device = &info;
+    p.q = p.kv = reinterpret_cast<const __nv_bfloat16*>(uintptr_t{1} << 20);
+    p.indices = reinterpret_cast<const int32_t*>(uintptr_t{1} << 20);
+    p.out = reinterpret_cast<__nv_bfloat16*>(uintptr_t{1} << 20);
+    p.lse = reinterpret_cast<float*>(uintptr_t{1} << 20);
+    p.T = 4;
+    p.num_slots = 1000;
+    p.num_heads = 64;
+    p.topk = 128;
+    p.softmax_scale = kScale;
+  }
+};
+
+// fn(p, ctx) throws ShapeError whose message names every word in `words`.
+template <typename Fn>
+void expect_shape_error(Fn fn, const dsa::cuda::SparseMlaParams& p, const dsa::cuda::DeviceContext& ctx,
+                        std::initializer_list<const char*> words) {
+  try {
+    fn(p, ctx);
+    ADD_FAILURE() << "no ShapeError";
+  } catch (const dsa::ShapeError& e) {
+    for (const char* w : words) EXPECT_NE(std::string(e.what()).find(w), std::string::npos) << "'" << w << "' not in: " << e.what();
+  }
+}
+
+TEST(SparseMlaParamsCheck, DenseDefaultsPass) {
+  CheckFixture f;
+  EXPECT_NO_THROW(dsa::cuda::check_sparse_mla_params(dsa::cuda::resolve_strides(f.p)));
+  std::string why;
+  EXPECT_TRUE(dsa::cuda::sparse_mla_sm90_can_implement(f.p, f.ctx, &why)) << why;
+  const dsa::cuda::SparseMlaParams r = dsa::cuda::resolve_strides(f.p);
+  EXPECT_EQ(r.stride_q_h, 576);
+  EXPECT_EQ(r.stride_q_t, 64 * 576);
+  EXPECT_EQ(r.stride_kv_slot, 576);
+  EXPECT_EQ(r.stride_indices_t, 128);
+  EXPECT_EQ(r.stride_valid_len_t, 1);
+  EXPECT_EQ(r.stride_out_h, 512);
+  EXPECT_EQ(r.stride_out_t, 64 * 512);
+  EXPECT_EQ(r.stride_lse_t, 64);
+  EXPECT_EQ(r.stride_row_max_t, 64);
+  // Padded strides that every kernel takes.
+  dsa::cuda::SparseMlaParams q = f.p;
+  const Strides s = padded(64, 128);
+  q.stride_q_t = s.q_t, q.stride_q_h = s.q_h, q.stride_kv_slot = s.kv_slot, q.stride_indices_t = s.indices_t;
+  q.stride_valid_len_t = s.valid_len_t, q.stride_out_t = s.out_t, q.stride_out_h = s.out_h, q.stride_lse_t = s.lse_t;
+  q.stride_row_max_t = s.row_max_t;
+  EXPECT_TRUE(dsa::cuda::sparse_mla_sm90_can_implement(q, f.ctx, &why)) << why;
+}
+
+// Strides below the extent they step over (overlapping views) or negative:
+// every launcher rejects them, naming the parameter and the rule.
+TEST(SparseMlaParamsCheck, OverlappingStridesThrow) {
+  struct Bad {
+    int64_t dsa::cuda::SparseMlaParams::*field;
+    int64_t value;
+    const char* name;
+    const char* rule;
+  };
+  const Bad bad[] = {
+      {&dsa::cuda::SparseMlaParams::stride_q_h, 575, "stride_q_h", "d_qk"},
+      {&dsa::cuda::SparseMlaParams::stride_q_t, 64 * 576 - 8, "stride_q_t", "num_heads * stride_q_h"},
+      {&dsa::cuda::SparseMlaParams::stride_kv_slot, 512, "stride_kv_slot", "d_qk"},
+      {&dsa::cuda::SparseMlaParams::stride_indices_t, 127, "stride_indices_t", "topk"},
+      {&dsa::cuda::SparseMlaParams::stride_valid_len_t, -1, "stride_valid_len_t", "1"},
+      {&dsa::cuda::SparseMlaParams::stride_out_h, 511, "stride_out_h", "d_v"},
+      {&dsa::cuda::SparseMlaParams::stride_out_t, 64 * 512 - 1, "stride_out_t", "num_heads * stride_out_h"},
+      {&dsa::cuda::SparseMlaParams::stride_lse_t, 63, "stride_lse_t", "num_heads"},
+      {&dsa::cuda::SparseMlaParams::stride_row_max_t, -64, "stride_row_max_t", "num_heads"},
+  };
+  for (const Bad& b : bad) {
+    CheckFixture f;
+    f.p.*b.field = b.value;
+    SCOPED_TRACE(b.name);
+    expect_shape_error(dsa::cuda::sparse_mla, f.p, f.ctx, {b.name, b.rule});
+    expect_shape_error(dsa::cuda::sparse_mla_simple, f.p, f.ctx, {b.name, b.rule});
+    expect_shape_error(dsa::cuda::sparse_mla_sm90, f.p, f.ctx, {b.name, b.rule});
+    EXPECT_FALSE(dsa::cuda::sparse_mla_sm90_can_implement(f.p, f.ctx));
+  }
+}
+
+// Strides and pointers the sm90 kernel cannot take (the others can): it
+// rejects them naming the parameter; the dispatch would use the simple kernel.
+TEST(SparseMlaParamsCheck, Sm90RejectsUnalignedAndWideStrides) {
+  struct Bad {
+    int64_t dsa::cuda::SparseMlaParams::*field;
+    int64_t value;
+    const char* name;
+    const char* rule;
+  };
+  const Bad bad[] = {
+      {&dsa::cuda::SparseMlaParams::stride_q_h, 580, "stride_q_h", "multiple of 8"},
+      {&dsa::cuda::SparseMlaParams::stride_q_t, 64 * 576 + 4, "stride_q_t", "multiple of 8"},
+      {&dsa::cuda::SparseMlaParams::stride_kv_slot, 577, "stride_kv_slot", "multiple of 8"},
+      {&dsa::cuda::SparseMlaParams::stride_out_h, 516, "stride_out_h", "multiple of 8"},
+      {&dsa::cuda::SparseMlaParams::stride_out_t, 64 * 512 + 2, "stride_out_t", "multiple of 8"},
+      {&dsa::cuda::SparseMlaParams::stride_out_t, int64_t{1} << 31, "stride_out_t", "2^31 - 1"},
+      {&dsa::cuda::SparseMlaParams::stride_lse_t, int64_t{1} << 32, "stride_lse_t", "2^31 - 1"},
+  };
+  for (const Bad& b : bad) {
+    CheckFixture f;
+    f.p.*b.field = b.value;
+    SCOPED_TRACE(b.name);
+    EXPECT_NO_THROW(dsa::cuda::check_sparse_mla_params(dsa::cuda::resolve_strides(f.p)));
+    std::string why;
+    EXPECT_FALSE(dsa::cuda::sparse_mla_sm90_can_implement(f.p, f.ctx, &why));
+    EXPECT_NE(why.find(b.name), std::string::npos) << why;
+    expect_shape_error(dsa::cuda::sparse_mla_sm90, f.p, f.ctx, {b.name, b.rule, "sparse_mla()"});
+  }
+  CheckFixture f;
+  f.p.kv = reinterpret_cast<const __nv_bfloat16*>((uintptr_t{1} << 20) + 2);
+  expect_shape_error(dsa::cuda::sparse_mla_sm90, f.p, f.ctx, {"16-byte aligned"});
+  CheckFixture g;
+  g.info.sm_major = 8;
+  expect_shape_error(dsa::cuda::sparse_mla_sm90, g.p, g.ctx, {"sm_80", "sm_90"});
+  EXPECT_EQ(dsa::cuda::sparse_mla_workspace_bytes(g.ctx, 4096, 64, 2048, 100000), 0u);
+}
+
+// Library messages speak of parameters, never of command-line flags.
+TEST(SparseMlaParamsCheck, MessagesNameParametersNotFlags) {
+  CheckFixture f;
+  f.p.num_heads = 0;
+  try {
+    dsa::cuda::sparse_mla(f.p, f.ctx);
+    ADD_FAILURE() << "no ShapeError";
+  } catch (const dsa::ShapeError& e) {
+    EXPECT_NE(std::string(e.what()).find("num_heads"), std::string::npos) << e.what();
+    EXPECT_EQ(std::string(e.what()).find("--"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace

@@ -14,7 +14,7 @@
 #include "cuda/gemm/gemm.h"
 #include "cuda/indexer/params.h"
 #include "cuda/layer/layer_kernels.h"
-#include "cuda/sparse_mla.h"
+#include "cuda/sparse_mla/sparse_mla.h"
 #include "cuda/topk/params.h"
 #include "dsa/cuda.h"
 #include "dsa/cuda_layer.h"
@@ -150,7 +150,6 @@ void CudaLayer::Impl::launch(Stage s) {
     g.M = T, g.N = N, g.K = K;
     gemm.run(ctx, g);
   };
-  const cudaStream_t st = ctx.stream;  // for the ops whose params still carry a stream (SparseMlaParams)
   const bool fx = fused_prepared;
   const float* xp = xproj.as<float>();
   switch (s) {
@@ -272,9 +271,10 @@ void CudaLayer::Impl::launch(Stage s) {
       p.out = attn_out.as<__nv_bfloat16>(), p.lse = lse.as<float>(), p.row_max = row_max.as<float>();
       p.T = T, p.stride_q_t = H() * lat(), p.num_heads = static_cast<int>(H());
       p.topk = static_cast<int>(c.index_topk), p.d_qk = static_cast<int>(lat()), p.d_v = static_cast<int>(kvl);
-      p.softmax_scale = static_cast<float>(c.softmax_scale()), p.stream = st;
+      p.softmax_scale = static_cast<float>(c.softmax_scale());
       p.workspace = mla_ws.as<float>(), p.workspace_bytes = mla_ws.bytes;
-      sparse_mla(p);
+      // Other strides 0: dense.
+      sparse_mla(p, ctx);
       break;
     }
     case Stage::v_up_proj: {
@@ -431,7 +431,7 @@ void CudaLayer::prepare(const BatchMetadata& md, const DeviceCacheView& cache) {
   // gathered in token order (see Stage::sparse_mla), which reordering would
   // not help, so its workspace (sized as for no cache) leaves no room for it.
   const int64_t mla_slots = cache.latent_dtype == LatentCacheDType::FP8 ? 0 : cache.num_slots();
-  m.mla_ws.ensure(sparse_mla_workspace_bytes(T, static_cast<int>(H), static_cast<int>(k), mla_slots));
+  m.mla_ws.ensure(sparse_mla_workspace_bytes(m.ctx, T, static_cast<int>(H), static_cast<int>(k), mla_slots));
   m.attn_out.ensure(T * H * c.kv_lora_rank * bf);
   m.lse.ensure(T * H * f4);
   m.row_max.ensure(T * H * f4);

@@ -12,6 +12,9 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/sparse_mla/params.h"
+#include "dsa/cuda.h"
+
 namespace dsa::cuda::sm90_sparse_mla {
 
 constexpr int BLOCK_H = 64;        // heads per CTA = wgmma M of one warpgroup
@@ -58,15 +61,6 @@ struct SmemPlan {
 static_assert(SmemPlan::kv0 % 1024 == 0 && SmemPlan::kv1 % 1024 == 0 && SmemPlan::p1 % 1024 == 0,
               "swizzled tiles need 1024-byte alignment");
 static_assert(SmemPlan::bytes <= 232448, "exceeds the 227 KB of shared memory a Hopper block may opt in to");
-
-}  // namespace dsa::cuda::sm90_sparse_mla
-
-#include "cuda/sparse_mla.h"
-
-namespace dsa::cuda::sm90_sparse_mla {
-// kHeadGroups = H / 64; one explicit instantiation per file in instantiations/.
-template <int kHeadGroups>
-void launch_sparse_mla_sm90(const SparseMlaParams& p);
 
 // The last round's split. With N items over G CTAs, N / G full rounds leave
 // r = N % G items for a last round that would keep G - r SMs idle for an
@@ -119,11 +113,12 @@ inline bool sort_wanted(int64_t num_slots, int topk, int64_t l2_bytes, int64_t i
 }
 inline size_t sort_offset(const TailSplit& plan) { return (split_bytes(plan) + 255) / 256 * 256; }
 inline size_t sort_bytes(int64_t T, int topk) { return static_cast<size_t>(T) * topk * sizeof(int32_t); }
-// Writes p.indices reordered into sorted ([T, topk] int32, -1 for invalid
-// and masked entries, which come last) on p.stream (sort_indices.cu); slot
-// buckets of 2^shift slots, sort_bucket_shift(p.num_slots) when shift < 0
-// (the dev bench passes coarser ones).
-void launch_sort_indices(const SparseMlaParams& p, int32_t* sorted, int sms, int shift = -1);
+// Writes p.indices reordered into sorted ([T, topk] int32, dense, -1 for
+// invalid and masked entries, which come last) on ctx.stream
+// (sort_indices.cu); slot buckets of 2^shift slots,
+// sort_bucket_shift(p.num_slots) when shift < 0 (the dev bench passes
+// coarser ones). p's strides must be resolved (resolve_strides).
+void launch_sort_indices(const SparseMlaParams& p, int32_t* sorted, const DeviceContext& ctx, int shift = -1);
 // All the workspace the launcher can use for this shape.
 inline size_t workspace_bytes(int64_t T, int head_groups, int topk, int64_t num_slots, int sms, int64_t l2_bytes) {
   const int64_t items = T * head_groups;
@@ -131,4 +126,70 @@ inline size_t workspace_bytes(int64_t T, int head_groups, int topk, int64_t num_
   if (!sort_wanted(num_slots, topk, l2_bytes, items, sms)) return split_bytes(plan);
   return sort_offset(plan) + sort_bytes(T, topk);
 }
+
+// How one call runs: the persistent grid, the split of its last round, the
+// reordered indices, and the kernel build for the cache size.
+struct LaunchPlan {
+  unsigned grid = 0;            // CTAs: one per SM (shared memory allows no more), each looping over items
+  TailSplit split;              // as run: no split when the workspace cannot hold the parts
+  int32_t* sorted = nullptr;    // [T, topk] in the workspace when the indices are reordered first, else null
+  bool release_first = false;   // kReleaseFirst of the kernel build
+  bool early_max_b = false;     // kEarlyMaxB of the kernel build
+};
+
+// p's strides resolved; head_groups = H / 64.
+inline LaunchPlan plan_launch(const SparseMlaParams& p, int head_groups, const DeviceContext& ctx) {
+  const int sms = ctx.num_sms();
+  const int64_t l2_bytes = static_cast<int64_t>(ctx.l2_bytes());
+  LaunchPlan plan;
+  const int64_t items = p.T * head_groups;
+  plan.grid = static_cast<unsigned>(std::min<int64_t>(items, sms));
+  const TailSplit wanted = tail_split(items, plan.grid);
+  // The parts are written as float4 and the sorted indices as int32: a
+  // workspace off 16 bytes, or too small for a use, is not used for it.
+  const bool ws_ok = p.workspace != nullptr && reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0;
+  plan.split = wanted;
+  if (plan.split.parts && !(ws_ok && p.workspace_bytes >= split_bytes(wanted))) {
+    plan.split = TailSplit{};
+    plan.split.num_full = static_cast<uint32_t>(items);
+  }
+  const bool sort = sort_wanted(p.num_slots, p.topk, l2_bytes, items, sms) && ws_ok &&
+                    p.workspace_bytes >= sort_offset(wanted) + sort_bytes(p.T, p.topk);
+  if (sort) plan.sorted = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(p.workspace) + sort_offset(wanted));
+  // The larger the cache, the more the refills (L2 misses, DRAM) and not
+  // the tensor cores bound the pair loop. With a cache over half of L2,
+  // WG1's early m_B (earlier release of buffer 0's half R) measured 2-3%
+  // faster at H = 128 from s_kv 32768 and up to 2% at H = 64, and 1-2% slower
+  // at s_kv 4096 and 8192. At H = 64 with a cache larger than L2 in the given
+  // (random) order, releasing buffer 1's half L a few hundred cycles earlier
+  // measured 3-5% faster at s_kv 65536 and 131072 (four calls), and 3-11%
+  // slower at 8192 and 32768, where the next Q K^T must be queued before
+  // P_B V_B retires; at H = 128 it was slower or level in every cell (the
+  // two CTAs of a token share each row through L2). In slot order the rows
+  // come from L2 more often, and early m_B alone measured best at both H.
+  const int64_t cache_bytes = p.num_slots * static_cast<int64_t>(D_QK * 2);
+  plan.early_max_b = 2 * cache_bytes > l2_bytes;
+  plan.release_first = head_groups == 1 && cache_bytes > l2_bytes && !sort;
+  return plan;
+}
+
+// The parameters the attention kernel runs on: p, or p over the indices
+// reordered into the workspace when the plan says so (the pre-pass is queued
+// on ctx.stream here).
+inline SparseMlaParams reorder_if_planned(const SparseMlaParams& p, const LaunchPlan& plan, const DeviceContext& ctx) {
+  if (!plan.sorted) return p;
+  launch_sort_indices(p, plan.sorted, ctx);
+  SparseMlaParams run = p;
+  run.indices = plan.sorted;
+  run.stride_indices_t = p.topk;
+  run.valid_len = nullptr;  // masked positions are -1 after the sort
+  return run;
+}
+
+// The library's kernel builds: kHeadGroups = H / 64, the cache-size choices
+// of LaunchPlan; one explicit instantiation per file in instantiations/,
+// chosen in one place (sparse_mla_sm90, sm90_sparse_mla.cu).
+template <int kHeadGroups, bool kReleaseFirst, bool kEarlyMaxB>
+void launch_sparse_mla_sm90(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx);
+
 }  // namespace dsa::cuda::sm90_sparse_mla

@@ -23,142 +23,37 @@
 #include <type_traits>
 
 #include "cuda/check.cuh"
-#include "cuda/sm90/sparse_mla/config.h"
-#include "cuda/sparse_mla.h"
+#include "cuda/sm90/common/cp_async.cuh"
+#include "cuda/sm90/common/mbarrier.cuh"
+#include "cuda/sm90/common/ptx.cuh"
+#include "cuda/sm90/common/wgmma.cuh"
+#include "cuda/sparse_mla/params.h"
+#include "cuda/sparse_mla/sm90/config.h"
+#include "dsa/cuda.h"
 
 namespace dsa::cuda::sm90_sparse_mla {
 
-// ---- PTX wrappers -----------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
+using namespace dsa::cuda::sm90;  // the shared PTX helpers (src/cuda/sm90/common/)
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-
-// 16-byte global -> shared copy; src_bytes = 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
-// Generic-proxy writes (cp.async, st.shared) become visible to wgmma (async proxy).
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
-
-__device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
-
-// Keeps the compiler from moving accesses of wgmma accumulators across the
-// asynchronous window (they are written by the tensor cores, not by the thread).
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&r)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// lse (natural log) and, when asked for, the row max of head rows row0 and
-// row1 from their running max (log2 domain) and sum; a row with nothing
-// valid (sum 0) gets lse +inf and max -inf. Used by the epilogue and by the
-// combine kernel of split items.
-__device__ __forceinline__ void store_row_stats(const SparseMlaParams& p, int64_t row0, int64_t row1, float m0, float m1,
-                                                float l0, float l1) {
+// lse (natural log) and, when asked for, the row max of head rows h0 and
+// h0 + 8 of token t from their running max (log2 domain) and sum; a row with
+// nothing valid (sum 0) gets lse +inf and max -inf. Used by the epilogue and
+// by the combine kernel of split items.
+__device__ __forceinline__ void store_row_stats(const SparseMlaParams& p, uint32_t t, int h0, float m0, float m1, float l0,
+                                                float l1) {
   constexpr float kLn2 = 0.6931471805599453f;
-  p.lse[row0] = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : INFINITY;
-  p.lse[row1] = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : INFINITY;
+  float* lse = p.lse + mul_wide_u32(t, static_cast<uint32_t>(p.stride_lse_t)) + h0;
+  lse[0] = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : INFINITY;
+  lse[8] = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : INFINITY;
   if (p.row_max) {
-    p.row_max[row0] = l0 > 0.f ? m0 * kLn2 : -INFINITY;
-    p.row_max[row1] = l1 > 0.f ? m1 * kLn2 : -INFINITY;
+    float* row_max = p.row_max + mul_wide_u32(t, static_cast<uint32_t>(p.stride_row_max_t)) + h0;
+    row_max[0] = l0 > 0.f ? m0 * kLn2 : -INFINITY;
+    row_max[8] = l1 > 0.f ? m1 * kLn2 : -INFINITY;
   }
 }
 
-// Shared-memory matrix descriptors, 128-byte swizzle. K-major: rows of 64
-// bf16 along K, 8-row groups 1024 B apart (SBO); LBO unused. MN-major (the V
-// view of a KV tile): 64 contiguous N values per 128-byte row, one row per K,
-// 8-row K groups 1024 B apart (SBO), 64-column N blocks 8192 B apart (LBO).
-// Built from a 32-bit low word: the address field (bits 0-13, addr / 16)
-// never carries into the high word for shared addresses below 256 KB, so a
-// k-step's descriptor is its base's low word plus a constant (one IADD), and
-// the high word (SBO, 128-byte swizzle mode) is a constant.
-__device__ __forceinline__ uint32_t desc_lo_k_major(uint32_t addr) { return ((addr & 0x3FFFF) >> 4) | (1u << 16); }
-__device__ __forceinline__ uint32_t desc_lo_mn_major(uint32_t addr) {
-  return ((addr & 0x3FFFF) >> 4) | (static_cast<uint32_t>(kSegBytes >> 4) << 16);
-}
-__device__ __forceinline__ uint64_t make_desc(uint32_t lo) {
-  return static_cast<uint64_t>(lo) | (static_cast<uint64_t>((1024 >> 4) | (1u << 30)) << 32);
-}
-
-// D[64 x 64] (+)= A[64 x 16] * B[16 x 64], A and B from shared memory (descriptors).
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-// D[64 x 256] (+)= A[64 x 16] * B[16 x 256], A and B from shared memory (descriptors), B MN-major.
-__device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, %128, %129, p, 1, 1, 0, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
-// D[64 x 256] += A[64 x 16] * B[16 x 256], A from registers (bf16x2 a0..a3), B MN-major in shared memory.
-__device__ __forceinline__ void wgmma_m64n256k16_rs_tb(float (&d)[128], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}, {%128,%129,%130,%131}, %132, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(1));
-}
-
-// Arrives on `bar` once all cp.async copies this thread issued so far have
-// landed; the thread itself moves on (the count is not incremented first, so
-// the barrier's expected count includes these arrivals).
-__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void named_barrier_arrive(uint32_t id, uint32_t threads) {
-  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
+// The V view of a KV tile (MN-major): 64-column N blocks one segment apart.
+__device__ __forceinline__ uint32_t v_desc_lo(uint32_t addr) { return sw128_desc_lo_mn_major(addr, kSegBytes); }
 
 // Byte offset of 16-byte chunk `chunk` (0..7) of row `row` inside a swizzled
 // [rows x 128 B] segment.
@@ -171,14 +66,14 @@ __device__ __forceinline__ void qk_4_segments(float (&s)[32], uint32_t q_lo, uin
 #pragma unroll
   for (int kk = 0; kk < 16; ++kk) {
     const uint32_t off = ((seg0 + (kk >> 2)) * kSegBytes + (kk & 3) * 32) >> 4;
-    wgmma_m64n64k16_ss(s, make_desc(q_lo + off), make_desc(k_lo + off), (first && kk == 0) ? 0 : 1);
+    wgmma_m64n64k16_bf16_ss(s, sw128_desc(q_lo + off), sw128_desc(k_lo + off), (first && kk == 0) ? 0 : 1);
   }
 }
 __device__ __forceinline__ void qk_rope_segment(float (&s)[32], uint32_t q_lo, uint32_t k_lo) {
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
     const uint32_t off = (8 * kSegBytes + kk * 32) >> 4;
-    wgmma_m64n64k16_ss(s, make_desc(q_lo + off), make_desc(k_lo + off), 1);
+    wgmma_m64n64k16_bf16_ss(s, sw128_desc(q_lo + off), sw128_desc(k_lo + off), 1);
   }
 }
 
@@ -187,7 +82,7 @@ __device__ __forceinline__ void qk_rope_segment(float (&s)[32], uint32_t q_lo, u
 // sums; among the producer's: its index scan.
 enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 5, kBarScan = 6 };
 
-// kDiag: 0 in the library. The dev bench (dev/sparse_mla_dev.cu) times two
+// kDiag: 0 in the library. The dev bench (dev/sparse_mla/) times two
 // diagnostic variants that split the bounds apart: 1 = gather only (the
 // consumers release each half as soon as it lands), 2 = math only (the
 // producer issues no copies; the tiles hold whatever shared memory held).
@@ -207,7 +102,7 @@ enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 
 // WG0 waits for them before it rescales and stores P_A', and buffer 0's half
 // R (read by WG1's P_A' V_A) comes free that much later; the exponentials
 // are pinned below the arrival through a shared load of 0 they depend on.
-// Both are chosen by the launcher by cache size (see there).
+// Both are chosen by cache size (plan_launch, config.h).
 // kSkipMask: a thread whose 16 score columns of the tile are all valid skips
 // the 32 selects of the masking (the common case: every tile of a row with
 // 2048 visible keys). WG0's mask and row max come before it publishes m_A,
@@ -218,6 +113,12 @@ enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 
 // num_full + k is part k % parts of item num_full + k / parts (each CTA gets
 // at most one), which writes its partial O and row (max, sum) to the
 // workspace for sparse_mla_combine_kernel.
+//
+// p's strides are resolved (explicit) and checked by the launcher: q, kv and
+// out rows 16-byte aligned (cp.async, 16-byte stores), every stride below
+// 2^31, so that each address product is one 32 x 32 -> 64-bit multiply
+// (mul_wide_u32) with the stride read from the parameter bank, as cheap as
+// the compile-time row lengths of the dense layout.
 template <int kHeadGroups, int kDiag = 0, bool kReleaseFirst = false, bool kEarlyMaxB = false, bool kSkipMask = false>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ SparseMlaParams p, float scale_log2, const TailSplit split) {
@@ -253,20 +154,20 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     part = static_cast<int>(k % split.parts);
     return split.num_full + k / split.parts;
   };
-  const int H = kHeadGroups * BLOCK_H;
   const int tid = threadIdx.x;
   // Warp-uniform in the compiler's eyes, so the role branches hold no wgmma
   // that ptxas would serialize.
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int lane = tid & 31;
   auto item_rows = [&](uint32_t item, int& n) {
-    const int64_t t = item / kHeadGroups;
+    const uint32_t t = item / kHeadGroups;
     n = p.topk;
-    if (p.valid_len) n = min(max(p.valid_len[t], 0), p.topk);
-    return p.indices + t * p.topk;
+    if (p.valid_len) n = min(max(p.valid_len[mul_wide_u32(t, static_cast<uint32_t>(p.stride_valid_len_t))], 0), p.topk);
+    return p.indices + mul_wide_u32(t, static_cast<uint32_t>(p.stride_indices_t));
   };
   auto q_rows_of = [&](uint32_t item) {
-    return p.q + (item / kHeadGroups) * p.stride_q_t + static_cast<int64_t>(item % kHeadGroups) * BLOCK_H * D_QK;
+    return p.q + mul_wide_u32(item / kHeadGroups, static_cast<uint32_t>(p.stride_q_t)) +
+           mul_wide_u32((item % kHeadGroups) * BLOCK_H, static_cast<uint32_t>(p.stride_q_h));
   };
   if (wg == 2) {
     // The first item's Q copies go out before anything else.
@@ -277,7 +178,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 #pragma unroll
     for (int it = 0; it < 4; ++it) {
       const int r = r_base + 16 * it;
-      const __nv_bfloat16* src = q_rows + r * D_QK + cc * 8;
+      const __nv_bfloat16* src = q_rows + mul_wide_u32(r, static_cast<uint32_t>(p.stride_q_h)) + cc * 8;
 #pragma unroll
       for (int seg = 0; seg < NUM_SEG; ++seg) cp_async_16(q_addr + seg * kSegBytes + swz(r, cc), src + seg * SEG, 16);
     }
@@ -345,7 +246,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
             // item loop, these offsets were spilled.
             int r = r_base + 16 * it;
             asm volatile("mov.b32 %0, %0;" : "+r"(r));
-            const __nv_bfloat16* src = q_rows + r * D_QK + cc * 8;
+            const __nv_bfloat16* src = q_rows + mul_wide_u32(r, static_cast<uint32_t>(p.stride_q_h)) + cc * 8;
 #pragma unroll
             for (int seg = 0; seg < NUM_SEG; ++seg) cp_async_16(q_addr + seg * kSegBytes + swz(r, cc), src + seg * SEG, 16);
           }
@@ -380,7 +281,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
             for (int it = 0; it < 4; ++it) {
               const int r = r_base + 16 * it;
               const int32_t row = rows[b][it];
-              const __nv_bfloat16* src = p.kv + static_cast<int64_t>(max(row, 0)) * D_QK + cc * 8;
+              const __nv_bfloat16* src = p.kv + mul_wide_u32(max(row, 0), static_cast<uint32_t>(p.stride_kv_slot)) + cc * 8;
               for (int seg = seg_begin; seg < seg_end; ++seg)
                 cp_async_16(kv_addr + b * kTileBytes + seg * kSegBytes + swz(r, cc), src + seg * SEG, row >= 0 ? 16u : 0u);
             }
@@ -452,14 +353,14 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     mbar_wait(ready_bar(w, first_half), parity);
     fence_proxy_async();
     wgmma_fence();
-    qk_4_segments(sc, opaque(desc_lo_k_major(q_addr)), opaque(desc_lo_k_major(my_tile)), 4 * w, true);
+    qk_4_segments(sc, opaque(sw128_desc_lo_k_major(q_addr)), opaque(sw128_desc_lo_k_major(my_tile)), 4 * w, true);
     wgmma_commit();
   };
   auto issue_qk_second = [&](uint32_t parity) {
     mbar_wait(ready_bar(w, 1 - first_half), parity);
     fence_proxy_async();
     wgmma_fence();
-    const uint32_t qa = opaque(desc_lo_k_major(q_addr)), ta = opaque(desc_lo_k_major(my_tile));
+    const uint32_t qa = opaque(sw128_desc_lo_k_major(q_addr)), ta = opaque(sw128_desc_lo_k_major(my_tile));
     qk_4_segments(sc, qa, ta, 4 - 4 * w, false);
     qk_rope_segment(sc, qa, ta);
     wgmma_commit();
@@ -593,22 +494,22 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     fence_proxy_async();
   };
   auto pv_own = [&]() {
-    const uint32_t v_lo = opaque(desc_lo_mn_major(my_tile + (w * 4) * kSegBytes));
+    const uint32_t v_lo = opaque(v_desc_lo(my_tile + (w * 4) * kSegBytes));
     wgmma_fence();
     fence_regs(o);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_m64n256k16_rs_tb(o, pa[kk * 4], pa[kk * 4 + 1], pa[kk * 4 + 2], pa[kk * 4 + 3],
-                             make_desc(v_lo + ((kk * 16 * 128) >> 4)));
+      wgmma_m64n256k16_bf16_rs_tb(o, pa[kk * 4], pa[kk * 4 + 1], pa[kk * 4 + 2], pa[kk * 4 + 3],
+                                  sw128_desc(v_lo + ((kk * 16 * 128) >> 4)));
     wgmma_commit();
   };
   auto pv_other = [&](uint32_t p_other) {
-    const uint32_t v_lo = opaque(desc_lo_mn_major(other_tile + (w * 4) * kSegBytes));
-    const uint32_t p_lo = opaque(desc_lo_k_major(p_other));
+    const uint32_t v_lo = opaque(v_desc_lo(other_tile + (w * 4) * kSegBytes));
+    const uint32_t p_lo = opaque(sw128_desc_lo_k_major(p_other));
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_m64n256k16_ss_tb(o, make_desc(p_lo + ((kk * 32) >> 4)), make_desc(v_lo + ((kk * 16 * 128) >> 4)), 1);
+      wgmma_m64n256k16_bf16_ss_tb(o, sw128_desc(p_lo + ((kk * 32) >> 4)), sw128_desc(v_lo + ((kk * 16 * 128) >> 4)), 1);
     wgmma_commit();
   };
 
@@ -616,7 +517,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   // branches never merge, so ptxas need not agree on where O lives in both
   // (a merge point made it spill).
   auto finish = [&](uint32_t item, int kk, int num_pairs_of_item, int part, uint32_t u) {
-    const int64_t t = item / kHeadGroups;
+    const uint32_t t = item / kHeadGroups;
     const int g = static_cast<int>(item % kHeadGroups);
     float* row_sum = s_row_sum + (kk & 1) * 2 * BLOCK_H;
     // Row sums: thread partials -> quad -> both warpgroups (fixed order: WG0 + WG1).
@@ -650,15 +551,16 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     }
     const float inv0 = lt0 > 0.f ? 1.f / lt0 : 0.f;
     const float inv1 = lt1 > 0.f ? 1.f / lt1 : 0.f;
-    const int64_t row0 = t * H + g * BLOCK_H + r0, row1 = row0 + 8;
+    const int h0 = g * BLOCK_H + r0;  // head of row r0 (r1 = r0 + 8: head h0 + 8)
     // O goes straight from registers to global memory, 16 bytes per store:
     // a quad holds 8 consecutive columns of a row for each 8-column chunk,
     // so a 4 x 4 transpose of bf16x2 values within the quad (two
     // shuffle-exchange steps) gives each lane one whole chunk. Shared
     // memory is left alone, so Q's space is free for the next item.
     const int q = lane & 3;
-    __nv_bfloat16* out0 = p.out + row0 * D_V + w * 256 + q * 8;
-    __nv_bfloat16* out1 = out0 + 8 * D_V;
+    __nv_bfloat16* out0 = p.out + mul_wide_u32(t, static_cast<uint32_t>(p.stride_out_t)) +
+                          mul_wide_u32(h0, static_cast<uint32_t>(p.stride_out_h)) + w * 256 + q * 8;
+    __nv_bfloat16* out1 = out0 + mul_wide_u32(8, static_cast<uint32_t>(p.stride_out_h));
     auto quad_transpose = [&](uint32_t (&a)[4]) {
 #pragma unroll
       for (int x = 2; x >= 1; x >>= 1) {
@@ -690,7 +592,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(out1 + m * 32), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3])
                    : "memory");
     }
-    if (w == 0 && (lane & 3) == 0) store_row_stats(p, row0, row1, rm0, rm1, lt0, lt1);
+    if (w == 0 && (lane & 3) == 0) store_row_stats(p, t, h0, rm0, rm1, lt0, lt1);
     // Q's space is released at the top of an item's last pair (after its
     // last Q K^T), or here when the item had no pairs.
     if (num_pairs_of_item == 0) mbar_arrive(q_free);
@@ -900,13 +802,16 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_co
     acc.w += v.w * f1;
   }
   const uint32_t item = split.num_full + k;
-  const int64_t row0 = static_cast<int64_t>(item / kHeadGroups) * (kHeadGroups * BLOCK_H) + (item % kHeadGroups) * BLOCK_H + r0;
-  const int64_t row1 = row0 + 8;
+  const uint32_t t_ = item / kHeadGroups;
+  const int h0 = static_cast<int>(item % kHeadGroups) * BLOCK_H + r0;  // r1's head is h0 + 8
+  __nv_bfloat16* out0 = p.out + mul_wide_u32(t_, static_cast<uint32_t>(p.stride_out_t)) +
+                        mul_wide_u32(h0, static_cast<uint32_t>(p.stride_out_h));
+  __nv_bfloat16* out1 = out0 + mul_wide_u32(8, static_cast<uint32_t>(p.stride_out_h));
   const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
   const int col = w * 256 + c * 8 + q * 2;
-  *reinterpret_cast<uint32_t*>(p.out + row0 * D_V + col) = pack_bf16(acc.x * inv0, acc.y * inv0);
-  *reinterpret_cast<uint32_t*>(p.out + row1 * D_V + col) = pack_bf16(acc.z * inv1, acc.w * inv1);
-  if (w == 0 && c == 0 && q == 0) store_row_stats(p, row0, row1, m0, m1, l0, l1);
+  *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16(acc.x * inv0, acc.y * inv0);
+  *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16(acc.z * inv1, acc.w * inv1);
+  if (w == 0 && c == 0 && q == 0) store_row_stats(p, t_, h0, m0, m1, l0, l1);
 }
 
 // Measured 1-4% faster with output bit-identical (dev bench, seventh and
@@ -914,68 +819,29 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_co
 // every bit is set, so the two paths give the same bits by construction.
 constexpr bool kSkipMaskDefault = true;
 
-// kSkipMaskChoice (dev bench): -1 the library's choice, 0 / 1 force the kernel's kSkipMask off / on.
-template <int kHeadGroups, int kDiag = 0, int kFlags = -1, int kSkipMaskChoice = -1>
-void launch_sparse_mla_sm90_variant(const SparseMlaParams& p) {
-  constexpr bool skip = kSkipMaskChoice < 0 ? kSkipMaskDefault : kSkipMaskChoice != 0;
-  int dev = 0, sms = 0, l2_bytes = 0;
-  DSA_CUDA_CHECK(cudaGetDevice(&dev));
-  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  DSA_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, dev));
-  // One CTA per SM (shared memory allows no more), each looping over items.
-  const int64_t items = static_cast<int64_t>(p.T) * kHeadGroups;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(items, sms)));
-  const TailSplit plan = tail_split(items, grid.x);
-  // The parts are written as float4 and the sorted indices as int32: a
-  // workspace off 16 bytes, or too small for a use, is not used for it.
-  const bool ws_ok = p.workspace != nullptr && reinterpret_cast<uintptr_t>(p.workspace) % 16 == 0;
-  TailSplit split = plan;
-  if (split.parts && !(ws_ok && p.workspace_bytes >= split_bytes(plan))) {
-    split = TailSplit{};
-    split.num_full = static_cast<uint32_t>(items);
-  }
-  const bool sort = sort_wanted(p.num_slots, p.topk, l2_bytes, items, sms) && ws_ok &&
-                    p.workspace_bytes >= sort_offset(plan) + sort_bytes(p.T, p.topk);
-  SparseMlaParams run = p;
-  if (sort) {
-    int32_t* sorted = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(p.workspace) + sort_offset(plan));
-    launch_sort_indices(p, sorted, sms);
-    run.indices = sorted;
-    run.valid_len = nullptr;  // masked positions are -1 after the sort
-  }
-  // The larger the cache, the more the refills (L2 misses, DRAM) and not
-  // the tensor cores bound the pair loop. With a cache over half of L2,
-  // WG1's early m_B (earlier release of buffer 0's half R) measured 2-3%
-  // faster at H = 128 from s_kv 32768 and up to 2% at H = 64, and 1-2% slower
-  // at s_kv 4096 and 8192. At H = 64 with a cache larger than L2 in the given
-  // (random) order, releasing buffer 1's half L a few hundred cycles earlier
-  // measured 3-5% faster at s_kv 65536 and 131072 (four calls), and 3-11%
-  // slower at 8192 and 32768, where the next Q K^T must be queued before
-  // P_B V_B retires; at H = 128 it was slower or level in every cell (the
-  // two CTAs of a token share each row through L2). In slot order the rows
-  // come from L2 more often, and early m_B alone measured best at both H.
-  const int64_t cache_bytes = p.num_slots * static_cast<int64_t>(D_QK * 2);
-  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, false, false, skip>;
-  if (2 * cache_bytes > l2_bytes) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, false, true, skip>;
-  if constexpr (kHeadGroups == 1) {
-    if (cache_bytes > l2_bytes && !sort) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, true, true, skip>;
-  }
-  // kFlags >= 0 (dev bench): bit 0 forces kReleaseFirst, bit 1 kEarlyMaxB.
-  if constexpr (kFlags >= 0) kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, (kFlags & 1) != 0, (kFlags & 2) != 0, skip>;
+// Launches build <kHeadGroups, kDiag, kReleaseFirst, kEarlyMaxB, kSkipMask>
+// of the attention kernel on `run` (the indices reordered when plan.sorted),
+// then the combine kernel when the plan splits the last round. The library
+// instantiates only its production builds (launch_sparse_mla_sm90 below, one
+// per file in instantiations/); the dev bench (dev/sparse_mla/) also its
+// diagnostic ones.
+template <int kHeadGroups, int kDiag, bool kReleaseFirst, bool kEarlyMaxB, bool kSkipMask>
+void launch_fwd_and_combine(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {
+  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, kReleaseFirst, kEarlyMaxB, kSkipMask>;
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(SmemPlan::bytes)));
   constexpr float kLog2e = 1.4426950408889634f;
-  kernel<<<grid, kNumThreads, SmemPlan::bytes, p.stream>>>(run, p.softmax_scale * kLog2e, split);
+  kernel<<<plan.grid, kNumThreads, SmemPlan::bytes, ctx.stream>>>(run, run.softmax_scale * kLog2e, plan.split);
   DSA_CHECK_LAUNCH("sparse_mla_fwd_kernel");
-  if (split.parts) {
-    sparse_mla_combine_kernel<kHeadGroups><<<split.leftover * 64, 128, 0, p.stream>>>(p, split);
+  if (plan.split.parts) {
+    sparse_mla_combine_kernel<kHeadGroups><<<plan.split.leftover * 64, 128, 0, ctx.stream>>>(run, plan.split);
     DSA_CHECK_LAUNCH("sparse_mla_combine_kernel");
   }
 }
 
-template <int kHeadGroups>
-void launch_sparse_mla_sm90(const SparseMlaParams& p) {
-  launch_sparse_mla_sm90_variant<kHeadGroups, 0>(p);
+template <int kHeadGroups, bool kReleaseFirst, bool kEarlyMaxB>
+void launch_sparse_mla_sm90(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {
+  launch_fwd_and_combine<kHeadGroups, 0, kReleaseFirst, kEarlyMaxB, kSkipMaskDefault>(run, plan, ctx);
 }
 
 }  // namespace dsa::cuda::sm90_sparse_mla

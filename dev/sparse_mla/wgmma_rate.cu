@@ -3,10 +3,10 @@
 // (no loads, no softmax), one CTA per SM. Prints TFLOP/s per shape so the
 // kernel's time can be read against what its instructions can reach.
 //   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Iinclude -Isrc \
-//     src/cuda/sm90/sparse_mla/dev/wgmma_rate.cu -o /tmp/wgmma_rate
+//     dev/sparse_mla/wgmma_rate.cu -o /tmp/wgmma_rate
 #include <cstdio>
 
-#include "cuda/sm90/sparse_mla/sm90_bf16_sparse_mla.cuh"
+#include "cuda/sparse_mla/sm90/sm90_bf16_sparse_mla.cuh"
 
 using namespace dsa::cuda::sm90_sparse_mla;
 
@@ -34,17 +34,17 @@ __global__ void __launch_bounds__(256, 1) rate_kernel(int iters, float* sink) {
   for (int it = 0; it < iters; ++it) {
     wgmma_fence();
     if constexpr (kShape == 0) {  // Q K^T: 36 x m64n64k16, A and B from smem
-      qk_4_segments(sc, desc_lo_k_major(q), desc_lo_k_major(tile), 0, true);
-      qk_4_segments(sc, desc_lo_k_major(q), desc_lo_k_major(tile), 4, false);
-      qk_rope_segment(sc, desc_lo_k_major(q), desc_lo_k_major(tile));
+      qk_4_segments(sc, sw128_desc_lo_k_major(q), sw128_desc_lo_k_major(tile), 0, true);
+      qk_4_segments(sc, sw128_desc_lo_k_major(q), sw128_desc_lo_k_major(tile), 4, false);
+      qk_rope_segment(sc, sw128_desc_lo_k_major(q), sw128_desc_lo_k_major(tile));
     } else if constexpr (kShape == 1) {  // P V own: 4 x m64n256k16, A from registers
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        wgmma_m64n256k16_rs_tb(o, pa[0], pa[1], pa[2], pa[3], make_desc(desc_lo_mn_major(tile + kk * 16 * 128)));
+        wgmma_m64n256k16_bf16_rs_tb(o, pa[0], pa[1], pa[2], pa[3], sw128_desc(v_desc_lo(tile + kk * 16 * 128)));
     } else {  // P V other: 4 x m64n256k16, A from smem
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        wgmma_m64n256k16_ss_tb(o, make_desc(desc_lo_k_major(q + kk * 32)), make_desc(desc_lo_mn_major(tile + kk * 16 * 128)), 1);
+        wgmma_m64n256k16_bf16_ss_tb(o, sw128_desc_k_major(q + kk * 32), sw128_desc(v_desc_lo(tile + kk * 16 * 128)), 1);
     }
     wgmma_commit();
     wgmma_wait<0>();

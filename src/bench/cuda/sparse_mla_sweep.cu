@@ -27,10 +27,11 @@
 #include <thread>
 #include <vector>
 
+#include "bench/cuda/sparse_mla_sweep_inputs.cuh"
 #include "cuda/check.cuh"
-#include "cuda/sm90/sparse_mla/sweep_inputs.cuh"
-#include "cuda/sparse_mla.h"
+#include "cuda/sparse_mla/sparse_mla.h"
 #include "dsa/bench.h"
+#include "dsa/cuda.h"
 
 namespace dsa::cuda {
 namespace {
@@ -65,10 +66,8 @@ struct EventPool {
 SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
   check_sweep_protocol(opt.protocol);
   const bool flashmla = opt.protocol == "flashmla";
-  int dev = 0;
-  DSA_CUDA_CHECK(cudaGetDevice(&dev));
-  cudaDeviceProp prop{};
-  DSA_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  const DeviceContext ctx = device_context();  // the legacy default stream
+  const cudaStream_t stream = ctx.stream;
   const int64_t max_skv = kSkv[4];
   Dev<__nv_bfloat16> kv(static_cast<size_t>(max_skv) * kDqk);
   Dev<__nv_bfloat16> q(static_cast<size_t>(kT) * 128 * kDqk);
@@ -76,7 +75,7 @@ SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
   Dev<float> lse(static_cast<size_t>(kT) * 128), row_max(static_cast<size_t>(kT) * 128);
   Dev<int32_t> indices(static_cast<size_t>(kT) * kTopk);
   const size_t ws_bytes =
-      std::max(sparse_mla_workspace_bytes(kT, 128, kTopk, max_skv), sparse_mla_workspace_bytes(kT, 64, kTopk, max_skv));
+      std::max(sparse_mla_workspace_bytes(ctx, kT, 128, kTopk, max_skv), sparse_mla_workspace_bytes(ctx, kT, 64, kTopk, max_skv));
   Dev<float> workspace(std::max<size_t>(ws_bytes / sizeof(float), 1));
   Dev<unsigned long long> probe(6);
   fill_random_bf16<<<1024, 256>>>(kv.p, max_skv * kDqk, opt.seed * 7 + 1);
@@ -111,7 +110,7 @@ SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
   p.topk = kTopk;
   p.softmax_scale = 0.1352338f;
   SparseMlaSweep sweep;
-  sweep.device = prop.name;
+  sweep.device = ctx.device->name;
   sweep.kernel = "simple";
   sweep.tokens = kT;
   sweep.topk = kTopk;
@@ -129,51 +128,50 @@ SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
       const std::vector<int32_t> idx = make_indices(s_kv, opt.seed, &valid);
       DSA_CUDA_CHECK(cudaMemcpy(indices.p, idx.data(), idx.size() * sizeof(int32_t), cudaMemcpyHostToDevice));
       p.num_heads = H;
-      p.stride_q_t = static_cast<int64_t>(H) * kDqk;
       p.num_slots = s_kv;
-      sweep.kernel = sparse_mla_sm90_can_implement(p) ? "sm90" : "simple";
+      sweep.kernel = sparse_mla_sm90_can_implement(p, ctx) ? "sm90" : "simple";
       int warmup = opt.warmup, runs = std::max(1, opt.iters);
       if (flashmla) {
         DSA_CUDA_CHECK(cudaDeviceSynchronize());
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
-        sparse_mla(p);
-        DSA_CUDA_CHECK(cudaStreamSynchronize(p.stream));
-        DSA_CUDA_CHECK(cudaEventRecord(e0, p.stream));
+        sparse_mla(p, ctx);
+        DSA_CUDA_CHECK(cudaStreamSynchronize(stream));
+        DSA_CUDA_CHECK(cudaEventRecord(e0, stream));
         for (int i = 0; i < 5; ++i) {
-          clear_l2(p.stream);
-          sparse_mla(p);
+          clear_l2(stream);
+          sparse_mla(p, ctx);
         }
-        DSA_CUDA_CHECK(cudaEventRecord(e1, p.stream));
+        DSA_CUDA_CHECK(cudaEventRecord(e1, stream));
         DSA_CUDA_CHECK(cudaEventSynchronize(e1));
         const double estimate = std::max(1e-3, elapsed_ms(e0, e1) / 5.0);
         warmup = std::max(1, static_cast<int>(10.0 / estimate));
         runs = std::min(kMaxRuns, std::max(1, static_cast<int>(20.0 / estimate)));
         for (int i = 0; i < 2 * runs; ++i) event(i);  // made before the timed calls are queued
       }
-      for (int i = 0; i < warmup; ++i) sparse_mla(p);
+      for (int i = 0; i < warmup; ++i) sparse_mla(p, ctx);
       std::vector<float> ms;
-      sm_clock_probe<<<1, 1, 0, p.stream>>>(probe.p);
+      sm_clock_probe<<<1, 1, 0, stream>>>(probe.p);
       DSA_CHECK_LAUNCH("sm_clock_probe");
       if (flashmla) {
         // Queued back to back as do_bench does, each call after its L2 clear.
         for (int i = 0; i < runs; ++i) {
-          clear_l2(p.stream);
-          DSA_CUDA_CHECK(cudaEventRecord(event(2 * i), p.stream));
-          sparse_mla(p);
-          DSA_CUDA_CHECK(cudaEventRecord(event(2 * i + 1), p.stream));
+          clear_l2(stream);
+          DSA_CUDA_CHECK(cudaEventRecord(event(2 * i), stream));
+          sparse_mla(p, ctx);
+          DSA_CUDA_CHECK(cudaEventRecord(event(2 * i + 1), stream));
         }
         DSA_CUDA_CHECK(cudaEventSynchronize(event(2 * runs - 1)));
         for (int i = 0; i < runs; ++i) ms.push_back(elapsed_ms(event(2 * i), event(2 * i + 1)));
       } else {
         for (int i = 0; i < runs; ++i) {
-          DSA_CUDA_CHECK(cudaEventRecord(e0, p.stream));
-          sparse_mla(p);
-          DSA_CUDA_CHECK(cudaEventRecord(e1, p.stream));
+          DSA_CUDA_CHECK(cudaEventRecord(e0, stream));
+          sparse_mla(p, ctx);
+          DSA_CUDA_CHECK(cudaEventRecord(e1, stream));
           DSA_CUDA_CHECK(cudaEventSynchronize(e1));
           ms.push_back(elapsed_ms(e0, e1));
         }
       }
-      sm_clock_probe<<<1, 1, 0, p.stream>>>(probe.p + 3);
+      sm_clock_probe<<<1, 1, 0, stream>>>(probe.p + 3);
       DSA_CHECK_LAUNCH("sm_clock_probe");
       unsigned long long h[6];
       DSA_CUDA_CHECK(cudaMemcpy(h, probe.p, sizeof h, cudaMemcpyDeviceToHost));

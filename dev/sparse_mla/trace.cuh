@@ -8,9 +8,9 @@
 // item's prologue (CTA start to its first scores). ptxas may schedule a
 // clock64() read across a barrier: offsets between warpgroups are good to a
 // few hundred cycles, within one warpgroup's sequence they are reliable.
-//   python3 src/cuda/sm90/sparse_mla/dev/make_trace.py > /tmp/trace_kernel.cuh
-//   DEV_FLAGS='-DDSA_DEV_CANDIDATE="cuda/sm90/sparse_mla/dev/trace.cuh" -DDSA_TRACE_KERNEL="/tmp/trace_kernel.cuh"' \
-//     src/cuda/sm90/sparse_mla/dev/run.sh
+//   python3 dev/sparse_mla/make_trace.py > /tmp/trace_kernel.cuh
+//   DEV_FLAGS='-DDSA_DEV_CANDIDATE="trace.cuh" -DDSA_TRACE_KERNEL="/tmp/trace_kernel.cuh"' \
+//     dev/sparse_mla/run.sh
 #include <cstdio>
 #include <set>
 #include <utility>
@@ -20,6 +20,16 @@
 
 namespace dev_trace {
 namespace tk = dsa::cuda::sm90_sparse_mla_trace;
+
+// The traced copy's kernel builds, for dev_mla::launch_like_library.
+template <int kDiag>
+struct TraceBuild {
+  template <int kHeadGroups, bool kReleaseFirst, bool kEarlyMaxB>
+  static void run(const dsa::cuda::SparseMlaParams& run, const dsa::cuda::sm90_sparse_mla::LaunchPlan& plan,
+                  const dsa::cuda::DeviceContext& ctx) {
+    tk::launch_fwd_and_combine<kHeadGroups, kDiag, kReleaseFirst, kEarlyMaxB, tk::kSkipMaskDefault>(run, plan, ctx);
+  }
+};
 
 inline const char* const kNames[3][tk::kTraceEv] = {
     {"scores ready", "m_A published", "PV own issued", "m_B read", "P_A' stored", "PV own retired", "P_B read",
@@ -89,7 +99,7 @@ void run_traced(const char* label, const dsa::cuda::SparseMlaParams& p) {
     std::vector<unsigned long long> z(tk::kTraceSamples * tk::kTraceStride, 0);
     cudaMemcpyToSymbol(tk::g_trace, z.data(), z.size() * 8);
   }
-  tk::launch_sparse_mla_sm90_variant<kHeadGroups, kDiag>(p);
+  dev_mla::launch_like_library<TraceBuild<kDiag>>(p);
   if (first) {
     cudaDeviceSynchronize();
     report(label, p.num_heads, static_cast<long>(p.num_slots));

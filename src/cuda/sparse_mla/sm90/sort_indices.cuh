@@ -20,7 +20,8 @@
 // of the inputs alone, so results stay deterministic.
 #include <cstdint>
 
-#include "cuda/sm90/sparse_mla/config.h"
+#include "cuda/sm90/common/ptx.cuh"
+#include "cuda/sparse_mla/sm90/config.h"
 
 namespace dsa::cuda::sm90_sparse_mla {
 
@@ -52,10 +53,11 @@ inline int sort_bucket_shift(int64_t num_slots) {
 // indices, 90-100 us. CUB's BlockRadixSort on the same 8-bit keys, also
 // stable, measured 63-72 us in another call, the same within the spread;
 // this kernel is the one the tests validated, and CUB's would do as well.)
-__global__ void __launch_bounds__(kSortThreads, 4) sort_indices_kernel(const int32_t* __restrict__ indices,  // [T, topk]
-                                                                    const int32_t* __restrict__ valid_len,  // [T] or null
-                                                                    int64_t T, int topk, int64_t num_slots, int shift,
-                                                                    int32_t* __restrict__ sorted) {  // [T, topk]
+__global__ void __launch_bounds__(kSortThreads, 4)
+    sort_indices_kernel(const int32_t* __restrict__ indices, int64_t stride_indices_t,       // [T, topk]
+                        const int32_t* __restrict__ valid_len, int64_t stride_valid_len_t,  // [T] or null
+                        int64_t T, int topk, int64_t num_slots, int shift,
+                        int32_t* __restrict__ sorted) {  // [T, topk], dense
   __shared__ uint32_t count[kSortWarps][kSortBuckets];  // per (warp, bucket); then its first output position
   __shared__ int32_t staged[kSortMaxTopk];
   __shared__ uint32_t warp_total[kSortWarps];
@@ -65,8 +67,10 @@ __global__ void __launch_bounds__(kSortThreads, 4) sort_indices_kernel(const int
   auto load = [&](int64_t t) {
     if (t >= T) return;
     int n = topk;
-    if (valid_len) n = min(max(__ldg(valid_len + t), 0), topk);
-    const int32_t* row = indices + t * topk;
+    // t and the strides are below 2^31 (the launcher checks): 32 x 32 -> 64-bit products.
+    const auto t32 = static_cast<uint32_t>(t);
+    if (valid_len) n = min(max(__ldg(valid_len + sm90::mul_wide_u32(t32, static_cast<uint32_t>(stride_valid_len_t))), 0), topk);
+    const int32_t* row = indices + sm90::mul_wide_u32(t32, static_cast<uint32_t>(stride_indices_t));
 #pragma unroll
     for (int s = 0; s < 8; ++s) {
       const int pos = warp * 256 + s * 32 + lane;

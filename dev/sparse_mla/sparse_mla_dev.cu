@@ -3,7 +3,7 @@
 // isolate the gather (copies only) and the math (no copies), and checks each
 // real variant's output against the library kernel bit for bit or within a
 // tolerance. Not part of the library build; build and run on the GPU machine:
-//   src/cuda/sm90/sparse_mla/dev/run.sh [DEPS_DIR] [iters] [rounds]
+//   dev/sparse_mla/run.sh [DEPS_DIR] [iters] [rounds]
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -17,10 +17,11 @@
 #include <string>
 #include <vector>
 
-#include "cuda/sm90/sparse_mla/sm90_bf16_sparse_mla.cuh"
+#include "bench/cuda/sparse_mla_sweep_inputs.cuh"
+#include "cuda/sparse_mla/sm90/sm90_bf16_sparse_mla.cuh"
+#include "launch.cuh"
 // The library is not linked: its reordering pre-pass launcher comes in as source.
-#include "cuda/sm90/sparse_mla/sort_indices.cu"
-#include "cuda/sm90/sparse_mla/sweep_inputs.cuh"
+#include "cuda/sparse_mla/sm90/sort_indices.cu"
 // A candidate kernel under test can be added with -DDSA_DEV_CANDIDATE=header.cuh;
 // the header defines dev_candidate_variants(std::vector<Variant>&).
 #ifdef DSA_DEV_CANDIDATE
@@ -47,25 +48,23 @@ struct Variant {
   std::function<void(const SparseMlaParams&)> run;
 };
 
+// kDiag: 0 the library's kernel, 1 gather only, 2 math only; kFlags >= 0
+// forces the kernel build (bit 0 kReleaseFirst, bit 1 kEarlyMaxB);
+// kSkipMaskChoice: -1 the library's kSkipMask, 0 / 1 off / on.
 template <int kDiag, int kFlags = -1, int kSkipMaskChoice = -1>
 void launch_diag(const SparseMlaParams& p) {
-  if (p.num_heads == 64)
-    sm90_sparse_mla::launch_sparse_mla_sm90_variant<1, kDiag, kFlags, kSkipMaskChoice>(p);
-  else
-    sm90_sparse_mla::launch_sparse_mla_sm90_variant<2, kDiag, kFlags, kSkipMaskChoice>(p);
+  dev_mla::launch_like_library<dev_mla::LibBuild<kDiag, kSkipMaskChoice>, kFlags>(p);
 }
 // The library's pre-pass; buckets > 0: about that many buckets over the
 // cache instead of the library's 128-255.
 void launch_sort(const SparseMlaParams& p, int32_t* sorted, int buckets = 0) {
   using namespace sm90_sparse_mla;
-  int sms = 0;
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   int shift = -1;
   if (buckets > 0) {
     shift = sort_bucket_shift(p.num_slots);
     while (((p.num_slots - 1) >> shift) + 1 > buckets) ++shift;
   }
-  launch_sort_indices(p, sorted, sms, shift);
+  launch_sort_indices(resolve_strides(p), sorted, dev_mla::context(), shift);
 }
 }  // namespace
 
@@ -155,10 +154,8 @@ int main(int argc, char** argv) {
   CK(cudaMalloc(&indices, int64_t(kT) * kTopk * 4));
   // The library kernel splits its last round with a workspace (NO_SPLIT=1: without).
   float* workspace = nullptr;
-  int sms = 0;
-  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  int l2_bytes = 0;
-  CK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, 0));
+  const int sms = dev_mla::context().num_sms();
+  const int64_t l2_bytes = static_cast<int64_t>(dev_mla::context().l2_bytes());
   split_only = std::max(sm90_sparse_mla::split_workspace_bytes(int64_t(kT) * 2, sms), sm90_sparse_mla::split_workspace_bytes(kT, sms));
   // NO_SPLIT=1: no workspace (no split, no reordering).
   const size_t ws_bytes =
@@ -285,7 +282,6 @@ int main(int argc, char** argv) {
       p.topk = kTopk;
       p.softmax_scale = 0.1352338f;
       p.num_heads = H;
-      p.stride_q_t = int64_t(H) * kDqk;
       p.num_slots = s_kv;
       p.workspace = workspace;
       p.workspace_bytes = ws_bytes;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes a timeline-instrumented copy of the library's sparse MLA kernel.
 
-  python3 src/cuda/sm90/sparse_mla/dev/make_trace.py [kernel.cuh] > /tmp/trace_kernel.cuh
+  python3 dev/sparse_mla/make_trace.py [kernel.cuh] > /tmp/trace_kernel.cuh
 
 The copy lives in namespace sm90_sparse_mla_trace. For a few sampled CTAs
 (trace_slot) the leader thread of each warpgroup writes clock64() at fixed
@@ -14,7 +14,7 @@ when one no longer matches.
 import re
 import sys
 
-path = sys.argv[1] if len(sys.argv) > 1 else 'src/cuda/sm90/sparse_mla/sm90_bf16_sparse_mla.cuh'
+path = sys.argv[1] if len(sys.argv) > 1 else 'src/cuda/sparse_mla/sm90/sm90_bf16_sparse_mla.cuh'
 src = open(path).read()
 
 
@@ -122,7 +122,8 @@ after("wgmma_wait<1>();  // own P V done: buffer 1's half R is free", 7)
 after('wgmma_wait<0>();  // P_A V_A done: buffer 0\'s half R (and P_A) is free', 8)
 sub("        issue_qk_first((gj + 1) & 1);\n        issue_qk_second((gj + 1) & 1);\n",
     "        issue_qk_first((gj + 1) & 1);\n        TR(9);\n        issue_qk_second((gj + 1) & 1);\n        TR(10);\n")
-sub('void launch_sparse_mla_sm90(const SparseMlaParams& p) {', 'void launch_sparse_mla_sm90_unused(const SparseMlaParams& p) {')
+sub('void launch_sparse_mla_sm90(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {',
+    'void launch_sparse_mla_sm90_unused(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {')
 # The library's combine kernel is visible here too (using-directive): name the copy's.
 sub('sparse_mla_combine_kernel<kHeadGroups><<<', '::dsa::cuda::sm90_sparse_mla_trace::sparse_mla_combine_kernel<kHeadGroups><<<')
 sys.stdout.write(src)

@@ -11,14 +11,21 @@
 // barrier, that round r's bytes may come. Without that handshake (a CTA's
 // round r + 1 bytes could land before the peer had armed round r + 1) the
 // first version of this test hung.
-//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a \
-//     src/cuda/sm90/sparse_mla/dev/dsmem_rate.cu -o /tmp/dsmem_rate
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Isrc \
+//     dev/sparse_mla/dsmem_rate.cu -o /tmp/dsmem_rate
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <vector>
+
+#include "cuda/sm90/common/mbarrier.cuh"
+#include "cuda/sm90/common/ptx.cuh"
+
+using dsa::cuda::sm90::fence_proxy_async;
+using dsa::cuda::sm90::mbar_init;
+using dsa::cuda::sm90::smem_addr;
 
 #define CK(x)                                                                                \
   do {                                                                                       \
@@ -33,7 +40,6 @@ namespace {
 constexpr int kSmemBytes = 200 * 1024;
 constexpr uint32_t kSrc = 0, kDst = 100 * 1024, kSpan = 96 * 1024;  // source and landing areas
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -65,16 +71,16 @@ __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128, 1)
   uint32_t rank;
   asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
   const uint32_t peer = rank ^ 1u;
-  const uint32_t full_a = smem_u32(&full), send_a = smem_u32(&may_send);
+  const uint32_t full_a = smem_addr(&full), send_a = smem_addr(&may_send);
   const uint32_t round_bytes = static_cast<uint32_t>(chunks * chunk_bytes);
   for (int i = threadIdx.x; i < kSmemBytes / 4; i += blockDim.x) reinterpret_cast<uint32_t*>(buf)[i] = i * 2654435761u;
   if (threadIdx.x == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(full_a));
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(send_a));
+    mbar_init(full_a, 1);
+    mbar_init(send_a, 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(full_a), "r"(round_bytes) : "memory");
   }
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the fill above, for the copy engine
+  fence_proxy_async();  // the fill above, for the copy engine
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
   const bool active = every_cluster || (blockIdx.x / 2) % 2 == 0;  // both CTAs of a cluster alike
   if (threadIdx.x == 0) {
@@ -83,8 +89,8 @@ __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(128, 1)
       uint32_t peer_full, peer_send, peer_dst;
       asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_full) : "r"(full_a), "r"(peer));
       asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_send) : "r"(send_a), "r"(peer));
-      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_dst) : "r"(smem_u32(buf) + kDst), "r"(peer));
-      const uint32_t src = smem_u32(buf) + kSrc;
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(peer_dst) : "r"(smem_addr(buf) + kDst), "r"(peer));
+      const uint32_t src = smem_addr(buf) + kSrc;
       const long long t0 = clock64();
       for (int r = 0; r < rounds; ++r) {
         if (r > 0) wait_parity(send_a, (r - 1) & 1);  // the peer has armed round r

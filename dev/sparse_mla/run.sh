@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Builds and runs the sparse MLA dev bench (see sparse_mla_dev.cu). From the
-# repo root: src/cuda/sm90/sparse_mla/dev/run.sh [DEPS_DIR] [iters] [rounds]
+# repo root: dev/sparse_mla/run.sh [DEPS_DIR] [iters] [rounds]
 # Extra nvcc flags in $DEV_FLAGS (e.g. -DDSA_DEV_CANDIDATE=\"path/to/candidate.cuh\").
 set -euo pipefail
 deps=${1:-.device-deps}
 out=${OUT:-/tmp}/sparse_mla_dev
-inc=(-Iinclude -Isrc)
+inc=(-Iinclude -Isrc -Idev/sparse_mla)
 [[ -d "$deps/include" ]] && inc+=(-isystem "$deps/include" -DFMT_HEADER_ONLY)
 nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -lineinfo --expt-relaxed-constexpr \
   -Xptxas=-v,-warn-spills,-warn-lmem-usage ${DEV_FLAGS:-} "${inc[@]}" \
-  src/cuda/sm90/sparse_mla/dev/sparse_mla_dev.cu -o "$out" 2> "$out.ptxas.log" || { cat "$out.ptxas.log"; exit 1; }
+  dev/sparse_mla/sparse_mla_dev.cu -o "$out" 2> "$out.ptxas.log" || { cat "$out.ptxas.log"; exit 1; }
 grep -E "spill|Local|sparse_mla_fwd|Used" "$out.ptxas.log" | grep -B1 -E "spill|lmem|Local" | head -20 || true
 "$out" "${2:-10}" "${3:-3}"
 if [[ -n "${SASS_GREP:-}" ]]; then

@@ -1,6 +1,7 @@
 #pragma once
 // Issue 6's sparse MLA sweep inputs, shared by `dsa bench --sweep-sparse-mla`
-// (sweep.cu) and the development bench (dev/sparse_mla_dev.cu): T = 4096
+// (sparse_mla_sweep.cu) and the development bench
+// (dev/sparse_mla/sparse_mla_dev.cu): T = 4096
 // queries at the end of a context of s_kv tokens, topk 2048, each query at
 // position p attending to min(2048, p + 1) distinct random positions among
 // 0..p, and FlashMLA's sparse prefill times on an H100 80GB HBM3 (issue 6).
@@ -10,6 +11,8 @@
 #include <cstdint>
 #include <random>
 #include <vector>
+
+#include "dsa/hash.h"
 
 namespace dsa::cuda::sparse_mla_sweep {
 
@@ -22,15 +25,13 @@ constexpr int64_t kSkv[] = {4096, 8192, 32768, 65536, 131072};
 // FlashMLA sparse prefill, ms, issue 6 (H100 80GB HBM3): rows H = 128, 64.
 constexpr double kFlashMlaMs[2][5] = {{3.57, 3.88, 4.02, 4.36, 4.48}, {1.96, 1.83, 2.17, 2.50, 3.02}};
 
-// Deterministic pseudo-random bf16 in [-1, 1) from the element index.
+// Deterministic pseudo-random bf16 in [-1, 1) from (seed, element index),
+// the project's hash (dsa/hash.h).
 static __global__ void fill_random_bf16(__nv_bfloat16* x, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    uint64_t z = (static_cast<uint64_t>(i) + seed) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    x[i] = __float2bfloat16(static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f);
+    const uint64_t h = mix64(seed ^ mix64(static_cast<uint64_t>(i)));
+    x[i] = __float2bfloat16(hash_unit_interval(h) * 2.0f - 1.0f);
   }
 }
 
