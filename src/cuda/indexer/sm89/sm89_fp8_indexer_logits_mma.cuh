@@ -20,8 +20,8 @@
 #include <cstdint>
 
 #include "cuda/check.cuh"
+#include "cuda/common/cp_async.cuh"
 #include "cuda/indexer/config.h"
-#include "cuda/indexer/cp_async.cuh"
 #include "cuda/indexer/launch.h"
 #include "cuda/indexer/params.h"
 
@@ -42,9 +42,9 @@ struct IndexerSmemPlan {
 
 namespace detail {
 
-using indexer::detail::cp_async16;
-using indexer::detail::cp_async_commit;
-using indexer::detail::cp_async_wait;
+using ::dsa::cuda::cp_async_16;
+using ::dsa::cuda::cp_async_commit;
+using ::dsa::cuda::cp_async_wait;
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_src) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem_src));
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kIdxThreads, 1)
         if (blk_idx * kIdxBlockTokens < maxvis) {
           const int64_t blk = __ldg(bt + blk_idx);
           const int krow = b * 64 + row;
-          detail::cp_async16(sk + krow * kIdxDim + ((ch ^ (krow & 7)) << 4),
+          detail::cp_async_16(sk + krow * kIdxDim + ((ch ^ (krow & 7)) << 4),
                              p.k_cache + blk * kIdxBlockBytes + row * kIdxDim + ch * 16);
         }
       }
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(kIdxThreads, 1)
         const int64_t blk_idx = tile * kKB + b;
         if (blk_idx * kIdxBlockTokens < maxvis) {
           const int64_t blk = __ldg(bt + blk_idx);
-          detail::cp_async16(sk + Plan::kKeyBytes + b * 256 + ch * 16,
+          detail::cp_async_16(sk + Plan::kKeyBytes + b * 256 + ch * 16,
                              p.k_cache + blk * kIdxBlockBytes + kIdxBlockTokens * kIdxDim + ch * 16);
         }
       }

@@ -15,10 +15,12 @@
 #include <cstdint>
 
 #include "cuda/check.cuh"
+#include "cuda/common/cp_async.cuh"
 #include "cuda/indexer/config.h"
-#include "cuda/indexer/cp_async.cuh"
 #include "cuda/indexer/launch.h"
 #include "cuda/indexer/params.h"
+#include "cuda/sm90/common/ptx.cuh"
+#include "cuda/sm90/common/wgmma.cuh"
 
 namespace dsa::cuda::indexer::sm90 {
 
@@ -38,64 +40,26 @@ struct WgmmaSmemPlan {
 
 namespace detail {
 
-using indexer::detail::cp_async16;
-using indexer::detail::cp_async_commit;
-using indexer::detail::cp_async_wait;
+using ::dsa::cuda::cp_async_16;
+using ::dsa::cuda::cp_async_commit;
+using ::dsa::cuda::cp_async_wait;
 
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups
-// 1024 bytes apart (SBO); LBO is unused for this layout.
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t saddr) {
-  return static_cast<uint64_t>((saddr & 0x3ffffu) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
-         (uint64_t{1} << 62);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The shared sm90 helpers (src/cuda/sm90/common/); qualified because this
+// kernel's own namespace is also called sm90.
+using ::dsa::cuda::sm90::fence_proxy_async;
+using ::dsa::cuda::sm90::sw128_desc_k_major;
+using ::dsa::cuda::sm90::wgmma_commit;
+using ::dsa::cuda::sm90::wgmma_fence;
+using ::dsa::cuda::sm90::wgmma_wait;
 // Keeps the compiler from touching accumulators across the asynchronous MMA.
-__device__ __forceinline__ void pin(float& x) { asm volatile("" : "+f"(x)::"memory"); }
-
-__device__ __forceinline__ void wgmma_m64n64k32_e4m3(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, %32, %33, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-      "}, %64, %65, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
+using ::dsa::cuda::sm90::fence_reg;
 
 template <int kBT>
 __device__ __forceinline__ void wgmma_tile(float (&d)[32 * kBT], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   if constexpr (kBT == 1) {
-    wgmma_m64n64k32_e4m3(d, desc_a, desc_b, scale_d);
+    ::dsa::cuda::sm90::wgmma_m64n64k32_e4m3_ss(d, desc_a, desc_b, scale_d);
   } else {
-    wgmma_m64n128k32_e4m3(d, desc_a, desc_b, scale_d);
+    ::dsa::cuda::sm90::wgmma_m64n128k32_e4m3_ss(d, desc_a, desc_b, scale_d);
   }
 }
 
@@ -151,7 +115,7 @@ __global__ void __launch_bounds__(kWgThreads, 3)
     const int n = c >> 3, ch = c & 7;
     const int64_t t = tile_tokens + (n >> 6);
     if (t < p.T) {
-      detail::cp_async16(s_q + n * kIdxDim + ((ch ^ (n & 7)) << 4),
+      detail::cp_async_16(s_q + n * kIdxDim + ((ch ^ (n & 7)) << 4),
                          p.q_fp8 + t * (kIdxHeads * kIdxDim) + (n & 63) * kIdxDim + ch * 16);
     }
   }
@@ -195,7 +159,7 @@ __global__ void __launch_bounds__(kWgThreads, 3)
         const int64_t blk_idx = tile * kKB + b;
         if (blk_idx * kIdxBlockTokens < maxvis) {  // blocks past the last visible key may not exist
           const int64_t blk = __ldg(bt + blk_idx);
-          detail::cp_async16(sk + b * 8192 + row * kIdxDim + ((ch ^ (row & 7)) << 4),
+          detail::cp_async_16(sk + b * 8192 + row * kIdxDim + ((ch ^ (row & 7)) << 4),
                              p.k_cache + blk * kIdxBlockBytes + row * kIdxDim + ch * 16);
         }
       }
@@ -205,7 +169,7 @@ __global__ void __launch_bounds__(kWgThreads, 3)
         const int64_t blk_idx = tile * kKB + b;
         if (blk_idx * kIdxBlockTokens < maxvis) {
           const int64_t blk = __ldg(bt + blk_idx);
-          detail::cp_async16(smem + Plan::kScaleOffset + stage * Plan::kScaleStageBytes + b * 256 + ch * 16,
+          detail::cp_async_16(smem + Plan::kScaleOffset + stage * Plan::kScaleStageBytes + b * 256 + ch * 16,
                              p.k_cache + blk * kIdxBlockBytes + kIdxBlockTokens * kIdxDim + ch * 16);
         }
       }
@@ -237,14 +201,14 @@ __global__ void __launch_bounds__(kWgThreads, 3)
       for (int b = 0; b < kKB; ++b)
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
-          detail::wgmma_tile<kBT>(acc[b], detail::sw128_desc(k_addr + b * 8192 + kk * 32),
-                                  detail::sw128_desc(q_addr + kk * 32), kk);
+          detail::wgmma_tile<kBT>(acc[b], detail::sw128_desc_k_major(k_addr + b * 8192 + kk * 32),
+                                  detail::sw128_desc_k_major(q_addr + kk * 32), kk);
       detail::wgmma_commit();
-      detail::wgmma_wait0();
+      detail::wgmma_wait<0>();
 #pragma unroll
       for (int b = 0; b < kKB; ++b)
 #pragma unroll
-        for (int i2 = 0; i2 < kAcc; ++i2) detail::pin(acc[b][i2]);
+        for (int i2 = 0; i2 < kAcc; ++i2) detail::fence_reg(acc[b][i2]);
 
 #pragma unroll
       for (int b = 0; b < kKB; ++b) {

@@ -1,6 +1,6 @@
 #pragma once
 // Shared-memory mbarriers (CTA scope): init, plain arrival, parity wait.
-// cp.async's arrival on an mbarrier is in cp_async.cuh.
+// cp.async's arrival on an mbarrier is in src/cuda/common/cp_async.cuh.
 #include <cstdint>
 
 namespace dsa::cuda::sm90 {

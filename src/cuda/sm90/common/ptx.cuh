@@ -2,7 +2,8 @@
 // Hopper (sm_90a) PTX helpers shared by the kernels under src/cuda: shared
 // addresses, proxy fences, named barriers, register fences, conversions.
 // The asynchronous copies, mbarriers and wgmma have their own headers
-// (cp_async.cuh, mbarrier.cuh, wgmma.cuh); all live in dsa::cuda::sm90.
+// (mbarrier.cuh, wgmma.cuh); all live in dsa::cuda::sm90. cp.async, which the sm_89
+// indexer kernel uses too, is in src/cuda/common/cp_async.cuh (dsa::cuda).
 #include <cuda_bf16.h>
 
 #include <cstdint>

@@ -23,7 +23,7 @@
 #include <type_traits>
 
 #include "cuda/check.cuh"
-#include "cuda/sm90/common/cp_async.cuh"
+#include "cuda/common/cp_async.cuh"
 #include "cuda/sm90/common/mbarrier.cuh"
 #include "cuda/sm90/common/ptx.cuh"
 #include "cuda/sm90/common/wgmma.cuh"
