@@ -100,9 +100,10 @@ void run_info(const InfoOptions& o, const CLI::App& sub, bool batch_given) {
     }
   }
   if (batch_given) {
-    int64_t blocks = 0, new_tokens = 0, max_seq = 0;
+    // Each request rounds up to whole blocks on its own.
+    const int64_t blocks = CacheConfig::for_step(c, reqs).num_blocks;
+    int64_t new_tokens = 0, max_seq = 0;
     for (const StepRequest& r : reqs) {
-      blocks += cc.blocks_for(r.cached + r.num_new);  // each request rounds up to whole blocks on its own
       new_tokens += r.num_new;
       max_seq = std::max(max_seq, r.cached + r.num_new);
     }

@@ -20,6 +20,7 @@
 #include "commands.h"
 #include "dsa/cache.h"
 #include "dsa/error.h"
+#include "dsa/hash.h"
 #include "dsa/layer.h"
 #include "dsa/reference.h"
 #include "dsa/safetensors.h"
@@ -88,16 +89,9 @@ struct StepInputs {
   std::vector<bf16_t> prefix_hidden;   // [sum cached, hidden] or empty
 };
 
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 // Uniform in [-sqrt(3), sqrt(3)) (unit RMS), a function of its arguments only.
 float synth(uint64_t seed, uint64_t a, uint64_t b, uint64_t c) {
-  const uint64_t h = mix(mix(mix(seed ^ 0x5eed) + a) + b * 0x100000001b3ull + c);
+  const uint64_t h = mix64(mix64(mix64(seed ^ 0x5eed) + a) + b * 0x100000001b3ull + c);
   return static_cast<float>(((h >> 40) * (1.0 / 16777216.0) * 2.0 - 1.0) * std::sqrt(3.0));
 }
 
