@@ -125,5 +125,5 @@ sub("        issue_qk_first((gj + 1) & 1);\n        issue_qk_second((gj + 1) & 1
 sub('void launch_sparse_mla_sm90(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {',
     'void launch_sparse_mla_sm90_unused(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {')
 # The library's combine kernel is visible here too (using-directive): name the copy's.
-sub('sparse_mla_combine_kernel<kHeadGroups><<<', '::dsa::cuda::sm90_sparse_mla_trace::sparse_mla_combine_kernel<kHeadGroups><<<')
+sub('sparse_mla_combine_kernel<kHeadGroups, kDense><<<', '::dsa::cuda::sm90_sparse_mla_trace::sparse_mla_combine_kernel<kHeadGroups, kDense><<<')
 sys.stdout.write(src)

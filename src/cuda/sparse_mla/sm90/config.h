@@ -186,10 +186,19 @@ inline SparseMlaParams reorder_if_planned(const SparseMlaParams& p, const Launch
   return run;
 }
 
+// Every view in its dense layout (what resolve_strides gives for 0 strides;
+// q's token stride may be anything): the kernel then addresses with
+// compile-time row lengths (the kDense builds).
+inline bool strides_are_dense(const SparseMlaParams& p) {
+  const int64_t H = p.num_heads;
+  return p.stride_q_h == D_QK && p.stride_kv_slot == D_QK && p.stride_indices_t == p.topk && p.stride_valid_len_t == 1 &&
+         p.stride_out_h == D_V && p.stride_out_t == H * D_V && p.stride_lse_t == H && p.stride_row_max_t == H;
+}
+
 // The library's kernel builds: kHeadGroups = H / 64, the cache-size choices
-// of LaunchPlan; one explicit instantiation per file in instantiations/,
-// chosen in one place (sparse_mla_sm90, sm90_sparse_mla.cu).
-template <int kHeadGroups, bool kReleaseFirst, bool kEarlyMaxB>
+// of LaunchPlan, dense or strided views; one explicit instantiation per file
+// in instantiations/, chosen in one place (sparse_mla_sm90, sm90_sparse_mla.cu).
+template <int kHeadGroups, bool kReleaseFirst, bool kEarlyMaxB, bool kDense>
 void launch_sparse_mla_sm90(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx);
 
 }  // namespace dsa::cuda::sm90_sparse_mla

@@ -39,6 +39,17 @@ using namespace dsa::cuda::sm90;  // the shared PTX helpers (src/cuda/sm90/commo
 // h0 + 8 of token t from their running max (log2 domain) and sum; a row with
 // nothing valid (sum 0) gets lse +inf and max -inf. Used by the epilogue and
 // by the combine kernel of split items.
+// The dense form (kDense builds): rows row0 and row1 of [T * H] lse / max.
+__device__ __forceinline__ void store_row_stats_dense(const SparseMlaParams& p, int64_t row0, int64_t row1, float m0, float m1,
+                                                      float l0, float l1) {
+  constexpr float kLn2 = 0.6931471805599453f;
+  p.lse[row0] = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : INFINITY;
+  p.lse[row1] = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : INFINITY;
+  if (p.row_max) {
+    p.row_max[row0] = l0 > 0.f ? m0 * kLn2 : -INFINITY;
+    p.row_max[row1] = l1 > 0.f ? m1 * kLn2 : -INFINITY;
+  }
+}
 __device__ __forceinline__ void store_row_stats(const SparseMlaParams& p, uint32_t t, int h0, float m0, float m1, float l0,
                                                 float l1) {
   constexpr float kLn2 = 0.6931471805599453f;
@@ -117,9 +128,15 @@ enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 
 // p's strides are resolved (explicit) and checked by the launcher: q, kv and
 // out rows 16-byte aligned (cp.async, 16-byte stores), every stride below
 // 2^31, so that each address product is one 32 x 32 -> 64-bit multiply
-// (mul_wide_u32) with the stride read from the parameter bank, as cheap as
-// the compile-time row lengths of the dense layout.
-template <int kHeadGroups, int kDiag = 0, bool kReleaseFirst = false, bool kEarlyMaxB = false, bool kSkipMask = false>
+// (mul_wide_u32) with the stride read from the parameter bank.
+// kDense: every view has its dense layout (strides_are_dense) and the
+// addresses use the compile-time row lengths instead. Measured on the H200
+// (2026-12-04, same call, 3 runs each): the runtime strides alone made the
+// kernel 2-3% slower at H = 64 (8 more constant-bank loads and wide
+// multiplies per pair in the producer's gather loop), so the dense layout,
+// which every caller in the library uses, keeps its own builds.
+template <int kHeadGroups, int kDiag = 0, bool kReleaseFirst = false, bool kEarlyMaxB = false, bool kSkipMask = false,
+          bool kDense = true>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ SparseMlaParams p, float scale_log2, const TailSplit split) {
   extern __shared__ uint8_t smem_raw[];
@@ -159,15 +176,32 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   // that ptxas would serialize.
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int lane = tid & 31;
-  auto item_rows = [&](uint32_t item, int& n) {
-    const uint32_t t = item / kHeadGroups;
-    n = p.topk;
-    if (p.valid_len) n = min(max(p.valid_len[mul_wide_u32(t, static_cast<uint32_t>(p.stride_valid_len_t))], 0), p.topk);
-    return p.indices + mul_wide_u32(t, static_cast<uint32_t>(p.stride_indices_t));
+  const int H = kHeadGroups * BLOCK_H;
+  auto item_rows = [&](uint32_t item, int& n) -> const int32_t* {
+    if constexpr (kDense) {
+      const int64_t t = item / kHeadGroups;
+      n = p.topk;
+      if (p.valid_len) n = min(max(p.valid_len[t], 0), p.topk);
+      return p.indices + t * p.topk;
+    } else {
+      const uint32_t t = item / kHeadGroups;
+      n = p.topk;
+      if (p.valid_len) n = min(max(p.valid_len[mul_wide_u32(t, static_cast<uint32_t>(p.stride_valid_len_t))], 0), p.topk);
+      return p.indices + mul_wide_u32(t, static_cast<uint32_t>(p.stride_indices_t));
+    }
   };
-  auto q_rows_of = [&](uint32_t item) {
-    return p.q + mul_wide_u32(item / kHeadGroups, static_cast<uint32_t>(p.stride_q_t)) +
-           mul_wide_u32((item % kHeadGroups) * BLOCK_H, static_cast<uint32_t>(p.stride_q_h));
+  auto q_rows_of = [&](uint32_t item) -> const __nv_bfloat16* {
+    if constexpr (kDense) {
+      return p.q + (item / kHeadGroups) * p.stride_q_t + static_cast<int64_t>(item % kHeadGroups) * BLOCK_H * D_QK;
+    } else {
+      return p.q + mul_wide_u32(item / kHeadGroups, static_cast<uint32_t>(p.stride_q_t)) +
+             mul_wide_u32((item % kHeadGroups) * BLOCK_H, static_cast<uint32_t>(p.stride_q_h));
+    }
+  };
+  // Element offset of row r of a head block in q, and of cache slot `slot` in kv.
+  auto q_row_offset = [&](int r) -> int64_t {
+    if constexpr (kDense) return r * D_QK;
+    else return mul_wide_u32(r, static_cast<uint32_t>(p.stride_q_h));
   };
   if (wg == 2) {
     // The first item's Q copies go out before anything else.
@@ -178,7 +212,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 #pragma unroll
     for (int it = 0; it < 4; ++it) {
       const int r = r_base + 16 * it;
-      const __nv_bfloat16* src = q_rows + mul_wide_u32(r, static_cast<uint32_t>(p.stride_q_h)) + cc * 8;
+      const __nv_bfloat16* src = q_rows + q_row_offset(r) + cc * 8;
 #pragma unroll
       for (int seg = 0; seg < NUM_SEG; ++seg) cp_async_16(q_addr + seg * kSegBytes + swz(r, cc), src + seg * SEG, 16);
     }
@@ -246,7 +280,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
             // item loop, these offsets were spilled.
             int r = r_base + 16 * it;
             asm volatile("mov.b32 %0, %0;" : "+r"(r));
-            const __nv_bfloat16* src = q_rows + mul_wide_u32(r, static_cast<uint32_t>(p.stride_q_h)) + cc * 8;
+            const __nv_bfloat16* src = q_rows + q_row_offset(r) + cc * 8;
 #pragma unroll
             for (int seg = 0; seg < NUM_SEG; ++seg) cp_async_16(q_addr + seg * kSegBytes + swz(r, cc), src + seg * SEG, 16);
           }
@@ -281,7 +315,9 @@ __global__ void __launch_bounds__(kNumThreads, 1)
             for (int it = 0; it < 4; ++it) {
               const int r = r_base + 16 * it;
               const int32_t row = rows[b][it];
-              const __nv_bfloat16* src = p.kv + mul_wide_u32(max(row, 0), static_cast<uint32_t>(p.stride_kv_slot)) + cc * 8;
+              const __nv_bfloat16* src =
+                  kDense ? p.kv + static_cast<int64_t>(max(row, 0)) * D_QK + cc * 8
+                         : p.kv + mul_wide_u32(max(row, 0), static_cast<uint32_t>(p.stride_kv_slot)) + cc * 8;
               for (int seg = seg_begin; seg < seg_end; ++seg)
                 cp_async_16(kv_addr + b * kTileBytes + seg * kSegBytes + swz(r, cc), src + seg * SEG, row >= 0 ? 16u : 0u);
             }
@@ -517,7 +553,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
   // branches never merge, so ptxas need not agree on where O lives in both
   // (a merge point made it spill).
   auto finish = [&](uint32_t item, int kk, int num_pairs_of_item, int part, uint32_t u) {
-    const uint32_t t = item / kHeadGroups;
+    const std::conditional_t<kDense, int64_t, uint32_t> t = item / kHeadGroups;
     const int g = static_cast<int>(item % kHeadGroups);
     float* row_sum = s_row_sum + (kk & 1) * 2 * BLOCK_H;
     // Row sums: thread partials -> quad -> both warpgroups (fixed order: WG0 + WG1).
@@ -558,9 +594,16 @@ __global__ void __launch_bounds__(kNumThreads, 1)
     // shuffle-exchange steps) gives each lane one whole chunk. Shared
     // memory is left alone, so Q's space is free for the next item.
     const int q = lane & 3;
-    __nv_bfloat16* out0 = p.out + mul_wide_u32(t, static_cast<uint32_t>(p.stride_out_t)) +
-                          mul_wide_u32(h0, static_cast<uint32_t>(p.stride_out_h)) + w * 256 + q * 8;
-    __nv_bfloat16* out1 = out0 + mul_wide_u32(8, static_cast<uint32_t>(p.stride_out_h));
+    __nv_bfloat16* out0;
+    __nv_bfloat16* out1;
+    if constexpr (kDense) {
+      out0 = p.out + (t * H + h0) * D_V + w * 256 + q * 8;
+      out1 = out0 + 8 * D_V;
+    } else {
+      out0 = p.out + mul_wide_u32(t, static_cast<uint32_t>(p.stride_out_t)) + mul_wide_u32(h0, static_cast<uint32_t>(p.stride_out_h)) +
+             w * 256 + q * 8;
+      out1 = out0 + mul_wide_u32(8, static_cast<uint32_t>(p.stride_out_h));
+    }
     auto quad_transpose = [&](uint32_t (&a)[4]) {
 #pragma unroll
       for (int x = 2; x >= 1; x >>= 1) {
@@ -592,7 +635,12 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(out1 + m * 32), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3])
                    : "memory");
     }
-    if (w == 0 && (lane & 3) == 0) store_row_stats(p, t, h0, rm0, rm1, lt0, lt1);
+    if (w == 0 && (lane & 3) == 0) {
+      if constexpr (kDense)
+        store_row_stats_dense(p, t * H + h0, t * H + h0 + 8, rm0, rm1, lt0, lt1);
+      else
+        store_row_stats(p, t, h0, rm0, rm1, lt0, lt1);
+    }
     // Q's space is released at the top of an item's last pair (after its
     // last Q K^T), or here when the item had no pairs.
     if (num_pairs_of_item == 0) mbar_arrive(q_free);
@@ -770,7 +818,7 @@ __global__ void __launch_bounds__(kNumThreads, 1)
 // warpgroup, 8-column chunk c), thread t in the place of consumer thread t,
 // so it reads the parts' accumulator layout as written. Parts in order
 // (deterministic); a part without valid columns in a row has max -inf, sum 0.
-template <int kHeadGroups>
+template <int kHeadGroups, bool kDense>
 __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_constant__ SparseMlaParams p,
                                                                  const TailSplit split) {
   const uint32_t k = blockIdx.x / 64;
@@ -802,16 +850,24 @@ __global__ void __launch_bounds__(128) sparse_mla_combine_kernel(const __grid_co
     acc.w += v.w * f1;
   }
   const uint32_t item = split.num_full + k;
-  const uint32_t t_ = item / kHeadGroups;
-  const int h0 = static_cast<int>(item % kHeadGroups) * BLOCK_H + r0;  // r1's head is h0 + 8
-  __nv_bfloat16* out0 = p.out + mul_wide_u32(t_, static_cast<uint32_t>(p.stride_out_t)) +
-                        mul_wide_u32(h0, static_cast<uint32_t>(p.stride_out_h));
-  __nv_bfloat16* out1 = out0 + mul_wide_u32(8, static_cast<uint32_t>(p.stride_out_h));
   const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
   const int col = w * 256 + c * 8 + q * 2;
-  *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16(acc.x * inv0, acc.y * inv0);
-  *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16(acc.z * inv1, acc.w * inv1);
-  if (w == 0 && c == 0 && q == 0) store_row_stats(p, t_, h0, m0, m1, l0, l1);
+  if constexpr (kDense) {
+    const int64_t row0 = static_cast<int64_t>(item / kHeadGroups) * (kHeadGroups * BLOCK_H) + (item % kHeadGroups) * BLOCK_H + r0;
+    const int64_t row1 = row0 + 8;
+    *reinterpret_cast<uint32_t*>(p.out + row0 * D_V + col) = pack_bf16(acc.x * inv0, acc.y * inv0);
+    *reinterpret_cast<uint32_t*>(p.out + row1 * D_V + col) = pack_bf16(acc.z * inv1, acc.w * inv1);
+    if (w == 0 && c == 0 && q == 0) store_row_stats_dense(p, row0, row1, m0, m1, l0, l1);
+  } else {
+    const uint32_t t_ = item / kHeadGroups;
+    const int h0 = static_cast<int>(item % kHeadGroups) * BLOCK_H + r0;  // r1's head is h0 + 8
+    __nv_bfloat16* out0 = p.out + mul_wide_u32(t_, static_cast<uint32_t>(p.stride_out_t)) +
+                          mul_wide_u32(h0, static_cast<uint32_t>(p.stride_out_h));
+    __nv_bfloat16* out1 = out0 + mul_wide_u32(8, static_cast<uint32_t>(p.stride_out_h));
+    *reinterpret_cast<uint32_t*>(out0 + col) = pack_bf16(acc.x * inv0, acc.y * inv0);
+    *reinterpret_cast<uint32_t*>(out1 + col) = pack_bf16(acc.z * inv1, acc.w * inv1);
+    if (w == 0 && c == 0 && q == 0) store_row_stats(p, t_, h0, m0, m1, l0, l1);
+  }
 }
 
 // Measured 1-4% faster with output bit-identical (dev bench, seventh and
@@ -825,23 +881,23 @@ constexpr bool kSkipMaskDefault = true;
 // instantiates only its production builds (launch_sparse_mla_sm90 below, one
 // per file in instantiations/); the dev bench (dev/sparse_mla/) also its
 // diagnostic ones.
-template <int kHeadGroups, int kDiag, bool kReleaseFirst, bool kEarlyMaxB, bool kSkipMask>
+template <int kHeadGroups, int kDiag, bool kReleaseFirst, bool kEarlyMaxB, bool kSkipMask, bool kDense = true>
 void launch_fwd_and_combine(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {
-  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, kReleaseFirst, kEarlyMaxB, kSkipMask>;
+  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, kReleaseFirst, kEarlyMaxB, kSkipMask, kDense>;
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(SmemPlan::bytes)));
   constexpr float kLog2e = 1.4426950408889634f;
   kernel<<<plan.grid, kNumThreads, SmemPlan::bytes, ctx.stream>>>(run, run.softmax_scale * kLog2e, plan.split);
   DSA_CHECK_LAUNCH("sparse_mla_fwd_kernel");
   if (plan.split.parts) {
-    sparse_mla_combine_kernel<kHeadGroups><<<plan.split.leftover * 64, 128, 0, ctx.stream>>>(run, plan.split);
+    sparse_mla_combine_kernel<kHeadGroups, kDense><<<plan.split.leftover * 64, 128, 0, ctx.stream>>>(run, plan.split);
     DSA_CHECK_LAUNCH("sparse_mla_combine_kernel");
   }
 }
 
-template <int kHeadGroups, bool kReleaseFirst, bool kEarlyMaxB>
+template <int kHeadGroups, bool kReleaseFirst, bool kEarlyMaxB, bool kDense>
 void launch_sparse_mla_sm90(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {
-  launch_fwd_and_combine<kHeadGroups, 0, kReleaseFirst, kEarlyMaxB, kSkipMaskDefault>(run, plan, ctx);
+  launch_fwd_and_combine<kHeadGroups, 0, kReleaseFirst, kEarlyMaxB, kSkipMaskDefault, kDense>(run, plan, ctx);
 }
 
 }  // namespace dsa::cuda::sm90_sparse_mla

@@ -59,6 +59,23 @@ std::string sm90_unsupported(const SparseMlaParams& p, const DeviceContext& ctx)
   return {};
 }
 
+template <bool kDense>
+void launch_build(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx, int head_groups) {
+  if (head_groups == 1) {
+    if (plan.release_first)
+      launch_sparse_mla_sm90<1, true, true, kDense>(run, plan, ctx);
+    else if (plan.early_max_b)
+      launch_sparse_mla_sm90<1, false, true, kDense>(run, plan, ctx);
+    else
+      launch_sparse_mla_sm90<1, false, false, kDense>(run, plan, ctx);
+  } else {
+    if (plan.early_max_b)
+      launch_sparse_mla_sm90<2, false, true, kDense>(run, plan, ctx);
+    else
+      launch_sparse_mla_sm90<2, false, false, kDense>(run, plan, ctx);
+  }
+}
+
 }  // namespace
 
 bool sparse_mla_sm90_can_implement(const SparseMlaParams& params, const DeviceContext& ctx, std::string* why) {
@@ -89,20 +106,12 @@ void sparse_mla_sm90(const SparseMlaParams& params, const DeviceContext& ctx) {
   const LaunchPlan plan = plan_launch(p, head_groups, ctx);
   const SparseMlaParams run = reorder_if_planned(p, plan, ctx);
   // The compiled builds (instantiations/): H = 64 in three, H = 128 in two
-  // (releasing buffer 1 first never paid at H = 128; see plan_launch).
-  if (head_groups == 1) {
-    if (plan.release_first)
-      launch_sparse_mla_sm90<1, true, true>(run, plan, ctx);
-    else if (plan.early_max_b)
-      launch_sparse_mla_sm90<1, false, true>(run, plan, ctx);
-    else
-      launch_sparse_mla_sm90<1, false, false>(run, plan, ctx);
-  } else {
-    if (plan.early_max_b)
-      launch_sparse_mla_sm90<2, false, true>(run, plan, ctx);
-    else
-      launch_sparse_mla_sm90<2, false, false>(run, plan, ctx);
-  }
+  // (releasing buffer 1 first never paid at H = 128; see plan_launch), each
+  // for dense views and for strided ones.
+  if (strides_are_dense(run))
+    launch_build<true>(run, plan, ctx, head_groups);
+  else
+    launch_build<false>(run, plan, ctx, head_groups);
 }
 
 }  // namespace dsa::cuda

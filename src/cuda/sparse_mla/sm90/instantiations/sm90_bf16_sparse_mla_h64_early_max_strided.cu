@@ -1,0 +1,6 @@
+// H = 64, cache over half of L2 (or larger than L2 and reordered): WG1 publishes m_B early. Strided views (any resolved strides).
+#include "cuda/sparse_mla/sm90/sm90_bf16_sparse_mla.cuh"
+
+namespace dsa::cuda::sm90_sparse_mla {
+template void launch_sparse_mla_sm90<1, false, true, false>(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx);
+}  // namespace dsa::cuda::sm90_sparse_mla
