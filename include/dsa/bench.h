@@ -26,6 +26,9 @@ struct BenchOptions {
   // rep=20 ms), which clears L2 with a 256 MB memset before each timed run
   // and sizes the run counts from a 5-run estimate (warmup / iters unused).
   std::string protocol = "sustained";
+  // Sparse MLA sweep only: the FlashMLA anchor file (load_flashmla_anchors);
+  // empty: no FlashMLA figures.
+  std::string anchors_path;
 };
 
 struct StageResult {
@@ -67,15 +70,36 @@ struct SparseMlaSweepRow {
   double mean_ms = 0;      // what triton.testing.do_bench reports
   int warmup = 0, runs = 0;  // untimed and timed runs of this cell
   double sm_mhz = 0;       // average SM clock over the timed runs; 0 when not measured
-  double flashmla_ms = 0;  // issue 6's figure for the cell (H100 80GB HBM3)
+  double flashmla_ms = 0;  // FlashMLA's figure for the cell on this card and protocol (FlashMlaAnchors); 0: none
 };
 struct SparseMlaSweep {
   std::string device, kernel;
   std::string protocol = "sustained";  // BenchOptions::protocol
   int tokens = 0, topk = 0, d_qk = 0, d_v = 0, warmup = 0, iters = 0;
   double peak_tflops = 0;  // for the "% of peak" column
+  std::string flashmla_source;  // where the FlashMLA figures come from, or why there are none
   std::vector<SparseMlaSweepRow> rows;
 };
+
+// FlashMLA's sparse prefill figures measured on our cards
+// (shared/anchors/flashmla-sparse-prefill.json): per device name, per timing
+// protocol ("kineto", "dobench", "sustained"), one time in ms per (H, s_kv).
+struct FlashMlaAnchors {
+  std::string device, protocol;  // what was asked for
+  std::string source;            // "<file>: <device>, <protocol>, <measured>" or why there are no figures
+  std::vector<int> heads;
+  std::vector<int64_t> s_kv;
+  std::vector<std::vector<double>> ms;  // [heads][s_kv]; empty when the file has no figures for device / protocol
+  // The figure for a cell, 0 when there is none.
+  double at(int num_heads, int64_t s_kv) const;
+};
+// The file's figures for `device` (exact name, as cudaDeviceProp::name) timed
+// as the sweep protocol `protocol` times ("sustained" -> "sustained",
+// "flashmla" -> "dobench", FlashMLA's own triton.testing.do_bench). An
+// unknown device or a protocol the file has no figures for gives none (and
+// says so in source). Throws FileError for a file that cannot be read or is
+// malformed, naming the file and the key.
+FlashMlaAnchors load_flashmla_anchors(const std::string& path, const std::string& device, const std::string& protocol);
 // Throws ConfigError unless `protocol` is one BenchOptions::protocol knows.
 void check_sweep_protocol(const std::string& protocol);
 // Rendering (src/core/report.cpp): the markdown table, JSON, CSV.

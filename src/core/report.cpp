@@ -202,7 +202,7 @@ SweepRates sweep_rates(const SparseMlaSweep& s, const SparseMlaSweepRow& r) {
   SweepRates x;
   x.tflops = sweep_tflops(r.flops, r.median_ms);
   if (s.peak_tflops > 0) x.pct_peak = 100.0 * x.tflops / s.peak_tflops;
-  if (r.median_ms > 0) x.flashmla_over_ours = r.flashmla_ms / r.median_ms;
+  if (r.median_ms > 0 && r.flashmla_ms > 0) x.flashmla_over_ours = r.flashmla_ms / r.median_ms;
   return x;
 }
 // How the cells were timed, in words (BenchOptions::protocol).
@@ -223,15 +223,17 @@ std::string format_sweep_table(const SparseMlaSweep& s) {
       s.device, s.tokens, s.topk, s.d_qk, s.d_v, sweep_protocol_words(s), s.peak_tflops);
   for (const SparseMlaSweepRow& r : s.rows) {
     const SweepRates x = sweep_rates(s, r);
-    out += fmt::format("| {} | {} | {:.3f} | {:.0f} | {:.1f}% | {} | {:.2f} | {:.0f} | {:.2f}x |\n", r.num_heads, r.s_kv,
-                       r.median_ms, x.tflops, std::max(0.0, x.pct_peak),
-                       r.sm_mhz > 0 ? fmt::format("{:.0f}", r.sm_mhz) : std::string("-"), r.flashmla_ms,
-                       sweep_tflops(r.flops, r.flashmla_ms), std::max(0.0, x.flashmla_over_ours));
+    const bool fm = r.flashmla_ms > 0;
+    out += fmt::format("| {} | {} | {:.3f} | {:.0f} | {:.1f}% | {} | {} | {} | {} |\n", r.num_heads, r.s_kv, r.median_ms, x.tflops,
+                       std::max(0.0, x.pct_peak), r.sm_mhz > 0 ? fmt::format("{:.0f}", r.sm_mhz) : std::string("-"),
+                       fm ? fmt::format("{:.2f}", r.flashmla_ms) : "-",
+                       fm ? fmt::format("{:.0f}", sweep_tflops(r.flops, r.flashmla_ms)) : "-",
+                       fm ? fmt::format("{:.2f}x", x.flashmla_over_ours) : "-");
   }
   out += fmt::format(
       "kernel: {}; FLOPs = 2 * H * {} * valid indices; SM MHz: average SM clock over the timed runs (clock64 / "
-      "globaltimer); FlashMLA from issue 6 (H100 80GB HBM3, clock not recorded)\n",
-      s.kernel, s.d_qk + s.d_v);
+      "globaltimer); {}\n",
+      s.kernel, s.d_qk + s.d_v, s.flashmla_source.empty() ? "no FlashMLA figures" : s.flashmla_source);
   return out;
 }
 
@@ -248,6 +250,7 @@ std::string format_sweep_json(const SparseMlaSweep& s) {
   j["warmup"] = s.warmup;
   j["iters"] = s.iters;
   j["peak_tflops"] = s.peak_tflops;
+  j["flashmla_source"] = s.flashmla_source;
   json rows = json::array();
   for (const SparseMlaSweepRow& r : s.rows) {
     const SweepRates x = sweep_rates(s, r);
@@ -263,7 +266,7 @@ std::string format_sweep_json(const SparseMlaSweep& s) {
                     {"tflops", x.tflops},
                     {"pct_peak", x.pct_peak >= 0 ? json(x.pct_peak) : json(nullptr)},
                     {"sm_mhz", r.sm_mhz > 0 ? json(r.sm_mhz) : json(nullptr)},
-                    {"flashmla_ms", r.flashmla_ms},
+                    {"flashmla_ms", r.flashmla_ms > 0 ? json(r.flashmla_ms) : json(nullptr)},
                     {"flashmla_over_ours", x.flashmla_over_ours >= 0 ? json(x.flashmla_over_ours) : json(nullptr)}});
   }
   j["rows"] = rows;
@@ -280,7 +283,7 @@ std::string format_sweep_csv(const SparseMlaSweep& s) {
                        csv_field(s.protocol), s.tokens, s.topk, r.num_heads, r.s_kv, num(r.median_ms), num(r.min_ms),
                        num(r.max_ms), num(r.mean_ms), r.warmup, r.runs, num(r.flops), num(x.tflops),
                        x.pct_peak >= 0 ? num(x.pct_peak) : std::string(), r.sm_mhz > 0 ? num(r.sm_mhz) : std::string(),
-                       num(r.flashmla_ms), x.flashmla_over_ours >= 0 ? num(x.flashmla_over_ours) : std::string());
+                       r.flashmla_ms > 0 ? num(r.flashmla_ms) : std::string(), x.flashmla_over_ours >= 0 ? num(x.flashmla_over_ours) : std::string());
   }
   return out;
 }

@@ -271,3 +271,42 @@ TEST(Report, StageWorkFollowsSpecSection8) {
     EXPECT_NE(std::string(e.what()).find("sparse_mla"), std::string::npos);
   }
 }
+
+// FlashMLA's figures come from the anchor file, per card and protocol; an
+// unknown card or protocol has none, and the table shows "-" for them.
+TEST(Anchors, FiguresAreReadPerCardAndProtocol) {
+  const std::string path = std::string(DSA_TEST_DATA_DIR) + "/flashmla_anchors_sample.json";
+  const FlashMlaAnchors h200 = load_flashmla_anchors(path, "NVIDIA H200", "sustained");
+  EXPECT_EQ(h200.at(128, 4096), 3.619);
+  EXPECT_EQ(h200.at(64, 32768), 1.890);
+  EXPECT_EQ(h200.at(64, 1000), 0.0);
+  EXPECT_NE(h200.source.find("NVIDIA H200"), std::string::npos) << h200.source;
+  // FlashMLA's own protocol (do_bench) maps to the file's "dobench" figures.
+  EXPECT_EQ(load_flashmla_anchors(path, "NVIDIA H200", "flashmla").at(64, 8192), 1.771);
+  EXPECT_EQ(load_flashmla_anchors(path, "NVIDIA H100 80GB HBM3", "sustained").at(128, 8192), 3.88);
+  // The H100 entry has no do_bench figures; an unknown card has none at all.
+  const FlashMlaAnchors none = load_flashmla_anchors(path, "NVIDIA H100 80GB HBM3", "flashmla");
+  EXPECT_EQ(none.at(128, 8192), 0.0);
+  EXPECT_NE(none.source.find("no FlashMLA figures"), std::string::npos) << none.source;
+  EXPECT_EQ(load_flashmla_anchors(path, "NVIDIA B200", "sustained").at(128, 8192), 0.0);
+  try {
+    load_flashmla_anchors(path, "Broken Card", "sustained");
+    ADD_FAILURE() << "expected FileError";
+  } catch (const FileError& e) {
+    EXPECT_NE(std::string(e.what()).find("Broken Card"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(load_flashmla_anchors(path + ".missing", "NVIDIA H200", "sustained"), FileError);
+  EXPECT_THROW(load_flashmla_anchors(DSA_TEST_DATA_DIR, "NVIDIA H200", "sustained"), FileError);
+}
+
+TEST(Anchors, CellsWithoutAFigureShowNone) {
+  SparseMlaSweep s = sweep_sample();
+  s.rows[1].flashmla_ms = 0;
+  s.flashmla_source = "no FlashMLA figures for NVIDIA B200 in anchors.json";
+  const std::string t = format_sweep_table(s);
+  EXPECT_EQ(line_starting(t, "| 64 | 32768 "), "| 64 | 32768 | 2.000 | 500 | 62.5% | - | - | - | - |") << t;
+  EXPECT_NE(t.find("no FlashMLA figures for NVIDIA B200"), std::string::npos) << t;
+  const auto j = nlohmann::json::parse(format_sweep_json(s));
+  EXPECT_TRUE(j["rows"][1]["flashmla_ms"].is_null());
+  EXPECT_TRUE(j["rows"][1]["flashmla_over_ours"].is_null());
+}

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <map>
 #include <memory>
 #include <optional>
@@ -38,6 +39,7 @@ struct BenchCli {
   bool sweep = false, sweep_sparse_mla = false, list_stages = false;
   std::string backend = "auto";
   std::string protocol;  // sparse MLA sweep only
+  std::string anchors;   // sparse MLA sweep only: FlashMLA anchor file
 };
 
 // The default shape when no --new/--tokens is given: the seed's check on a
@@ -200,6 +202,9 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
     }
     opt.protocol = o.protocol;
   }
+  if (!o.anchors.empty() && !sweep_mla) {
+    throw ConfigError("--anchors names the FlashMLA figures shown beside the sparse MLA sweep; give it with --sweep-sparse-mla");
+  }
   if (o.sweep && o.stage != "sparse_mla") {
     throw ConfigError("--sweep is the standalone sparse MLA sweep: give it with --stage sparse_mla (or use --sweep-sparse-mla)");
   }
@@ -210,7 +215,8 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
     // The sweep is issue 6's fixed grid; a shape or config flag given with it
     // would be silently ignored, so it is refused instead.
     static const std::vector<std::string> applies = {"iters", "warmup",           "seed",  "json",  "csv",     "backend",
-                                                     "protocol", "sweep-sparse-mla", "sweep", "stage", "help"};
+                                                     "protocol", "sweep-sparse-mla", "sweep", "stage", "help",
+                                                     "anchors"};
     for (const CLI::Option* opt : sub.get_options()) {
       if (opt->count() == 0 || opt->get_lnames().empty()) continue;
       const std::string& name = opt->get_lnames().front();
@@ -220,6 +226,11 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
             "and 128, five context lengths); drop it (the sweep takes --protocol, --iters, --warmup, --seed, --json, --csv)",
             name));
       }
+    }
+    if (!o.anchors.empty()) {
+      opt.anchors_path = o.anchors;  // given: it must be readable (load_flashmla_anchors says why not)
+    } else if (std::filesystem::exists(DSA_DEFAULT_ANCHORS)) {
+      opt.anchors_path = DSA_DEFAULT_ANCHORS;
     }
     if (backend != Backend::Cuda) {
       const std::string msg = "the sparse MLA sweep times the GPU kernel and needs the CUDA backend on a GPU; none is in use here";
@@ -338,6 +349,9 @@ void register_bench(CLI::App& app) {
   sub->add_flag("--csv", o->csv, "print CSV, one row per stage and one for the layer (per cell for the sparse MLA sweep)");
   sub->add_option("--backend", o->backend, "auto (GPU when there is one), ref or cuda");
   sub->add_flag("--sweep-sparse-mla", o->sweep_sparse_mla, "standalone sparse MLA sweep (s_kv x H) beside FlashMLA's numbers, with the SM clock per cell (GPU)");
+  sub->add_option("--anchors", o->anchors,
+                  "FlashMLA figures for the sparse MLA sweep, per card and protocol (default: the project's "
+                  "shared/anchors/flashmla-sparse-prefill.json beside the source tree, when present)");
   sub->add_flag("--sweep", o->sweep, "with --stage sparse_mla: the same sweep");
   sub->add_option("--protocol", o->protocol,
                   "how the sparse MLA sweep times a cell: sustained (default: --warmup runs, then --iters back to back, "

@@ -111,6 +111,13 @@ SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
   p.softmax_scale = 0.1352338f;
   SparseMlaSweep sweep;
   sweep.device = ctx.device->name;
+  FlashMlaAnchors anchors;
+  if (!opt.anchors_path.empty()) {
+    anchors = load_flashmla_anchors(opt.anchors_path, sweep.device, opt.protocol);
+  } else {
+    anchors.source = "no FlashMLA anchor file given";
+  }
+  sweep.flashmla_source = anchors.source;
   sweep.kernel = "simple";
   sweep.tokens = kT;
   sweep.topk = kTopk;
@@ -188,7 +195,7 @@ SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
       row.max_ms = ms.back();
       row.flops = 2.0 * H * (kDqk + kDv) * static_cast<double>(valid);
       row.sm_mhz = probe_mhz(h);
-      row.flashmla_ms = kFlashMlaMs[hi][si];
+      row.flashmla_ms = anchors.at(H, s_kv);
       sweep.rows.push_back(row);
     }
   }

@@ -22,8 +22,6 @@ constexpr int kDqk = 576;
 constexpr int kDv = 512;
 constexpr double kPeakTflops = 790.0;
 constexpr int64_t kSkv[] = {4096, 8192, 32768, 65536, 131072};
-// FlashMLA sparse prefill, ms, issue 6 (H100 80GB HBM3): rows H = 128, 64.
-constexpr double kFlashMlaMs[2][5] = {{3.57, 3.88, 4.02, 4.36, 4.48}, {1.96, 1.83, 2.17, 2.50, 3.02}};
 
 // Deterministic pseudo-random bf16 in [-1, 1) from (seed, element index),
 // the project's hash (dsa/hash.h).
