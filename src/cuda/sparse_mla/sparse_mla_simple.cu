@@ -63,30 +63,36 @@ __global__ void __launch_bounds__(kSimpleThreads) sparse_mla_simple_kernel(Spars
     __syncthreads();
     float cmax = -INFINITY;
     for (int j = 0; j < kSimpleChunk; ++j) cmax = fmaxf(cmax, s_score[j]);
+    // fmaxf skips NaN: m_new is -inf while every valid score so far is NaN
+    // or -inf. Such a chunk is not skipped (a NaN score must reach l and the
+    // output: NaN propagates, as in dsa::ref::sparse_mla); its exponentials
+    // take base 0 instead (avoids -inf - -inf), which leaves an empty prefix
+    // as it was (alpha = exp(-inf) = 0, l and acc stay 0).
     const float m_new = fmaxf(m, cmax);
-    if (m_new != -INFINITY) {  // else nothing valid yet: skip (avoids -inf - -inf)
-      const float alpha = expf(m - m_new);  // 0 on the first valid chunk
-      l *= alpha;
+    const float mu = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = expf(m - mu);  // 0 on the first valid chunk
+    l *= alpha;
 #pragma unroll
-      for (int k = 0; k < kSimpleMaxDvPerThread; ++k) acc[k] *= alpha;
-      for (int j = 0; j < kSimpleChunk; ++j) {
-        const int idx = s_idx[j];
-        if (idx < 0) continue;
-        const float pj = expf(s_score[j] - m_new);
-        l += pj;
-        const __nv_bfloat16* row = p.kv + idx * p.stride_kv_slot;
+    for (int k = 0; k < kSimpleMaxDvPerThread; ++k) acc[k] *= alpha;
+    for (int j = 0; j < kSimpleChunk; ++j) {
+      const int idx = s_idx[j];
+      if (idx < 0) continue;
+      const float pj = expf(s_score[j] - mu);
+      l += pj;
+      const __nv_bfloat16* row = p.kv + idx * p.stride_kv_slot;
 #pragma unroll
-        for (int k = 0; k < kSimpleMaxDvPerThread; ++k) {
-          const int d = tid + k * kSimpleThreads;
-          if (d < p.d_v) acc[k] += pj * __bfloat162float(row[d]);
-        }
+      for (int k = 0; k < kSimpleMaxDvPerThread; ++k) {
+        const int d = tid + k * kSimpleThreads;
+        if (d < p.d_v) acc[k] += pj * __bfloat162float(row[d]);
       }
-      m = m_new;
     }
+    m = m_new;
     __syncthreads();  // s_score / s_idx are rewritten by the next chunk
   }
 
-  const bool any = l > 0.f;
+  // l is 0 exactly when nothing valid contributed (no valid index); NaN
+  // (a NaN score) is not "nothing": lse and the output stay NaN.
+  const bool any = l != 0.f;
   const float inv = any ? 1.f / l : 0.f;
   __nv_bfloat16* out = p.out + t * p.stride_out_t + h * p.stride_out_h;
 #pragma unroll

@@ -37,29 +37,30 @@ using namespace dsa::cuda::sm90;  // the shared PTX helpers (src/cuda/sm90/commo
 
 // lse (natural log) and, when asked for, the row max of head rows h0 and
 // h0 + 8 of token t from their running max (log2 domain) and sum; a row with
-// nothing valid (sum 0) gets lse +inf and max -inf. Used by the epilogue and
+// nothing valid (sum 0) gets lse +inf and max -inf; a NaN sum (a NaN score)
+// keeps lse NaN, as dsa::ref::sparse_mla does. Used by the epilogue and
 // by the combine kernel of split items.
 // The dense form (kDense builds): rows row0 and row1 of [T * H] lse / max.
 __device__ __forceinline__ void store_row_stats_dense(const SparseMlaParams& p, int64_t row0, int64_t row1, float m0, float m1,
                                                       float l0, float l1) {
   constexpr float kLn2 = 0.6931471805599453f;
-  p.lse[row0] = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : INFINITY;
-  p.lse[row1] = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : INFINITY;
+  p.lse[row0] = l0 == 0.f ? INFINITY : (m0 + __log2f(l0)) * kLn2;
+  p.lse[row1] = l1 == 0.f ? INFINITY : (m1 + __log2f(l1)) * kLn2;
   if (p.row_max) {
-    p.row_max[row0] = l0 > 0.f ? m0 * kLn2 : -INFINITY;
-    p.row_max[row1] = l1 > 0.f ? m1 * kLn2 : -INFINITY;
+    p.row_max[row0] = l0 == 0.f ? -INFINITY : m0 * kLn2;
+    p.row_max[row1] = l1 == 0.f ? -INFINITY : m1 * kLn2;
   }
 }
 __device__ __forceinline__ void store_row_stats(const SparseMlaParams& p, uint32_t t, int h0, float m0, float m1, float l0,
                                                 float l1) {
   constexpr float kLn2 = 0.6931471805599453f;
   float* lse = p.lse + mul_wide_u32(t, static_cast<uint32_t>(p.stride_lse_t)) + h0;
-  lse[0] = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : INFINITY;
-  lse[8] = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : INFINITY;
+  lse[0] = l0 == 0.f ? INFINITY : (m0 + __log2f(l0)) * kLn2;
+  lse[8] = l1 == 0.f ? INFINITY : (m1 + __log2f(l1)) * kLn2;
   if (p.row_max) {
     float* row_max = p.row_max + mul_wide_u32(t, static_cast<uint32_t>(p.stride_row_max_t)) + h0;
-    row_max[0] = l0 > 0.f ? m0 * kLn2 : -INFINITY;
-    row_max[8] = l1 > 0.f ? m1 * kLn2 : -INFINITY;
+    row_max[0] = l0 == 0.f ? -INFINITY : m0 * kLn2;
+    row_max[8] = l1 == 0.f ? -INFINITY : m1 * kLn2;
   }
 }
 
