@@ -93,6 +93,11 @@ std::string weight_prefix(int64_t layer);
 // paths, no ".." out of it). Unless allow_nonfinite, every weight and every
 // fp8 block scale must be finite (ValueError naming the tensor and index).
 LayerWeights load_weights(const LayerConfig& cfg, const std::string& path, int64_t layer = 0, bool allow_nonfinite = false);
+// The weight_map of a model.safetensors.index.json given as text: tensor
+// name -> shard path (the folder of `path` joined with the shard name, which
+// must stay inside that folder, as load_weights requires). `path` names the
+// index in messages. Throws FileError.
+std::map<std::string, std::string> checkpoint_index_shards(const std::string& text, const std::string& path);
 // Writes the weights as bf16 under the same names (a file load_weights reads
 // back bit for bit), with `metadata` added to the file's __metadata__.
 void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer = 0,

@@ -103,7 +103,7 @@ json parse_object(const std::string& text, const std::string& origin) {
   json j;
   try {
     j = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number past double (1e606)
     throw FileError(fmt::format("{}: malformed JSON ({}); fix the file or pass a valid Hugging Face config.json", origin, e.what()));
   }
   if (!j.is_object()) {

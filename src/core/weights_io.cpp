@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <sstream>
 
 #include "dsa/error.h"
 #include "dsa/layer.h"
@@ -46,6 +47,13 @@ std::vector<WeightSlot> weight_slots(const LayerConfig& c) {
 // blobs/, which must keep working.
 std::string shard_path(const std::string& index, const std::filesystem::path& dir, const std::string& tensor, const std::string& shard) {
   namespace fs = std::filesystem;
+  // The operating system reads a path only up to its first NUL byte, so
+  // "..\u0000x" passes the lexical check below yet opens the parent folder.
+  if (shard.find('\0') != std::string::npos) {
+    throw FileError(fmt::format("'{}': weight_map entry '{}' names shard {}, which holds a NUL byte; shard names must be plain "
+                                "relative file names inside '{}'",
+                                index, tensor, nlohmann::json(shard).dump(), dir.empty() ? "." : dir.string()));
+  }
   const fs::path p(shard);
   const fs::path norm = p.lexically_normal();
   const bool escapes = !norm.empty() && *norm.begin() == "..";
@@ -77,20 +85,9 @@ class Source {
       require_regular_file(path, "checkpoint index");
       std::ifstream f(path);
       if (!f) throw FileError(fmt::format("cannot open checkpoint index '{}'; check the path", path));
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(f);
-      } catch (const nlohmann::json::exception& e) {
-        throw FileError(fmt::format("'{}' is not valid JSON ({}); expected a model.safetensors.index.json", path, e.what()));
-      }
-      if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object()) {
-        throw FileError(fmt::format("'{}' has no 'weight_map' object; expected a model.safetensors.index.json", path));
-      }
-      const auto dir = std::filesystem::path(path).parent_path();
-      for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
-        if (!it.value().is_string()) throw FileError(fmt::format("'{}': weight_map entry '{}' is not a file name", path, it.key()));
-        shard_of_[it.key()] = shard_path(path, dir, it.key(), it.value().get<std::string>());
-      }
+      std::ostringstream text;
+      text << f.rdbuf();
+      shard_of_ = checkpoint_index_shards(text.str(), path);
     } else {
       single_ = std::make_unique<st::Reader>(path);
     }
@@ -114,6 +111,25 @@ class Source {
 };
 
 }  // namespace
+
+std::map<std::string, std::string> checkpoint_index_shards(const std::string& text, const std::string& path) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw FileError(fmt::format("'{}' is not valid JSON ({}); expected a model.safetensors.index.json", path, e.what()));
+  }
+  if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object()) {
+    throw FileError(fmt::format("'{}' has no 'weight_map' object; expected a model.safetensors.index.json", path));
+  }
+  const auto dir = std::filesystem::path(path).parent_path();
+  std::map<std::string, std::string> shard_of;
+  for (auto it = j["weight_map"].begin(); it != j["weight_map"].end(); ++it) {
+    if (!it.value().is_string()) throw FileError(fmt::format("'{}': weight_map entry '{}' is not a file name", path, it.key()));
+    shard_of[it.key()] = shard_path(path, dir, it.key(), it.value().get<std::string>());
+  }
+  return shard_of;
+}
 
 std::string weight_prefix(int64_t layer) { return fmt::format("model.layers.{}.self_attn.", layer); }
 
