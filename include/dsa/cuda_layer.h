@@ -115,4 +115,9 @@ class CudaLayer {
   std::unique_ptr<Impl> impl_;
 };
 
+// Before anything of a step is allocated: throws OutOfMemoryError naming the
+// step's GPU memory (dsa::cuda_step_footprint) and the current device's free
+// memory when it does not fit.
+void check_step_fits(const LayerConfig& cfg, const std::vector<StepRequest>& requests, bool trace = false);
+
 }  // namespace dsa::cuda

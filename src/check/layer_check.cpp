@@ -169,6 +169,7 @@ StepCheck check_step(const LayerConfig& cfg, const std::vector<StepRequest>& req
   if (cuda::device_count() == 0) throw NoDeviceError("check_step compares the GPU with the reference and needs a CUDA GPU; none is visible");
   if (o.sample < 1) throw ConfigError(fmt::format("sample = {} tokens is invalid: check at least one token", o.sample), "sample");
   const cuda::DeviceInfo& dev = cuda::current_device();
+  cuda::check_step_fits(cfg, requests, /*trace=*/true);  // before the first allocation
   const auto t_start = std::chrono::steady_clock::now();
 
   // Caches: the same configuration and the same request operations on both

@@ -106,6 +106,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
     ~StreamGuard() { cudaStreamDestroy(s); }
   } guard{st};
 
+  check_step_fits(cfg, requests);  // before the first allocation
   if (!opt.profile_once) measure_peaks(device_context(st), res.peak_tflops, res.peak_gbps);
 
   // Cache with room for exactly this step, on the GPU, filled with synthetic

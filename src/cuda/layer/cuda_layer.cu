@@ -19,6 +19,7 @@
 #include "dsa/cuda.h"
 #include "dsa/cuda_layer.h"
 #include "dsa/error.h"
+#include "dsa/memory.h"
 
 namespace dsa::cuda {
 
@@ -609,6 +610,21 @@ void CudaLayer::download_trace(LayerTrace& tr, const TraceOptions& opt, CUstream
   tr.attn_out = widen(download<uint16_t>(m.attn_out.p, T * H * c.kv_lora_rank, stream));
   tr.attn_lse = download<float>(m.lse.p, T * H, stream);
   tr.attn_max = download<float>(m.row_max.p, T * H, stream);
+}
+
+void check_step_fits(const LayerConfig& cfg, const std::vector<StepRequest>& requests, bool trace) {
+  const DeviceContext ctx = device_context();
+  int64_t T = 0;
+  for (const StepRequest& r : requests) T += r.num_new;
+  // The attention's workspace as prepare() sizes it: for the step's cache
+  // (none to reorder with the fp8 cache, whose rows are gathered first).
+  const int64_t slots = cfg.kv_cache_dtype == LatentCacheDType::FP8 ? 0 : CacheConfig::for_step(cfg, requests).capacity_tokens();
+  const double ws = static_cast<double>(
+      sparse_mla_workspace_bytes(ctx, T, static_cast<int>(cfg.num_heads), static_cast<int>(cfg.index_topk), slots));
+  size_t free_b = 0, total_b = 0;
+  DSA_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  check_fits_device(cuda_step_footprint(cfg, requests, ws, trace), static_cast<double>(free_b), static_cast<double>(total_b),
+                    ctx.device->name);
 }
 
 }  // namespace dsa::cuda
