@@ -20,6 +20,7 @@
 #include "dsa/layer.h"
 #include "dsa/safetensors.h"
 #include "expect_error.h"
+#include "scratch_dir.h"
 #include "small_layer_config.h"
 
 using namespace dsa;
@@ -32,24 +33,8 @@ namespace {
 constexpr int64_t kI64Max = std::numeric_limits<int64_t>::max();
 constexpr int64_t k2p62 = int64_t{1} << 62;
 
-struct TmpDir {
-  fs::path path = fs::temp_directory_path() / ("dsa_bounds_test_" + std::to_string(::getpid()));
-  TmpDir() { fs::create_directories(path); }
-  ~TmpDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-std::string tmp(const std::string& name) {
-  static const TmpDir d;
-  return (d.path / name).string();
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  f << text;
-}
+std::string tmp(const std::string& name) { return dsa::test::scratch_path(name); }
+using dsa::test::write_text;
 
 template <class E, class Fn>
 std::string parameter_of(Fn fn) {

@@ -18,6 +18,7 @@
 #include "dsa/config.h"
 #include "dsa/layer.h"
 #include "dsa/safetensors.h"
+#include "scratch_dir.h"
 #include "small_layer_config.h"
 
 using namespace dsa;
@@ -33,24 +34,8 @@ const std::string kDims =
     " --hidden-size 256 --num-heads 64 --q-lora-rank 128 --kv-lora-rank 128 --qk-nope-head-dim 32 --v-head-dim 32"
     " --index-n-heads 8 --topk 64 --tokens-per-block 16";
 
-struct TmpDir {
-  fs::path path = fs::temp_directory_path() / ("dsa_cli_bounds_" + std::to_string(::getpid()));
-  TmpDir() { fs::create_directories(path); }
-  ~TmpDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-std::string tmp(const std::string& name) {
-  static const TmpDir d;
-  return (d.path / name).string();
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary);
-  f << text;
-}
+std::string tmp(const std::string& name) { return dsa::test::scratch_path(name); }
+using dsa::test::write_text;
 
 // Refused before any work: the given exit code, the fragments on stderr and
 // nothing at all on stdout.
