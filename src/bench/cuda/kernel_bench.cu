@@ -11,6 +11,7 @@
 #include "cuda/check.cuh"
 #include "cuda/indexer/params.h"
 #include "cuda/topk/params.h"
+#include "dsa/stats.h"
 #include "dsa/cuda.h"
 #include "dsa/hash.h"
 
@@ -82,11 +83,9 @@ KernelTiming time_it(F&& f, int warmup, int iters) {
     DSA_CUDA_CHECK(cudaEventElapsedTime(&t, ev.a, ev.b));
     ms.push_back(t);
   }
-  std::sort(ms.begin(), ms.end());
+  const SampleSummary s = summarize(ms);
   KernelTiming r;
-  r.median_ms = ms[ms.size() / 2];
-  r.min_ms = ms.front();
-  r.max_ms = ms.back();
+  r.median_ms = s.median, r.min_ms = s.min, r.max_ms = s.max;
   return r;
 }
 

@@ -30,6 +30,7 @@
 #include "bench/cuda/sparse_mla_sweep_inputs.cuh"
 #include "cuda/check.cuh"
 #include "cuda/sparse_mla/sparse_mla.h"
+#include "dsa/stats.h"
 #include "dsa/bench.h"
 #include "dsa/cuda.h"
 
@@ -182,17 +183,16 @@ SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {
       DSA_CHECK_LAUNCH("sm_clock_probe");
       unsigned long long h[6];
       DSA_CUDA_CHECK(cudaMemcpy(h, probe.p, sizeof h, cudaMemcpyDeviceToHost));
-      const double mean = std::accumulate(ms.begin(), ms.end(), 0.0) / static_cast<double>(ms.size());
-      std::sort(ms.begin(), ms.end());
+      const SampleSummary stats = summarize(std::vector<double>(ms.begin(), ms.end()));
       SparseMlaSweepRow row;
-      row.mean_ms = mean;
+      row.mean_ms = stats.mean;
       row.warmup = warmup;
       row.runs = runs;
       row.num_heads = H;
       row.s_kv = s_kv;
-      row.median_ms = ms[ms.size() / 2];
-      row.min_ms = ms.front();
-      row.max_ms = ms.back();
+      row.median_ms = stats.median;
+      row.min_ms = stats.min;
+      row.max_ms = stats.max;
       row.flops = 2.0 * H * (kDqk + kDv) * static_cast<double>(valid);
       row.sm_mhz = probe_mhz(h);
       row.flashmla_ms = anchors.at(H, s_kv);
