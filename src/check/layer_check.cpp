@@ -35,7 +35,6 @@ uint64_t digest_of(const std::vector<T>& v) {
   return h;
 }
 
-
 std::vector<float> widen(const std::vector<bf16_t>& v) {
   std::vector<float> f(v.size());
   for (size_t i = 0; i < v.size(); ++i) f[i] = bf16_to_float(v[i]);
