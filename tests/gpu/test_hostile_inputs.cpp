@@ -36,6 +36,7 @@
 #include "dsa/error.h"
 #include "dsa/layer.h"
 #include "dsa/reference.h"
+#include "small_gpu_config.h"
 
 namespace {
 
@@ -856,15 +857,7 @@ TEST(HostileIndexer, VisibleEndEdgesSingleKeyAndHiddenNan) {
 
 // ================================ the layer =================================
 
-dsa::LayerConfig small_config(int64_t heads, int64_t topk) {
-  dsa::LayerConfig c;
-  c.hidden_size = 1024;
-  c.q_lora_rank = 512;
-  c.num_heads = heads;
-  c.index_topk = topk;
-  dsa::validate(c);
-  return c;
-}
+using dsa::test::small_gpu_config;
 
 struct LayerRun {
   std::vector<dsa::bf16_t> gpu;  // [T, H * 128]
@@ -926,7 +919,7 @@ void expect_layer_like_ref(const LayerRun& r, int64_t row, const std::string& wh
 // shorter than topk (every visible key selected, the rest -1).
 TEST(HostileLayer, SingleTokenAndContextShorterThanTopk) {
   SKIP_WITHOUT_GPU();
-  const dsa::LayerConfig cfg = small_config(64, 64);
+  const dsa::LayerConfig cfg = small_gpu_config(64, 64);
   const int64_t row = cfg.num_heads * cfg.v_head_dim;
   {
     const std::vector<dsa::StepRequest> rq = {{0, 0, 1}};
@@ -950,7 +943,7 @@ TEST(HostileLayer, SingleTokenAndContextShorterThanTopk) {
 // Tokens 0 of A and all of B: exactly the bits of the run without the NaN.
 TEST(HostileLayer, NanInHiddenStaysInItsRows) {
   SKIP_WITHOUT_GPU();
-  const dsa::LayerConfig cfg = small_config(64, 64);
+  const dsa::LayerConfig cfg = small_gpu_config(64, 64);
   const int64_t row = cfg.num_heads * cfg.v_head_dim;
   const std::vector<dsa::StepRequest> rq = {{0, 0, 3}, {1, 20, 2}};
   const std::vector<dsa::bf16_t> hidden = dsa::generate_hidden(cfg, 5, 6);

@@ -16,6 +16,7 @@
 #include "dsa/error.h"
 #include "dsa/layer_check.h"
 #include "dsa/reference.h"
+#include "small_gpu_config.h"
 
 namespace {
 
@@ -24,17 +25,7 @@ using dsa::StepRequest;
 #define SKIP_WITHOUT_GPU() \
   if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device"
 
-// Smaller hidden and q_lora widths keep the CPU reference quick; every width
-// the kernels specialize on (latent 512 + 64, heads 64 / 128, indexer 64 x 128) is real.
-dsa::LayerConfig small_config(int64_t heads, int64_t topk) {
-  dsa::LayerConfig c;
-  c.hidden_size = 1024;
-  c.q_lora_rank = 512;
-  c.num_heads = heads;
-  c.index_topk = topk;
-  dsa::validate(c);
-  return c;
-}
+using dsa::test::small_gpu_config;
 
 struct Case {
   const char* name;
@@ -59,7 +50,7 @@ class LayerStep : public ::testing::TestWithParam<Case> {};
 TEST_P(LayerStep, EveryStageAndTheLayerMatchTheReference) {
   SKIP_WITHOUT_GPU();
   const Case& c = GetParam();
-  dsa::LayerConfig cfg = small_config(c.heads, c.topk);
+  dsa::LayerConfig cfg = small_gpu_config(c.heads, c.topk);
   cfg.o_proj = c.o_proj;
   cfg.kv_cache_dtype = c.latent;
   dsa::check::CheckOptions o;
@@ -149,7 +140,7 @@ TEST(LayerGpu, CacheAppendBothFormsMatchReference) {
 
 TEST(LayerGpu, RejectsWhatItCannotRun) {
   SKIP_WITHOUT_GPU();
-  dsa::LayerConfig cfg = small_config(64, 64);
+  dsa::LayerConfig cfg = small_gpu_config(64, 64);
   const dsa::LayerWeights w = dsa::generate_weights(cfg, 3);
   dsa::cuda::CudaLayer layer(cfg, w);
   dsa::CacheConfig cc = dsa::CacheConfig::for_layer(cfg);
