@@ -12,7 +12,9 @@
 #   --sanitize  also run compute-sanitizer --tool memcheck on the GPU tests
 #               (last, within what is left of TOTAL seconds, default 570)
 #   --sweep     also run the sparse MLA sweep beside FlashMLA's numbers
-#               (`dsa bench --sweep-sparse-mla --iters 20`, ~15 s; $OUT/sweep.txt)
+#               (`dsa bench --sweep-sparse-mla --iters 20`, ~15 s; $OUT/sweep.txt);
+#               FlashMLA's figures come from $ANCHORS when set (the device
+#               machine has no ../shared: copy the anchor file into the checkout)
 #   --quick     GPU tests and the bench tables only (no dsa check)
 #   --no-build  reuse build-dev from an earlier run on the same machine
 # On the device tool: run with carry [".device-deps"], e.g.
@@ -87,7 +89,9 @@ if [ $QUICK -eq 0 ]; then
 fi
 step "dsa bench seed shape" bench-seed.txt "$TL_BENCH" $DSA bench --backend cuda --batch 1 --cached 0 --new 4096
 step "dsa bench decode (graph replay)" bench-decode.txt "$TL_BENCH" $DSA bench --backend cuda --batch 64 --cached 32768 --new 1 --graph
-[ $SWEEP -eq 1 ] && step "sparse MLA sweep" sweep.txt "$TL_BENCH" $DSA bench --sweep-sparse-mla --iters 20
+ANCHOR_ARGS=()
+[ -n "${ANCHORS:-}" ] && ANCHOR_ARGS=(--anchors "$ANCHORS")
+[ $SWEEP -eq 1 ] && step "sparse MLA sweep" sweep.txt "$TL_BENCH" $DSA bench --sweep-sparse-mla --iters 20 "${ANCHOR_ARGS[@]}"
 if [ $SANITIZE -eq 1 ]; then
   # Last, with whatever is left of the TOTAL budget (default 570 s). memcheck
   # slows kernels 10-100x: every test but the T > 65535 sparse MLA ones and the
