@@ -1,0 +1,125 @@
+#pragma once
+// The layer's stages as standalone ops, with the inputs engines hand them
+// (the signatures of FlashMLA's flash_mla_sparse_fwd and DeepGEMM's
+// fp8_mqa_logits / fp8_paged_mqa_logits): for the Python package and for
+// anyone who wants to test or time one stage on their own tensors.
+//
+// Every tensor is a non-owning strided view, as DLPack describes one. An op
+// runs where its tensors live: all on the CPU (the reference, dsa_reference)
+// or all on one CUDA device (the CUDA backend, on `stream`). Outputs are
+// written in place; the caller allocates them (the Python package does so with
+// the caller's framework). Every op checks every tensor first (dtype, rank,
+// shape, device, strides, alignment, overlap of outputs with inputs) and
+// throws, before touching anything:
+//   - dsa::ShapeError naming the tensor, the rule and the fix (wrong rank,
+//     shape, device, stride, alignment): Python ValueError;
+//   - dsa::DTypeError for a wrong dtype: Python TypeError;
+//   - dsa::NoDeviceError for CUDA tensors in a build without the CUDA backend.
+// Device-side values (indices, lengths) are not checked on the host (that
+// would need a synchronization); the ops define what out-of-range values do.
+//
+// No CUDA headers here: streams are CUstream_st* (= cudaStream_t).
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dsa/config.h"
+#include "dsa/error.h"
+
+struct CUstream_st;
+
+namespace dsa {
+
+// A tensor of the wrong dtype (Python: TypeError).
+class DTypeError : public Error {
+ public:
+  using Error::Error;
+};
+
+namespace ops {
+
+enum class DType { BF16, F16, F32, F64, I32, I64, U8, FP8_E4M3 };
+const char* to_string(DType d);
+int64_t itemsize(DType d);
+
+enum class DeviceKind { CPU, CUDA };
+
+// A strided view. strides count elements (not bytes), one per dimension.
+struct Tensor {
+  void* data = nullptr;
+  DType dtype = DType::F32;
+  DeviceKind device = DeviceKind::CPU;
+  int device_index = 0;              // CUDA device ordinal; 0 for CPU
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;      // elements; same length as shape
+  std::string name;                  // the argument's name, for messages ("q", "kv", ...)
+
+  int64_t ndim() const { return static_cast<int64_t>(shape.size()); }
+  int64_t numel() const;
+  bool is_cuda() const { return device == DeviceKind::CUDA; }
+  // Dense row-major (C-contiguous), ignoring strides of size-1 dimensions.
+  bool contiguous() const;
+};
+
+// A dense tensor view over `data` with row-major strides.
+Tensor dense(void* data, DType dtype, std::vector<int64_t> shape, DeviceKind device = DeviceKind::CPU, int device_index = 0,
+             std::string name = {});
+
+// True when this build has the CUDA backend and a usable device.
+bool cuda_available();
+
+// ---- sparse MLA (spec 3.6), as FlashMLA's flash_mla_sparse_fwd ---------------
+// q           [T, H, d_qk] bf16 (d_qk = 576); last dimension contiguous, other strides free
+// kv          [S, d_qk] or [S, 1, d_qk] bf16: one latent row per global slot
+// indices     [T, topk] or [T, 1, topk] int32: slots; -1 or >= S is skipped
+// out         [T, H, d_v] bf16 (d_v = 512): the softmax-weighted sum of the first d_v dims
+// max_logits  [T, H] f32: max scaled score (-inf with no valid index)
+// lse         [T, H] f32: natural-log sum-exp of the scaled scores (+inf with no valid index, out = 0)
+// CUDA: the same kernel choice and workspace as the layer (bit for bit the
+// layer's sparse_mla for the same inputs); the workspace is allocated
+// stream-ordered on `stream` and released there.
+void sparse_mla_fwd(const Tensor& q, const Tensor& kv, const Tensor& indices, double sm_scale, int64_t d_v, const Tensor& out,
+                    const Tensor& max_logits, const Tensor& lse, CUstream_st* stream = nullptr);
+
+// ---- indexer logits (spec 3.5), as DeepGEMM's fp8_mqa_logits -----------------
+// q        [M, HI, 128] fp8_e4m3 (unscaled; the q scale is folded into weights)
+// k        [N, 128] fp8_e4m3, k_scale [N] f32
+// weights  [M, HI] f32
+// k_start, k_end [M] int32: query m sees keys [k_start[m], k_end[m]) (clamped to [0, N])
+// logits   [M, N] f32 (row stride >= N): logits[m, n] = k_scale[n] * sum_h weights[m, h] * relu(q[m, h] . k[n])
+//          for n in [k_start[m], k_end[m]); -inf elsewhere when clean_logits, unspecified otherwise.
+void fp8_mqa_logits(const Tensor& q, const Tensor& k, const Tensor& k_scale, const Tensor& weights, const Tensor& k_start,
+                    const Tensor& k_end, const Tensor& logits, bool clean_logits = true, CUstream_st* stream = nullptr);
+
+// ---- indexer logits over the paged cache, as DeepGEMM's fp8_paged_mqa_logits -
+// q             [B, next_n, HI, 128] fp8_e4m3
+// kv_cache      [num_blocks, block_size, 1, 132] or [num_blocks, block_size * 132] uint8: per block
+//               block_size x 128 fp8 keys, then block_size f32 scales (spec section 4)
+// weights       [B * next_n, HI] f32
+// context_lens  [B] int32: tokens in each request's context, the next_n new ones included
+// block_table   [B, max_blocks] int32
+// logits        [B * next_n, max_context_len] f32: row b * next_n + j sees positions
+//               [0, context_lens[b] - next_n + j + 1) (causal within the next_n); -inf after when clean_logits
+void fp8_paged_mqa_logits(const Tensor& q, const Tensor& kv_cache, const Tensor& weights, const Tensor& context_lens,
+                          const Tensor& block_table, int64_t max_context_len, const Tensor& logits, bool clean_logits = true,
+                          CUstream_st* stream = nullptr);
+
+// ---- top-k (spec 3.5) --------------------------------------------------------
+// logits  [T, S] f32 (row stride >= S), lengths [T] int32 (candidates: columns [0, lengths[t]), clamped to [0, S])
+// out     [T, k] int32: positions of the min(k, length) largest, ties to the lower position,
+//         in ascending position order, then -1. NaN ranks as -inf.
+void topk(const Tensor& logits, int64_t k, const Tensor& lengths, const Tensor& out, CUstream_st* stream = nullptr);
+
+// ---- RoPE, quantization and the paged cache append (spec 3.4, section 4) ----
+// Latent cache: k_pe gets the interleaved MLA RoPE at `positions` (cfg's
+// rope_theta and yarn scaling), then [c_kv | k_pe] is written at each token's
+// slot, as bf16 or in the 656-byte fp8 form (cfg.kv_cache_dtype).
+// c_kv          [T, 512] bf16 (after kv_a_layernorm)
+// k_pe          [T, 64] bf16 (before RoPE)
+// positions     [T] int32, slot_mapping [T] int64 (slots outside the cache are skipped)
+// latent_cache  [num_slots, 576] bf16, or [num_slots, 656] uint8 for the fp8 form
+void rope_quant_append(const LayerConfig& cfg, const Tensor& c_kv, const Tensor& k_pe, const Tensor& positions,
+                       const Tensor& slot_mapping, const Tensor& latent_cache, CUstream_st* stream = nullptr);
+
+}  // namespace ops
+}  // namespace dsa
