@@ -8,6 +8,8 @@
 
 #include "dsa/batch.h"
 #include "dsa/config.h"
+#include "dsa/index_pattern.h"
+#include "dsa/layer.h"
 #include "dsa/stages.h"
 
 namespace dsa {
@@ -19,6 +21,9 @@ struct BenchOptions {
   bool profile_once = false;  // run once, no warm-up (for ncu / compute-sanitizer)
   bool cuda_graph = false;    // replay the step as a CUDA graph (decode)
   uint64_t seed = 1;
+  // The layer's weights (e.g. one layer of a checkpoint, load_weights); null:
+  // generated from `seed`. Their shapes must match the configuration.
+  const LayerWeights* weights = nullptr;
   // Sparse MLA sweep only: how a cell is timed. "sustained" (default):
   // `warmup` runs, then `iters` back-to-back timed runs on a warm L2.
   // "flashmla": FlashMLA's prefill benchmark (tests/test_flash_mla_prefill.py):
@@ -49,11 +54,17 @@ struct BenchResult {
   double peak_tflops = 0;        // measured ceilings used for the "% of peak" columns
   double peak_gbps = 0;
   std::vector<int64_t> output_shape;
+  std::string weights = "synthetic";  // where the weights came from ("synthetic" or a file and layer)
+  // Where one step's top-k selection lands (dsa/index_pattern.h); not
+  // measured when a single stage is timed.
+  IndexPattern index_pattern;
 };
 
 // Rendering (src/core/report.cpp). The table has one row per stage and a
 // "layer total" row (measured layer_ms; FLOPs and bytes summed over the
-// stages); the "% of peak" columns stay empty where a peak is 0.
+// stages); the "% of peak" columns stay empty where a peak is 0. The index
+// pattern, when measured, follows the table (JSON: "index_pattern"; CSV: the
+// last three columns of every row).
 std::string format_table(const BenchResult& r);
 std::string format_json(const BenchResult& r);
 std::string format_csv(const BenchResult& r, bool header = true);

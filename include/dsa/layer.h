@@ -102,5 +102,15 @@ std::map<std::string, std::string> checkpoint_index_shards(const std::string& te
 // back bit for bit), with `metadata` added to the file's __metadata__.
 void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer = 0,
                   const std::map<std::string, std::string>& metadata = {});
+// Writes the weights as the DeepSeek-V3.2 checkpoint stores them: the seven
+// projection matrices (q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj,
+// o_proj, indexer.wq_b, indexer.wk) as F8_E4M3 with `<name>_scale_inv` F32
+// [ceil(out/128), ceil(in/128)], one scale per 128x128 block (edge blocks
+// partial), scale = block amax / 448 (1 for an all-zero block), fp8 = the
+// value / scale rounded to nearest even; indexer.weights_proj and the norms
+// as BF16. load_weights reads it back as round_bf16(fp8 * scale). Weights
+// must be finite (ValueError naming the tensor).
+void save_weights_fp8(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer = 0,
+                      const std::map<std::string, std::string>& metadata = {});
 
 }  // namespace dsa

@@ -12,6 +12,7 @@
 
 #include "dsa/batch.h"
 #include "dsa/config.h"
+#include "dsa/layer.h"
 
 namespace dsa::check {
 
@@ -23,6 +24,9 @@ struct CheckOptions {
   // format), and every GPU buffer is poisoned before each run.
   bool poison = true;
   bool fused_x_projection = true;  // CudaLayer::set_fused_x_projection
+  // The layer's weights (one layer of a checkpoint, load_weights); null:
+  // generated from `seed`. Shapes must match the configuration.
+  const LayerWeights* weights = nullptr;
 };
 
 struct Diff {
@@ -85,8 +89,8 @@ struct StepCheck {
   std::vector<std::pair<std::string, uint64_t>> digests;
 };
 
-// One step of `requests` with synthetic weights, hidden states and cached
-// context from o.seed, on the current GPU and on the reference, compared
+// One step of `requests` with o.weights (or synthetic weights), and hidden
+// states and cached context from o.seed, on the current GPU and on the reference, compared
 // stage by stage. Throws CudaError without a GPU and ConfigError for
 // o.sample < 1.
 StepCheck check_step(const LayerConfig& cfg, const std::vector<StepRequest>& requests, const CheckOptions& o);

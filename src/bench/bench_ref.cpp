@@ -100,7 +100,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   res.num_tokens = md.num_tokens;
 
   // Converted to fp32 once, so that the timed region is the step alone.
-  const PreparedWeights w = prepare_weights(cfg, generate_weights(cfg, opt.seed));
+  const PreparedWeights w = prepare_weights(cfg, opt.weights ? *opt.weights : generate_weights(cfg, opt.seed));
   const std::vector<bf16_t> hidden = generate_hidden(cfg, md.num_tokens, opt.seed + 1);
   const int64_t out_cols = cfg.o_proj ? cfg.hidden_size : cfg.num_heads * cfg.v_head_dim;
   res.output_shape = {md.num_tokens, out_cols};
@@ -124,6 +124,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   {
     LayerTrace trace;
     const double ms = run(&trace);
+    if (opt.stage.empty()) res.index_pattern = index_pattern(md, trace.topk_local.data(), cfg.index_topk);
     std::vector<uint8_t> seen(static_cast<size_t>(md.num_slots), 0);
     for (int32_t g : trace.topk_global) {
       if (g < 0 || g >= md.num_slots) continue;

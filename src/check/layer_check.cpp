@@ -215,7 +215,9 @@ StepCheck check_step(const LayerConfig& cfg, const std::vector<StepRequest>& req
   result.header = fmt::format("dsa check on {}: T = {} new tokens in {} request(s), max context {}, H = {}, topk = {}{}", dev.name, T,
              md.num_requests, S, H, K, any_cached ? " (cached context: synthetic rows, same bytes on both sides)" : "");
 
-  const LayerWeights w = generate_weights(cfg, o.seed);
+  const LayerWeights generated = o.weights ? LayerWeights{} : generate_weights(cfg, o.seed);
+  const LayerWeights& w = o.weights ? *o.weights : generated;
+  check_weights(cfg, w);
   const ref::PreparedWeights pw = ref::prepare_weights(cfg, w);
   const std::vector<bf16_t> hidden = generate_hidden(cfg, T, o.seed + 1);
 

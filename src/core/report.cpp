@@ -81,6 +81,7 @@ std::string format_table(const BenchResult& r) {
   out += fmt::format("requests {} ({}), {} new tokens, H {}, topk {}, latent cache {}{}\n", reqs, uniform ? "batch x cached:new" : "cached:new each", r.num_tokens,
                      r.config.num_heads, r.config.index_topk, to_string(r.config.kv_cache_dtype), r.config.o_proj ? ", o_proj on" : "");
   if (!r.output_shape.empty()) out += fmt::format("output {}\n", shape_text(r.output_shape));
+  if (r.weights != "synthetic") out += fmt::format("weights {}\n", r.weights);
 
   size_t w = std::string("layer total").size();
   for (const StageResult& s : r.stages) w = std::max(w, s.name.size());
@@ -102,6 +103,12 @@ std::string format_table(const BenchResult& r) {
   }
   if (r.peak_tflops > 0 || r.peak_gbps > 0) {
     out += fmt::format("% of peak against {:.0f} TFLOP/s (bf16 GEMM) and {:.0f} GB/s (device copy)\n", r.peak_tflops, r.peak_gbps);
+  }
+  if (r.index_pattern.measured) {
+    const IndexPattern& p = r.index_pattern;
+    out += fmt::format("top-k selection of one step: {} keys, mean distance from the query {:.1f} positions, {:.1f}% within the "
+                       "last {} positions\n",
+                       p.selections, p.mean_distance, 100.0 * p.recent_share, p.window);
   }
   return out;
 }
@@ -134,6 +141,15 @@ std::string format_json(const BenchResult& r) {
   j["output_shape"] = r.output_shape;
   j["peak_tflops"] = opt(r.peak_tflops > 0, r.peak_tflops);
   j["peak_gbps"] = opt(r.peak_gbps > 0, r.peak_gbps);
+  j["weights"] = r.weights;
+  if (r.index_pattern.measured) {
+    j["index_pattern"] = {{"selections", r.index_pattern.selections},
+                          {"mean_distance", r.index_pattern.mean_distance},
+                          {"recent_window", r.index_pattern.window},
+                          {"recent_share", r.index_pattern.recent_share}};
+  } else {
+    j["index_pattern"] = nullptr;
+  }
   json stages = json::array();
   for (const StageResult& s : r.stages) {
     const Derived d = derive(r, s.median_ms, s.flops, s.bytes);
@@ -165,17 +181,20 @@ std::string format_csv(const BenchResult& r, bool header) {
   std::string out;
   if (header) {
     out += "backend,device,requests,num_tokens,num_heads,topk,kv_cache_dtype,stage,median_ms,min_ms,max_ms,flops,bytes,tflops,gbps,"
-           "pct_peak_compute,pct_peak_bandwidth\n";
+           "pct_peak_compute,pct_peak_bandwidth,index_selections,index_mean_distance,index_recent_share\n";
   }
   const std::string prefix = fmt::format("{},{},{},{},{},{},{}", csv_field(r.backend), csv_field(r.device),
                                          csv_field(describe_requests(r.requests)), r.num_tokens, r.config.num_heads,
                                          r.config.index_topk, to_string(r.config.kv_cache_dtype));
+  // The step's index pattern repeats on every row, so that each row stands alone.
+  const IndexPattern& ip = r.index_pattern;
+  const std::string pattern = ip.measured ? fmt::format("{},{},{}", ip.selections, num(ip.mean_distance), num(ip.recent_share)) : ",,";
   auto row = [&](const std::string& name, double med, double mn, double mx, double flops, double bytes) {
     const Derived d = derive(r, med, flops, bytes);
     auto o = [](bool has, double v) { return has ? num(v) : std::string(); };
-    return fmt::format("{},{},{},{},{},{},{},{},{},{},{}\n", prefix, csv_field(name), num(med), num(mn), num(mx), num(flops),
+    return fmt::format("{},{},{},{},{},{},{},{},{},{},{},{}\n", prefix, csv_field(name), num(med), num(mn), num(mx), num(flops),
                        num(bytes), o(d.has_tflops, d.tflops), o(d.has_gbps, d.gbps), o(d.has_pct_compute, d.pct_compute),
-                       o(d.has_pct_bw, d.pct_bw));
+                       o(d.has_pct_bw, d.pct_bw), pattern);
   };
   for (const StageResult& s : r.stages) out += row(s.name, s.median_ms, s.min_ms, s.max_ms, s.flops, s.bytes);
   const Total t = layer_total(r);

@@ -2,6 +2,8 @@
 // Face names of spec section 2.
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -21,20 +23,23 @@ struct WeightSlot {
   const char* name;  // after the prefix
   std::vector<bf16_t> LayerWeights::*member;
   int64_t rows, cols;  // cols 0: a vector [rows]
+  // Stored as F8_E4M3 with 128x128 block scales in the DeepSeek-V3.2
+  // checkpoint (every attention Linear); weights_proj and the norms are bf16 there.
+  bool fp8_in_checkpoint = false;
 };
 
 std::vector<WeightSlot> weight_slots(const LayerConfig& c) {
   const int64_t h = c.hidden_size, H = c.num_heads, HI = c.index_n_heads, DI = c.index_head_dim;
   return {
-      {"q_a_proj.weight", &LayerWeights::q_a_proj, c.q_lora_rank, h},
+      {"q_a_proj.weight", &LayerWeights::q_a_proj, c.q_lora_rank, h, true},
       {"q_a_layernorm.weight", &LayerWeights::q_a_layernorm, c.q_lora_rank, 0},
-      {"q_b_proj.weight", &LayerWeights::q_b_proj, H * c.qk_head_dim(), c.q_lora_rank},
-      {"kv_a_proj_with_mqa.weight", &LayerWeights::kv_a_proj_with_mqa, c.latent_dim(), h},
+      {"q_b_proj.weight", &LayerWeights::q_b_proj, H * c.qk_head_dim(), c.q_lora_rank, true},
+      {"kv_a_proj_with_mqa.weight", &LayerWeights::kv_a_proj_with_mqa, c.latent_dim(), h, true},
       {"kv_a_layernorm.weight", &LayerWeights::kv_a_layernorm, c.kv_lora_rank, 0},
-      {"kv_b_proj.weight", &LayerWeights::kv_b_proj, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank},
-      {"o_proj.weight", &LayerWeights::o_proj, h, H * c.v_head_dim},
-      {"indexer.wq_b.weight", &LayerWeights::idx_wq_b, HI * DI, c.q_lora_rank},
-      {"indexer.wk.weight", &LayerWeights::idx_wk, DI, h},
+      {"kv_b_proj.weight", &LayerWeights::kv_b_proj, H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank, true},
+      {"o_proj.weight", &LayerWeights::o_proj, h, H * c.v_head_dim, true},
+      {"indexer.wq_b.weight", &LayerWeights::idx_wq_b, HI * DI, c.q_lora_rank, true},
+      {"indexer.wk.weight", &LayerWeights::idx_wk, DI, h, true},
       {"indexer.k_norm.weight", &LayerWeights::idx_k_norm_weight, DI, 0},
       {"indexer.k_norm.bias", &LayerWeights::idx_k_norm_bias, DI, 0},
       {"indexer.weights_proj.weight", &LayerWeights::idx_weights_proj, HI, h},
@@ -198,6 +203,59 @@ void save_weights(const LayerConfig& cfg, const LayerWeights& w, const std::stri
   for (const auto& s : weight_slots(cfg)) {
     const std::vector<int64_t> shape = s.cols ? std::vector<int64_t>{s.rows, s.cols} : std::vector<int64_t>{s.rows};
     out.add_bf16(prefix + s.name, shape, w.*s.member);
+  }
+  for (const auto& [k, v] : metadata) out.set_metadata(k, v);
+  out.set_metadata("format", "pt");
+  out.set_metadata("producer", "dsalab");
+  out.write(path);
+}
+
+namespace {
+
+// One [rows, cols] bf16 matrix as the checkpoint stores it: e4m3 values and
+// one fp32 scale per 128x128 block (edge blocks partial), scale = amax / 448
+// so that the block's largest magnitude maps to e4m3's largest, and
+// value = fp8 * scale on load.
+void quantize_fp8_128x128(const std::vector<bf16_t>& w, int64_t rows, int64_t cols, std::vector<uint8_t>& q, std::vector<float>& scale) {
+  const int64_t br = (rows + 127) / 128, bc = (cols + 127) / 128;
+  q.assign(static_cast<size_t>(rows * cols), 0);
+  scale.assign(static_cast<size_t>(br * bc), 0.0f);
+  for (int64_t bi = 0; bi < br; ++bi) {
+    for (int64_t bj = 0; bj < bc; ++bj) {
+      const int64_t r0 = bi * 128, r1 = std::min(rows, r0 + 128), c0 = bj * 128, c1 = std::min(cols, c0 + 128);
+      float amax = 0.0f;
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t j = c0; j < c1; ++j) amax = std::max(amax, std::fabs(bf16_to_float(w[i * cols + j])));
+      // An all-zero block: any scale dequantizes its zeros to zero; 1 avoids 0/0.
+      const float s = amax > 0.0f ? amax / kFp8E4M3Max : 1.0f;
+      scale[bi * bc + bj] = s;
+      for (int64_t i = r0; i < r1; ++i)
+        for (int64_t j = c0; j < c1; ++j) q[i * cols + j] = float_to_fp8_e4m3(bf16_to_float(w[i * cols + j]) / s);
+    }
+  }
+}
+
+}  // namespace
+
+void save_weights_fp8(const LayerConfig& cfg, const LayerWeights& w, const std::string& path, int64_t layer,
+                      const std::map<std::string, std::string>& metadata) {
+  check_weights(cfg, w);
+  // A NaN or Inf would poison its whole block's scale; refuse it by name.
+  check_weights_finite(cfg, w, weight_prefix(layer));
+  st::Writer out;
+  const std::string prefix = weight_prefix(layer);
+  std::vector<uint8_t> q;
+  std::vector<float> scale;
+  for (const auto& s : weight_slots(cfg)) {
+    const std::string name = prefix + s.name;
+    if (!s.fp8_in_checkpoint) {
+      const std::vector<int64_t> shape = s.cols ? std::vector<int64_t>{s.rows, s.cols} : std::vector<int64_t>{s.rows};
+      out.add_bf16(name, shape, w.*s.member);
+      continue;
+    }
+    quantize_fp8_128x128(w.*s.member, s.rows, s.cols, q, scale);
+    out.add_u8(name, st::DType::F8_E4M3, {s.rows, s.cols}, q);
+    out.add_f32(name + "_scale_inv", {(s.rows + 127) / 128, (s.cols + 127) / 128}, scale);
   }
   for (const auto& [k, v] : metadata) out.set_metadata(k, v);
   out.set_metadata("format", "pt");

@@ -4,10 +4,12 @@
 
 #include <unistd.h>
 
+#include <charconv>
 #include <filesystem>
 #include <utility>
 
 #include "dsa/error.h"
+#include "dsa/safetensors.h"
 
 namespace dsa::cli {
 
@@ -153,6 +155,62 @@ std::string human_bytes(double b) {
     ++u;
   }
   return u == 0 ? fmt::format("{:.0f} {}", b, units[u]) : fmt::format("{:.2f} {}", b, units[u]);
+}
+
+namespace {
+
+template <class T>
+void metadata_integer(const st::Reader& r, const char* key, std::optional<T>& out) {
+  const auto it = r.metadata().find(key);
+  if (it == r.metadata().end()) return;
+  const std::string& s = it->second;
+  T v{};
+  const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (s.empty() || ec != std::errc() || p != s.data() + s.size()) {
+    throw FileError(fmt::format("'{}': metadata {} = '{}' is not an integer; the file was not written by dsa run", r.path(), key, s));
+  }
+  out = v;
+}
+
+}  // namespace
+
+Recorded read_recorded(const std::string& path) {
+  Recorded rec;
+  const st::Reader r(path);  // the header only
+  if (auto it = r.metadata().find(kMetaConfig); it != r.metadata().end()) {
+    rec.cfg = config_from_json_text(it->second, fmt::format("'{}' metadata {}", path, kMetaConfig));
+  }
+  metadata_integer(r, kMetaSeed, rec.seed);
+  metadata_integer(r, kMetaLayer, rec.layer);
+  return rec;
+}
+
+bool is_checkpoint_index(const std::string& path) {
+  return path.size() >= 5 && path.compare(path.size() - 5, 5, ".json") == 0;
+}
+
+void add_weights_options(CLI::App* app, WeightsOptions& o) {
+  app->add_option("--weights", o.path,
+                  "one layer's weights: .safetensors (bf16, or fp8 with weight_scale_inv) or a model.safetensors.index.json; "
+                  "omitted: synthetic weights from --seed")
+      ->check(kNonEmpty);
+  app->add_option("--layer", o.layer, "with --weights: layer index L of the names model.layers.L.self_attn.* (default: the file's dsa.layer, else 0)");
+}
+
+ResolvedWeights resolve_weights(const ConfigOptions& c, const WeightsOptions& w, bool layer_given) {
+  ResolvedWeights r;
+  if (w.path.empty()) {
+    if (layer_given) throw ConfigError("--layer picks a layer of the --weights file; give --weights too, or drop --layer");
+    r.cfg = resolve_config(c);
+    return r;
+  }
+  const Recorded rec = is_checkpoint_index(w.path) ? Recorded{} : read_recorded(w.path);
+  r.cfg = resolve_config(c, rec.cfg ? &*rec.cfg : nullptr);
+  const int64_t layer = layer_given ? w.layer : rec.layer ? *rec.layer : 0;
+  if (layer < 0) throw ConfigError(fmt::format("layer = {} is invalid: layer indices start at 0", layer), "layer");
+  r.weights = load_weights(r.cfg, w.path, layer, w.allow_nonfinite);
+  r.description = fmt::format("{} (layer {})", w.path, layer);
+  return r;
 }
 
 }  // namespace dsa::cli

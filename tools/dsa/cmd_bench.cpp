@@ -30,6 +30,7 @@ namespace {
 struct BenchCli {
   ConfigOptions cfg;
   BatchOptions batch;
+  WeightsOptions weights;
   std::optional<int64_t> tokens;  // alias of --new
   std::vector<std::string> axes;
   std::optional<int> warmup, iters;
@@ -173,10 +174,12 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
     }
   }
   const Backend backend = pick_backend(o.backend);
-  const LayerConfig base = resolve_config(o.cfg);
+  const ResolvedWeights rw = resolve_weights(o.cfg, o.weights, sub.count("--layer") > 0);
+  const LayerConfig& base = rw.cfg;
 
   BenchOptions opt;
   opt.seed = o.seed;
+  opt.weights = rw.weights ? &*rw.weights : nullptr;
   opt.stage = o.stage;
   opt.profile_once = o.profile_once;
   opt.cuda_graph = o.graph;
@@ -253,6 +256,14 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
     }
     axes.push_back(std::move(ax));
   }
+  if (rw.weights) {
+    for (const Axis& a : axes) {
+      if (a.name == "num_heads") {
+        throw ConfigError("axis num_heads changes the shapes of the weights, and --weights fixes them (one layer of a checkpoint); "
+                          "drop the axis or --weights");
+      }
+    }
+  }
   const bool explicit_list = !o.batch.requests.empty();
   for (const Axis& a : axes) {
     if (explicit_list && (a.name == "batch" || a.name == "cached" || a.name == "new")) {
@@ -286,6 +297,7 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
                         : uniform_requests(get("batch", o.batch.batch), get("cached", o.batch.cached), get("new", num_new));
       check_step_limits(reqs, cfg.tokens_per_block);  // before the backend allocates anything
       res = run_backend(backend, cfg, reqs, opt);
+      res.weights = rw.description;
     } catch (const Error& e) {
       // An invalid combination of a sweep is skipped; a single run fails.
       if (points.size() == 1) throw;
@@ -341,6 +353,10 @@ void register_bench(CLI::App& app) {
   sub->add_option("--warmup", o->warmup, "untimed runs first (GPU 3, CPU reference 1)");
   sub->add_option("--iters", o->iters, "timed runs; the median is reported (GPU 20, CPU reference 2)");
   sub->add_option("--seed", o->seed, "seed of the synthetic weights, inputs and cache contents");
+  add_weights_options(sub, o->weights);
+  sub->add_flag("--allow-nonfinite", o->weights.allow_nonfinite,
+                "with --weights: let NaN/Inf in the weights or their fp8 scales through (by default the first one is reported and "
+                "the run fails)");
   sub->add_option("--stage", o->stage, "time one stage alone (see --list-stages), e.g. for ncu");
   sub->add_flag("--list-stages", o->list_stages, "print the stage names and exit");
   sub->add_flag("--profile-once", o->profile_once, "run once without warm-up (for ncu / compute-sanitizer)");

@@ -21,20 +21,29 @@ namespace {
 struct CheckCliOptions {
   ConfigOptions cfg;
   BatchOptions batch;
+  WeightsOptions weights;
   check::CheckOptions check;
   bool skip_layer = false;
   bool no_poison = false;
   bool digests = false;
 };
 
-void run_check(const CheckCliOptions& o) {
-  const LayerConfig cfg = resolve_config(o.cfg);
+void run_check(const CheckCliOptions& o, const CLI::App& sub) {
+  ResolvedWeights rw;
+  try {
+    rw = resolve_weights(o.cfg, o.weights, sub.count("--layer") > 0);
+  } catch (const ValueError& e) {
+    // No --allow-nonfinite here: a comparison of non-finite results says nothing.
+    throw ValueError(std::string(e.what()) + "; dsa check compares finite results only and has no --allow-nonfinite");
+  }
+  const LayerConfig& cfg = rw.cfg;
   const std::vector<StepRequest> requests = resolve_requests(o.batch);
   check::CheckOptions co = o.check;
+  co.weights = rw.weights ? &*rw.weights : nullptr;
   co.whole_layer = !o.skip_layer;
   co.poison = !o.no_poison;
   const check::StepCheck r = check::check_step(cfg, requests, co);
-  fmt::print("{}\n\n{}\n", r.header, r.table.format());
+  fmt::print("{}\nweights: {}\n\n{}\n", r.header, rw.description, r.table.format());
   if (o.digests)
     for (const auto& [name, h] : r.digests) fmt::print("digest {:<14} {:016x}\n", name, h);
   fmt::print("GPU step {:.2f} s (with trace download), stage checks on {} sampled tokens {:.1f} s, reference layer {:.1f} s, "
@@ -64,11 +73,12 @@ void register_check(CLI::App& app) {
   add_config_options(sub, o->cfg);
   add_batch_options(sub, o->batch, 4096);
   sub->add_option("--seed", o->check.seed, "seed of the synthetic weights, hidden states and cached context");
+  add_weights_options(sub, o->weights);
   sub->add_option("--sample-tokens", o->check.sample, "tokens (evenly spread) on which each stage is checked against the reference");
   sub->add_flag("--skip-layer", o->skip_layer, "skip the whole-layer comparison with ref::layer_forward (stage checks only)");
   sub->add_flag("--digests", o->digests, "print FNV-1a digests of the GPU output, every intermediate and the caches (compare builds bit for bit)");
   sub->add_flag("--no-poison", o->no_poison, "do not fill unused cache slots and GPU buffers with NaN before the runs");
-  sub->callback([o] { run_check(*o); });
+  sub->callback([o, sub] { run_check(*o, *sub); });
 #else
   sub->callback([] { throw NoDeviceError("dsa check needs the CUDA backend; this build has none (nvcc was not found at configure time)"); });
 #endif

@@ -1,7 +1,7 @@
-// dsa run: replays one forward step on the CPU reference from files (or from
-// seeds) and dumps the output and the intermediates, so that the layer can be
-// compared with another implementation tensor by tensor. File formats:
-// docs/run-format.md.
+// dsa run: replays one forward step on the CPU reference or on the GPU
+// (--backend cuda) from files (or from seeds) and dumps the output and the
+// intermediates, so that the layer can be compared with another
+// implementation tensor by tensor. File formats: docs/run-format.md.
 #include <fmt/format.h>
 
 #include <unistd.h>
@@ -24,6 +24,10 @@
 #include "dsa/layer.h"
 #include "dsa/reference.h"
 #include "dsa/safetensors.h"
+#ifdef DSA_HAVE_CUDA
+#include "dsa/cuda.h"
+#include "dsa/cuda_layer.h"
+#endif
 
 namespace dsa::cli {
 
@@ -33,49 +37,14 @@ struct RunOptions {
   ConfigOptions cfg;
   BatchOptions batch;
   std::string weights, inputs, dump, save_weights, save_inputs;
+  std::string save_weights_dtype = "bf16";
+  std::string backend = "ref";
   uint64_t seed = 1;
   int64_t layer = 0;
   bool logits = false;
   bool no_intermediates = false;
   bool allow_nonfinite = false;
 };
-
-// Keys of the __metadata__ every file dsa run writes, so that a replay needs
-// no flags repeated (docs/run-format.md).
-constexpr const char* kMetaConfig = "dsa.config";  // config_to_json of the run's LayerConfig
-constexpr const char* kMetaSeed = "dsa.seed";      // decimal uint64: weights, hidden and synthetic cache rows
-constexpr const char* kMetaLayer = "dsa.layer";    // weights only: L of model.layers.L.self_attn.*
-
-// What a saved file recorded (each part absent when it did not).
-struct Recorded {
-  std::optional<LayerConfig> cfg;
-  std::optional<uint64_t> seed;
-  std::optional<int64_t> layer;
-};
-
-template <class T>
-void metadata_integer(const st::Reader& r, const char* key, std::optional<T>& out) {
-  const auto it = r.metadata().find(key);
-  if (it == r.metadata().end()) return;
-  const std::string& s = it->second;
-  T v{};
-  const auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
-  if (s.empty() || ec != std::errc() || p != s.data() + s.size()) {
-    throw FileError(fmt::format("'{}': metadata {} = '{}' is not an integer; the file was not written by dsa run", r.path(), key, s));
-  }
-  out = v;
-}
-
-Recorded read_recorded(const std::string& path) {
-  Recorded rec;
-  const st::Reader r(path);  // the header only
-  if (auto it = r.metadata().find(kMetaConfig); it != r.metadata().end()) {
-    rec.cfg = config_from_json_text(it->second, fmt::format("'{}' metadata {}", path, kMetaConfig));
-  }
-  metadata_integer(r, kMetaSeed, rec.seed);
-  metadata_integer(r, kMetaLayer, rec.layer);
-  return rec;
-}
 
 std::map<std::string, std::string> run_metadata(const LayerConfig& cfg, uint64_t seed) {
   return {{kMetaConfig, config_to_json(cfg)}, {kMetaSeed, std::to_string(seed)}};
@@ -249,10 +218,210 @@ double physical_memory_bytes() {
   return pages > 0 && page > 0 ? double(pages) * double(page) : 0.0;
 }
 
+enum class RunBackend { Ref, Cuda };
+
+// --backend: the reference (default) or the GPU, whose absence is exit code 3
+// before anything is read.
+RunBackend pick_run_backend(const std::string& name) {
+  if (name == "ref" || name == "reference") return RunBackend::Ref;
+  if (name != "cuda") throw ConfigError(fmt::format("--backend '{}' is not known; use ref (the CPU reference) or cuda (the GPU)", name));
+#ifdef DSA_HAVE_CUDA
+  if (cuda::device_count() == 0) {
+    throw NoDeviceError("dsa run --backend cuda: no CUDA GPU is visible on this machine; run on one with a GPU, or use --backend ref");
+  }
+  return RunBackend::Cuda;
+#else
+  throw NoDeviceError("dsa run --backend cuda: this build has no CUDA backend (nvcc was not found when it was configured); "
+                      "rebuild with the CUDA toolkit, or use --backend ref");
+#endif
+}
+
+// One step's results, from either backend.
+struct StepResult {
+  BatchMetadata md;
+  std::vector<float> out_f32;   // reference: fp32, rounded to bf16 in the dump
+  std::vector<bf16_t> out_bf16; // GPU: the bf16 the layer wrote
+  LayerTrace trace;
+  std::vector<std::pair<std::string, double>> ms;  // per stage (reference) or per step (GPU)
+  double step_s = 0;
+  std::string producer;
+};
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The cache before the step: every slot NaN (0xFF: a stray read shows in the
+// output), the prefix requests' room reserved, and for cached tokens without
+// prefix_hidden the synthetic rows. With prefix_hidden the caller runs the
+// prefill step on it. Both backends start from these bytes and block tables.
+void prepare_prefix_cache(const LayerConfig& cfg, CacheManager& cache, const StepInputs& in, const std::vector<StepRequest>& prefix,
+                          uint64_t seed) {
+  cache.fill(0xFF);
+  if (prefix.empty()) return;
+  reserve_step(cache, prefix);
+  if (in.prefix_hidden.empty()) {
+    for (const auto& q : in.requests)
+      if (q.cached > 0) fill_synthetic_prefix(cfg, cache, q, seed);
+  }
+}
+
+void print_prefix(const LayerConfig& cfg, const StepInputs& in, const std::vector<StepRequest>& prefix, uint64_t seed, const char* where) {
+  if (prefix.empty()) return;
+  if (!in.prefix_hidden.empty()) {
+    fmt::print("prefix: ran the layer over {} cached tokens (prefix_hidden) on the {}\n", in.prefix_hidden.size() / cfg.hidden_size, where);
+  } else {
+    fmt::print("prefix: synthetic cache rows for the cached tokens (seed {}; give prefix_hidden for real ones)\n", seed);
+  }
+}
+
+StepResult run_ref(const LayerConfig& cfg, const CacheConfig& cc, const LayerWeights& w, const StepInputs& in,
+                   const std::vector<StepRequest>& prefix, uint64_t seed, const TraceOptions& topt) {
+  StepResult res;
+  res.producer = "dsa run (CPU reference)";
+  const ref::PreparedWeights pw = ref::prepare_weights(cfg, w);
+  CacheManager cache(cc);
+  prepare_prefix_cache(cfg, cache, in, prefix, seed);
+  if (!prefix.empty() && !in.prefix_hidden.empty()) {
+    const BatchMetadata pmd = build_batch_metadata(cache, prefix);
+    TraceOptions none;
+    none.intermediates = false;
+    ref::layer_forward(pw, in.prefix_hidden, pmd, cache, 0, none, nullptr, nullptr);
+  }
+  print_prefix(cfg, in, prefix, seed, "CPU");
+  reserve_step(cache, in.requests);
+  res.md = build_batch_metadata(cache, in.requests);
+  // The layer takes the positions from the metadata; an inputs file's own
+  // position_ids must agree with them.
+  check_positions(res.md, in.position_ids.data(), static_cast<int64_t>(in.position_ids.size()));
+  const auto t0 = std::chrono::steady_clock::now();
+  res.out_f32 = ref::layer_forward(pw, in.hidden, res.md, cache, 0, topt, &res.trace, &res.ms);
+  res.step_s = seconds_since(t0);
+  return res;
+}
+
+#ifdef DSA_HAVE_CUDA
+// The same step with cuda::CudaLayer at its default settings on a device
+// cache that starts with the reference's bytes: synthetic rows are made on
+// the host exactly as the reference makes them and copied over; prefix_hidden
+// runs the prefill step on the GPU.
+StepResult run_cuda(const LayerConfig& cfg, const CacheConfig& cc, const LayerWeights& w, const StepInputs& in,
+                    const std::vector<StepRequest>& prefix, uint64_t seed, const TraceOptions& topt) {
+  StepResult res;
+  const cuda::DeviceInfo& dev = cuda::current_device();
+  res.producer = fmt::format("dsa run (CUDA, {})", dev.name);
+  // Before anything is allocated on the device: the step, and the prefill
+  // step over prefix_hidden (often the larger), each with the cache.
+  const bool trace = topt.intermediates || topt.logits;
+  cuda::check_step_fits(cfg, in.requests, trace);
+  if (!prefix.empty() && !in.prefix_hidden.empty()) cuda::check_step_fits(cfg, prefix, false);
+
+  CacheConfig dcc = cc;
+  dcc.storage = Storage::Device;
+  CacheManager dcache(dcc, cuda::device_allocator());
+  if (!prefix.empty() && in.prefix_hidden.empty()) {
+    // Same operations on both managers: the same block tables and bytes.
+    CacheManager host(cc);
+    prepare_prefix_cache(cfg, host, in, prefix, seed);
+    dcache.fill(0xFF);
+    reserve_step(dcache, prefix);
+    cuda::copy_pools(host, dcache);
+  } else {
+    prepare_prefix_cache(cfg, dcache, in, prefix, seed);
+  }
+  cuda::CudaLayer layer(cfg, w);
+  if (!prefix.empty() && !in.prefix_hidden.empty()) {
+    const BatchMetadata pmd = build_batch_metadata(dcache, prefix);
+    const auto t0 = std::chrono::steady_clock::now();
+    layer.forward(in.prefix_hidden, pmd, cuda::device_view(dcache, 0));
+    res.ms.emplace_back("prefix step (GPU)", seconds_since(t0) * 1e3);
+  }
+  print_prefix(cfg, in, prefix, seed, "GPU");
+  reserve_step(dcache, in.requests);
+  res.md = build_batch_metadata(dcache, in.requests);
+  check_positions(res.md, in.position_ids.data(), static_cast<int64_t>(in.position_ids.size()));
+  // Logits without the other intermediates still need the traced download
+  // (the trace mode only adds writes; the output bits are the same).
+  TraceOptions gopt = topt;
+  gopt.intermediates = topt.intermediates || topt.logits;
+  const auto t0 = std::chrono::steady_clock::now();
+  res.out_bf16 = layer.forward(in.hidden, res.md, cuda::device_view(dcache, 0), nullptr, trace ? &res.trace : nullptr, gopt);
+  res.step_s = seconds_since(t0);
+  return res;
+}
+#else
+StepResult run_cuda(const LayerConfig&, const CacheConfig&, const LayerWeights&, const StepInputs&, const std::vector<StepRequest>&,
+                    uint64_t, const TraceOptions&) {
+  throw NoDeviceError("dsa run --backend cuda: this build has no CUDA backend");
+}
+#endif
+
+// The dump of docs/run-format.md: the same names, dtypes and shapes from either backend.
+// The trace's vectors are moved into the writer (the dump can be gigabytes).
+void write_dump(const std::string& path, const LayerConfig& cfg, uint64_t seed, const StepInputs& in, StepResult& res,
+                const TraceOptions& topt, const std::string& weights) {
+  LayerTrace& tr = res.trace;
+  const int64_t T = res.md.num_tokens, H = cfg.num_heads, HI = cfg.index_n_heads, DI = cfg.index_head_dim, K = cfg.index_topk;
+  const int64_t width = cfg.o_proj ? cfg.hidden_size : H * cfg.v_head_dim;
+  st::Writer d;
+  if (res.out_bf16.empty()) {
+    d.add_bf16_from_f32("output", {T, width}, take(res.out_f32));
+  } else {
+    d.add_bf16("output", {T, width}, res.out_bf16);
+  }
+  d.add_i32("position_ids", {T}, in.position_ids);
+  {
+    std::vector<int64_t> ids, cached, nw;
+    for (const auto& q : in.requests) ids.push_back(q.id), cached.push_back(q.cached), nw.push_back(q.num_new);
+    const int64_t R = static_cast<int64_t>(in.requests.size());
+    d.add_i64("request_ids", {R}, ids);
+    d.add_i64("request_cached", {R}, cached);
+    d.add_i64("request_new", {R}, nw);
+  }
+  if (topt.intermediates) {
+    const int64_t nope = cfg.qk_nope_head_dim, rope = cfg.qk_rope_head_dim, dkv = cfg.kv_lora_rank;
+    d.add_bf16_from_f32("q_lat", {T, cfg.q_lora_rank}, take(tr.q_lat));
+    d.add_bf16_from_f32("c_kv", {T, dkv}, take(tr.c_kv));
+    d.add_bf16_from_f32("k_pe", {T, rope}, take(tr.k_pe));
+    d.add_bf16_from_f32("q_nope", {T, H, nope}, take(tr.q_nope));
+    d.add_bf16_from_f32("q_pe", {T, H, rope}, take(tr.q_pe));
+    d.add_f32("idx_q", {T, HI, DI}, take(tr.idx_q));
+    d.add_u8("idx_q_fp8", st::DType::F8_E4M3, {T, HI, DI}, to_fp8(take(tr.idx_q_fp8)));
+    d.add_f32("idx_q_scale", {T, HI}, take(tr.idx_q_scale));
+    d.add_f32("idx_k", {T, DI}, take(tr.idx_k));
+    d.add_u8("idx_k_fp8", st::DType::F8_E4M3, {T, DI}, to_fp8(take(tr.idx_k_fp8)));
+    d.add_f32("idx_k_scale", {T}, take(tr.idx_k_scale));
+    d.add_f32("idx_weights", {T, HI}, take(tr.idx_weights));
+    d.add_i32("topk_local", {T, K}, take(tr.topk_local));
+    d.add_i32("topk_global", {T, K}, take(tr.topk_global));
+    d.add_bf16_from_f32("q_cat", {T, H, cfg.latent_dim()}, take(tr.q_cat));
+    d.add_bf16_from_f32("attn_out", {T, H, dkv}, take(tr.attn_out));
+    d.add_f32("attn_lse", {T, H}, take(tr.attn_lse));
+    d.add_f32("attn_max", {T, H}, take(tr.attn_max));
+  }
+  if (topt.logits) {
+    const int64_t S = static_cast<int64_t>(tr.idx_logits.size()) / std::max<int64_t>(T, 1);
+    d.add_f32("idx_logits", {T, S}, take(tr.idx_logits));
+  }
+  d.set_metadata("producer", res.producer);
+  d.set_metadata("weights", weights);
+  for (const auto& [k, v] : run_metadata(cfg, seed)) d.set_metadata(k, v);
+  d.write(path);
+}
+
 void run(const RunOptions& o, const CLI::App& sub) {
   const auto wall0 = std::chrono::steady_clock::now();
   // Everything is resolved and checked before any work and before anything is
   // printed: a bad flag or file fails in milliseconds, not after the step.
+  const RunBackend backend = pick_run_backend(o.backend);
+  if (o.save_weights_dtype != "bf16" && o.save_weights_dtype != "fp8") {
+    throw ConfigError(fmt::format("--save-weights-dtype '{}' is not known; use bf16 (exact) or fp8 (the checkpoint's format: "
+                                  "e4m3 with 128x128 block scales)",
+                                  o.save_weights_dtype));
+  }
+  if (sub.count("--save-weights-dtype") > 0 && o.save_weights.empty()) {
+    throw ConfigError("--save-weights-dtype sets the format of --save-weights; give --save-weights too, or drop it");
+  }
   if (!o.inputs.empty()) {
     for (const char* flag : {"--requests", "--batch", "--cached", "--new"}) {
       if (sub.count(flag) > 0) {
@@ -265,7 +434,7 @@ void run(const RunOptions& o, const CLI::App& sub) {
   // Configuration and seed recorded by the files dsa run wrote (defaults for
   // a replay; --config and flags still win).
   const Recorded from_inputs = o.inputs.empty() ? Recorded{} : read_recorded(o.inputs);
-  const bool weights_file = !o.weights.empty() && !(o.weights.size() >= 5 && o.weights.compare(o.weights.size() - 5, 5, ".json") == 0);
+  const bool weights_file = !o.weights.empty() && !is_checkpoint_index(o.weights);
   const Recorded from_weights = weights_file ? read_recorded(o.weights) : Recorded{};
   if (from_inputs.cfg && from_weights.cfg && config_to_json(*from_inputs.cfg) != config_to_json(*from_weights.cfg)) {
     throw ConfigError(fmt::format("inputs '{}' and weights '{}' were saved by runs of different configurations ({} / {}); give "
@@ -319,108 +488,51 @@ void run(const RunOptions& o, const CLI::App& sub) {
   if (!o.save_weights.empty()) {
     std::map<std::string, std::string> meta = run_metadata(cfg, seed);
     meta[kMetaLayer] = std::to_string(layer);
-    save_weights(cfg, w, o.save_weights, layer, meta);
-    fmt::print("wrote weights to {} (bf16, prefix {})\n", o.save_weights, weight_prefix(layer));
+    if (o.save_weights_dtype == "fp8") {
+      save_weights_fp8(cfg, w, o.save_weights, layer, meta);
+    } else {
+      save_weights(cfg, w, o.save_weights, layer, meta);
+    }
+    fmt::print("wrote weights to {} ({}, prefix {})\n", o.save_weights,
+               o.save_weights_dtype == "fp8" ? "fp8 projections with 128x128 block scales, bf16 norms and weights_proj" : "bf16",
+               weight_prefix(layer));
   }
   if (!o.save_inputs.empty()) {
     write_inputs(cfg, seed, in, o.save_inputs);
     fmt::print("wrote inputs to {}\n", o.save_inputs);
   }
 
-  const ref::PreparedWeights pw = ref::prepare_weights(cfg, w);
-  CacheManager cache(cc);
-  cache.fill(0xFF);  // NaN in every slot nobody writes: a stray read shows in the output
-
   // The cached part of each request: the layer over prefix_hidden, or synthetic rows.
   std::vector<StepRequest> prefix;
   for (const auto& q : in.requests)
     if (q.cached > 0) prefix.push_back(StepRequest{q.id, 0, q.cached});
-  if (!prefix.empty()) {
-    reserve_step(cache, prefix);
-    if (!in.prefix_hidden.empty()) {
-      const BatchMetadata pmd = build_batch_metadata(cache, prefix);
-      TraceOptions none;
-      none.intermediates = false;
-      ref::layer_forward(pw, in.prefix_hidden, pmd, cache, 0, none, nullptr, nullptr);
-      fmt::print("prefix: ran the layer over {} cached tokens (prefix_hidden)\n", in.prefix_hidden.size() / cfg.hidden_size);
-    } else {
-      for (const auto& q : in.requests)
-        if (q.cached > 0) fill_synthetic_prefix(cfg, cache, q, seed);
-      fmt::print("prefix: synthetic cache rows for the cached tokens (seed {}; give prefix_hidden for real ones)\n", seed);
-    }
-  }
-  reserve_step(cache, in.requests);
-  const BatchMetadata md = build_batch_metadata(cache, in.requests);
-  // The layer takes the positions from the metadata; an inputs file's own
-  // position_ids must agree with them.
-  check_positions(md, in.position_ids.data(), static_cast<int64_t>(in.position_ids.size()));
-
   TraceOptions topt;
   topt.intermediates = !o.no_intermediates;
   topt.logits = o.logits;
-  LayerTrace tr;
-  std::vector<std::pair<std::string, double>> ms;
-  const auto t0 = std::chrono::steady_clock::now();
-  std::vector<float> out = ref::layer_forward(pw, in.hidden, md, cache, 0, topt, &tr, &ms);
-  const double step_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  StepResult res = backend == RunBackend::Cuda ? run_cuda(cfg, cc, w, in, prefix, seed, topt)
+                                                     : run_ref(cfg, cc, w, in, prefix, seed, topt);
+  const BatchMetadata& md = res.md;
 
-  const int64_t T = md.num_tokens, H = cfg.num_heads, HI = cfg.index_n_heads, DI = cfg.index_head_dim, K = cfg.index_topk;
-  const int64_t width = cfg.o_proj ? cfg.hidden_size : H * cfg.v_head_dim;
+  const int64_t T = md.num_tokens;
+  const int64_t width = cfg.o_proj ? cfg.hidden_size : cfg.num_heads * cfg.v_head_dim;
   fmt::print("step: {} requests, {} new tokens, {} cached; output [{}, {}]\n", md.num_requests, T,
              std::accumulate(in.requests.begin(), in.requests.end(), int64_t{0}, [](int64_t a, const StepRequest& q) { return a + q.cached; }),
              T, width);
   double ss = 0;
   int64_t first_nonfinite = -1;
-  for (size_t i = 0; i < out.size(); ++i) {
-    ss += double(out[i]) * out[i];
-    if (first_nonfinite < 0 && !std::isfinite(out[i])) first_nonfinite = static_cast<int64_t>(i);
+  float bad_value = 0.0f;
+  const size_t n_out = res.out_bf16.empty() ? res.out_f32.size() : res.out_bf16.size();
+  for (size_t i = 0; i < n_out; ++i) {
+    const float v = res.out_bf16.empty() ? res.out_f32[i] : bf16_to_float(res.out_bf16[i]);
+    ss += double(v) * v;
+    if (first_nonfinite < 0 && !std::isfinite(v)) first_nonfinite = static_cast<int64_t>(i), bad_value = v;
   }
-  const float bad_value = first_nonfinite >= 0 ? out[first_nonfinite] : 0.0f;
-  fmt::print("output rms {:.6g}\n", std::sqrt(ss / std::max<size_t>(out.size(), 1)));
-  for (const auto& [name, t] : ms) fmt::print("  {:<22} {:>10.1f} ms\n", name, t);
-  fmt::print("  {:<22} {:>10.1f} ms\n", "layer", step_s * 1e3);
+  fmt::print("output rms {:.6g}\n", std::sqrt(ss / std::max<size_t>(n_out, 1)));
+  for (const auto& [name, t] : res.ms) fmt::print("  {:<22} {:>10.1f} ms\n", name, t);
+  fmt::print("  {:<22} {:>10.1f} ms\n", "layer", res.step_s * 1e3);
 
   if (!o.dump.empty()) {
-    st::Writer d;
-    d.add_bf16_from_f32("output", {T, width}, take(out));
-    d.add_i32("position_ids", {T}, in.position_ids);
-    {
-      std::vector<int64_t> ids, cached, nw;
-      for (const auto& q : in.requests) ids.push_back(q.id), cached.push_back(q.cached), nw.push_back(q.num_new);
-      const int64_t R = static_cast<int64_t>(in.requests.size());
-      d.add_i64("request_ids", {R}, ids);
-      d.add_i64("request_cached", {R}, cached);
-      d.add_i64("request_new", {R}, nw);
-    }
-    if (topt.intermediates) {
-      const int64_t nope = cfg.qk_nope_head_dim, rope = cfg.qk_rope_head_dim, dkv = cfg.kv_lora_rank;
-      d.add_bf16_from_f32("q_lat", {T, cfg.q_lora_rank}, take(tr.q_lat));
-      d.add_bf16_from_f32("c_kv", {T, dkv}, take(tr.c_kv));
-      d.add_bf16_from_f32("k_pe", {T, rope}, take(tr.k_pe));
-      d.add_bf16_from_f32("q_nope", {T, H, nope}, take(tr.q_nope));
-      d.add_bf16_from_f32("q_pe", {T, H, rope}, take(tr.q_pe));
-      d.add_f32("idx_q", {T, HI, DI}, take(tr.idx_q));
-      d.add_u8("idx_q_fp8", st::DType::F8_E4M3, {T, HI, DI}, to_fp8(take(tr.idx_q_fp8)));
-      d.add_f32("idx_q_scale", {T, HI}, take(tr.idx_q_scale));
-      d.add_f32("idx_k", {T, DI}, take(tr.idx_k));
-      d.add_u8("idx_k_fp8", st::DType::F8_E4M3, {T, DI}, to_fp8(take(tr.idx_k_fp8)));
-      d.add_f32("idx_k_scale", {T}, take(tr.idx_k_scale));
-      d.add_f32("idx_weights", {T, HI}, take(tr.idx_weights));
-      d.add_i32("topk_local", {T, K}, take(tr.topk_local));
-      d.add_i32("topk_global", {T, K}, take(tr.topk_global));
-      d.add_bf16_from_f32("q_cat", {T, H, cfg.latent_dim()}, take(tr.q_cat));
-      d.add_bf16_from_f32("attn_out", {T, H, dkv}, take(tr.attn_out));
-      d.add_f32("attn_lse", {T, H}, take(tr.attn_lse));
-      d.add_f32("attn_max", {T, H}, take(tr.attn_max));
-    }
-    if (o.logits) {
-      const int64_t S = static_cast<int64_t>(tr.idx_logits.size()) / std::max<int64_t>(T, 1);
-      d.add_f32("idx_logits", {T, S}, take(tr.idx_logits));
-    }
-    d.set_metadata("producer", "dsa run (CPU reference)");
-    d.set_metadata("weights", o.weights.empty() ? fmt::format("seed {}", seed) : o.weights);
-    for (const auto& [k, v] : run_metadata(cfg, seed)) d.set_metadata(k, v);
-    d.write(o.dump);
+    write_dump(o.dump, cfg, seed, in, res, topt, o.weights.empty() ? fmt::format("seed {}", seed) : o.weights);
     fmt::print("wrote {}\n", o.dump);
   }
   fmt::print("wall {:.1f} s\n", std::chrono::duration<double>(std::chrono::steady_clock::now() - wall0).count());
@@ -439,8 +551,8 @@ void run(const RunOptions& o, const CLI::App& sub) {
 void register_run(CLI::App& app) {
   auto o = std::make_shared<RunOptions>();
   CLI::App* sub = app.add_subcommand("run",
-                                     "run one forward step on the CPU reference and dump the output and intermediates "
-                                     "(file formats: docs/run-format.md)");
+                                     "run one forward step on the CPU reference (or the GPU, --backend cuda) and dump the "
+                                     "output and intermediates (file formats: docs/run-format.md)");
   add_config_options(sub, o->cfg);
   add_batch_options(sub, o->batch, 16);
   sub->add_flag("--allow-nonfinite", o->allow_nonfinite,
@@ -455,7 +567,12 @@ void register_run(CLI::App& app) {
   sub->add_option("--dump", o->dump, "write the output and the intermediates to this .safetensors file");
   sub->add_flag("--logits", o->logits, "also dump the indexer logits [T, max_seq_len] fp32 (large)");
   sub->add_flag("--no-intermediates", o->no_intermediates, "dump only the output (and the step's shape)");
-  sub->add_option("--save-weights", o->save_weights, "also write the weights (bf16, Hugging Face names) to this file");
+  sub->add_option("--save-weights", o->save_weights, "also write the weights (Hugging Face names; format: --save-weights-dtype) to this file");
+  sub->add_option("--save-weights-dtype", o->save_weights_dtype,
+                  "format of --save-weights: bf16 (default; reads back bit for bit) or fp8 (as the DeepSeek-V3.2 checkpoint: "
+                  "e4m3 projections with 128x128 block scale_inv, bf16 norms and weights_proj)");
+  sub->add_option("--backend", o->backend,
+                  "ref (default: the CPU reference) or cuda (the GPU layer, same files in and out; exit code 3 without a GPU)");
   sub->add_option("--save-inputs", o->save_inputs, "also write the step's inputs to this file (replayable with --inputs)");
   for (const char* name : {"--weights", "--inputs", "--dump", "--save-weights", "--save-inputs"}) sub->get_option(name)->check(kNonEmpty);
   sub->callback([o, sub] { run(*o, *sub); });

@@ -119,8 +119,8 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   fill_synthetic(cache, opt.seed);
   res.num_tokens = md.num_tokens;
 
-  const LayerWeights w = generate_weights(cfg, opt.seed);
-  CudaLayer layer(cfg, w);
+  const LayerWeights generated = opt.weights ? LayerWeights{} : generate_weights(cfg, opt.seed);
+  CudaLayer layer(cfg, opt.weights ? *opt.weights : generated);
   if (!opt.stage.empty()) {
     // One of the projections x_proj fuses, timed alone: run them unfused.
     const Stage one = parse_stage(opt.stage);
@@ -216,6 +216,11 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
       for (int i = 0; i < iters; ++i) whole.push_back(time_region([&] { layer.enqueue(x, st, false); }));
     }
     res.layer_ms = median(whole);
+    // Every run of the step selects the same keys (deterministic), so the
+    // last one's selection is the step's.
+    DSA_CUDA_CHECK(cudaStreamSynchronize(st));
+    const std::vector<int32_t> sel = layer.download_topk_global(st);
+    res.index_pattern = index_pattern_from_slots(md, sel.data(), cfg.index_topk);
   }
   cudaEventDestroy(e0);
   cudaEventDestroy(e1);
