@@ -174,12 +174,9 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
     }
   }
   const Backend backend = pick_backend(o.backend);
-  const ResolvedWeights rw = resolve_weights(o.cfg, o.weights, sub.count("--layer") > 0);
-  const LayerConfig& base = rw.cfg;
 
   BenchOptions opt;
   opt.seed = o.seed;
-  opt.weights = rw.weights ? &*rw.weights : nullptr;
   opt.stage = o.stage;
   opt.profile_once = o.profile_once;
   opt.cuda_graph = o.graph;
@@ -247,6 +244,11 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
 #endif
     return;
   }
+
+  // After the sweep's refusal of shape flags: a checkpoint layer is read only for a run that uses it.
+  const ResolvedWeights rw = resolve_weights(o.cfg, o.weights, sub.count("--layer") > 0);
+  const LayerConfig& base = rw.cfg;
+  opt.weights = rw.weights ? &*rw.weights : nullptr;
 
   std::vector<Axis> axes;
   for (const std::string& a : o.axes) {
