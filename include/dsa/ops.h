@@ -96,8 +96,9 @@ bool cuda_available();
 // out         [T, H, d_v] bf16: the softmax-weighted sum of the first d_v dims
 // max_logits  [T, H] f32: max scaled score sm_scale * q.k over the valid indices (-inf with none)
 // lse         [T, H] f32: NATURAL-log sum-exp of the scaled scores (+inf with no valid index, out = 0)
-// Differences from FlashMLA: its lse is base 2 (lse_flashmla = lse / ln 2);
-// both write +inf / -inf and out = 0 for a row with no valid index.
+// The same conventions as FlashMLA's current README (natural log for
+// max_logits and lse; -inf / +inf and out = 0 for a row with no valid index).
+// Its README before 2026 documented base-2 values (lse2 = lse / ln 2).
 // CUDA: dsa::cuda::sparse_mla with the views' strides and the layer's
 // workspace (sparse_mla_workspace_bytes for T, H, topk, S), allocated
 // stream-ordered on `stream`: bit for bit the layer's sparse_mla for the same
