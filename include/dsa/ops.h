@@ -6,17 +6,36 @@
 //
 // Every tensor is a non-owning strided view, as DLPack describes one. An op
 // runs where its tensors live: all on the CPU (the reference, dsa_reference)
-// or all on one CUDA device (the CUDA backend, on `stream`). Outputs are
-// written in place; the caller allocates them (the Python package does so with
-// the caller's framework). Every op checks every tensor first (dtype, rank,
-// shape, device, strides, alignment, overlap of outputs with inputs) and
-// throws, before touching anything:
-//   - dsa::ShapeError naming the tensor, the rule and the fix (wrong rank,
-//     shape, device, stride, alignment): Python ValueError;
-//   - dsa::DTypeError for a wrong dtype: Python TypeError;
-//   - dsa::NoDeviceError for CUDA tensors in a build without the CUDA backend.
-// Device-side values (indices, lengths) are not checked on the host (that
-// would need a synchronization); the ops define what out-of-range values do.
+// or all on one CUDA device (the CUDA backend, on `stream`, with that device
+// made current for the call and restored after). Outputs are written in
+// place; the caller allocates them (the Python package does so with the
+// caller's framework). Every op checks every tensor first and throws, before
+// touching anything:
+//   - dsa::DTypeError for a wrong dtype (Python: TypeError);
+//   - dsa::ShapeError naming the argument, the rule and the fix (Python:
+//     ValueError) for a wrong rank or shape, tensors on different devices,
+//     a bad stride, misalignment, null data with a non-zero size, an output
+//     whose memory overlaps an input or another output, or an argument value
+//     out of range (sm_scale, d_v, k, max_context_len);
+//   - dsa::NoDeviceError for CUDA tensors in a build without the CUDA
+//     backend, or on a device ordinal this process cannot see.
+// Layout rules, the same for both backends (docs/ops.md):
+//   - the last dimension is contiguous (stride 1): .contiguous() fixes a view
+//     that is not;
+//   - every other stride is at least the span of the dimensions inside it, so
+//     views are row-major with optional padding (a slice such as q[:, :, :576]
+//     of a wider tensor is fine; a transposed or broadcast view is not);
+//     strides of size-1 dimensions are ignored;
+//   - data is aligned to the dtype's size; an empty tensor may have null data.
+// Where a CUDA kernel needs more (a dense layout, 16-byte alignment), the op
+// copies the input into a stream-ordered temporary itself; the exceptions
+// (caches written or read in place) are documented at the op.
+// Device-side values (indices, lengths, block tables) are not checked on the
+// host (that would need a synchronization); each op says what out-of-range
+// values do, and none makes a kernel read or write outside the tensors.
+//
+// Messages name the op's own argument ("q", "kv", ...); Tensor::name is for
+// the caller's bookkeeping and is not read by the ops.
 //
 // No CUDA headers here: streams are CUstream_st* (= cudaStream_t).
 #include <cstdint>
