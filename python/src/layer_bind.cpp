@@ -134,7 +134,7 @@ struct PyCache {
     }
     const int dev_type = on_device ? nb::device::cuda::value : nb::device::cpu::value;
     // The view keeps the cache (self) alive.
-    return nb::cast(nb::ndarray<>(p, 2, shape, self, nullptr, dt, dev_type, on_device ? device_index : 0));
+    return nb::cast(nb::ndarray<nb::array_api>(p, 2, shape, self, nullptr, dt, dev_type, on_device ? device_index : 0));
   }
 };
 
