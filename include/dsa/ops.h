@@ -71,7 +71,7 @@ struct Tensor {
   int device_index = 0;              // CUDA device ordinal; 0 for CPU
   std::vector<int64_t> shape;
   std::vector<int64_t> strides;      // elements; same length as shape
-  std::string name;                  // the argument's name, for messages ("q", "kv", ...)
+  std::string name;                  // the caller's label; messages use the op's own argument names
 
   int64_t ndim() const { return static_cast<int64_t>(shape.size()); }
   int64_t numel() const;
@@ -88,55 +88,81 @@ Tensor dense(void* data, DType dtype, std::vector<int64_t> shape, DeviceKind dev
 bool cuda_available();
 
 // ---- sparse MLA (spec 3.6), as FlashMLA's flash_mla_sparse_fwd ---------------
-// q           [T, H, d_qk] bf16 (d_qk = 576); last dimension contiguous, other strides free
-// kv          [S, d_qk] or [S, 1, d_qk] bf16: one latent row per global slot
-// indices     [T, topk] or [T, 1, topk] int32: slots; -1 or >= S is skipped
-// out         [T, H, d_v] bf16 (d_v = 512): the softmax-weighted sum of the first d_v dims
-// max_logits  [T, H] f32: max scaled score (-inf with no valid index)
-// lse         [T, H] f32: natural-log sum-exp of the scaled scores (+inf with no valid index, out = 0)
-// CUDA: the same kernel choice and workspace as the layer (bit for bit the
-// layer's sparse_mla for the same inputs); the workspace is allocated
-// stream-ordered on `stream` and released there.
+// q           [T, H, d_qk] bf16 (DeepSeek-V3.2: d_qk = 576; the ops take 1..1024, H <= 65535)
+// kv          [S, d_qk] or [S, 1, d_qk] bf16: one latent row per global slot (S may be 0)
+// indices     [T, topk] or [T, 1, topk] int32, topk >= 1: slots; -1, negative or >= S is skipped,
+//             a slot listed twice counts twice
+// sm_scale    finite, positive; d_v in [1, d_qk] (512)
+// out         [T, H, d_v] bf16: the softmax-weighted sum of the first d_v dims
+// max_logits  [T, H] f32: max scaled score sm_scale * q.k over the valid indices (-inf with none)
+// lse         [T, H] f32: NATURAL-log sum-exp of the scaled scores (+inf with no valid index, out = 0)
+// Differences from FlashMLA: its lse is base 2 (lse_flashmla = lse / ln 2);
+// both write +inf / -inf and out = 0 for a row with no valid index.
+// CUDA: dsa::cuda::sparse_mla with the views' strides and the layer's
+// workspace (sparse_mla_workspace_bytes for T, H, topk, S), allocated
+// stream-ordered on `stream`: bit for bit the layer's sparse_mla for the same
+// q, cache and indices. Views the sm90 kernel cannot take (H not 64 / 128,
+// topk not a multiple of 64, strides not multiples of 8, q / kv / out not
+// 16-byte aligned) run on the simple kernel, as in the layer.
 void sparse_mla_fwd(const Tensor& q, const Tensor& kv, const Tensor& indices, double sm_scale, int64_t d_v, const Tensor& out,
                     const Tensor& max_logits, const Tensor& lse, CUstream_st* stream = nullptr);
 
 // ---- indexer logits (spec 3.5), as DeepGEMM's fp8_mqa_logits -----------------
-// q        [M, HI, 128] fp8_e4m3 (unscaled; the q scale is folded into weights)
-// k        [N, 128] fp8_e4m3, k_scale [N] f32
+// q        [M, HI, 128] fp8_e4m3 (unscaled; the q scale is folded into weights); HI = 64 on CUDA
+// k        [N, 128] fp8_e4m3, k_scale [N] or [N, 1] f32 (N <= 2^31 - 1)
 // weights  [M, HI] f32
-// k_start, k_end [M] int32: query m sees keys [k_start[m], k_end[m]) (clamped to [0, N])
+// k_start, k_end [M] int32: query m sees keys [k_start[m], k_end[m]), both clamped to [0, N]
 // logits   [M, N] f32 (row stride >= N): logits[m, n] = k_scale[n] * sum_h weights[m, h] * relu(q[m, h] . k[n])
-//          for n in [k_start[m], k_end[m]); -inf elsewhere when clean_logits, unspecified otherwise.
+//          for n in [k_start[m], k_end[m]); -inf at and after k_end[m] always; before k_start[m]
+//          -inf with clean_logits, else the logit itself (computed anyway, see below).
+// CUDA: the indexer kernel reads a paged cache, so k / k_scale are first
+// repacked into a stream-ordered temporary of 64-token blocks (N * 132 bytes)
+// with an identity block table, one "request" whose visible end for row m is
+// clamp(k_end[m]); keys [0, k_start[m]) are computed and then overwritten
+// with -inf by a small kernel: a cost of k_start / k_end of the work on rows
+// with a late start (DeepGEMM skips them). Padded logits rows (row stride > N)
+// go through a dense temporary (the kernel writes whole rows) and a 2-D copy.
 void fp8_mqa_logits(const Tensor& q, const Tensor& k, const Tensor& k_scale, const Tensor& weights, const Tensor& k_start,
                     const Tensor& k_end, const Tensor& logits, bool clean_logits = true, CUstream_st* stream = nullptr);
 
 // ---- indexer logits over the paged cache, as DeepGEMM's fp8_paged_mqa_logits -
-// q             [B, next_n, HI, 128] fp8_e4m3
-// kv_cache      [num_blocks, block_size, 1, 132] or [num_blocks, block_size * 132] uint8: per block
-//               block_size x 128 fp8 keys, then block_size f32 scales (spec section 4)
+// q             [B, next_n, HI, 128] fp8_e4m3; HI = 64 on CUDA
+// kv_cache      [num_blocks, block_size, 1, 132] or [num_blocks, block_size * 132] uint8 (or fp8) bytes,
+//               contiguous: per block block_size x 128 fp8 keys, then block_size f32 scales
+//               (spec section 4); block_size = 64 and 16-byte aligned on CUDA
 // weights       [B * next_n, HI] f32
 // context_lens  [B] int32: tokens in each request's context, the next_n new ones included
 // block_table   [B, max_blocks] int32
 // logits        [B * next_n, max_context_len] f32: row b * next_n + j sees positions
-//               [0, context_lens[b] - next_n + j + 1) (causal within the next_n); -inf after when clean_logits
+//               [0, context_lens[b] - next_n + j + 1) (causal within the next_n), clamped to
+//               [0, min(max_context_len, max_blocks * block_size)] and cut at the first block-table
+//               entry outside [0, num_blocks) (the context ends there); -inf after, whatever
+//               clean_logits says (the kernel writes whole rows).
 void fp8_paged_mqa_logits(const Tensor& q, const Tensor& kv_cache, const Tensor& weights, const Tensor& context_lens,
                           const Tensor& block_table, int64_t max_context_len, const Tensor& logits, bool clean_logits = true,
                           CUstream_st* stream = nullptr);
 
 // ---- top-k (spec 3.5) --------------------------------------------------------
-// logits  [T, S] f32 (row stride >= S), lengths [T] int32 (candidates: columns [0, lengths[t]), clamped to [0, S])
+// logits  [T, S] f32 (row stride >= S, S <= 2^31 - 1), lengths [T] int32 (candidates: columns
+//         [0, lengths[t]), clamped to [0, S])
+// k       in [0, 2^31 - 1]
 // out     [T, k] int32: positions of the min(k, length) largest, ties to the lower position,
-//         in ascending position order, then -1. NaN ranks as -inf.
+//         in ascending position order, then -1. NaN ranks as -inf. Exact on both backends.
 void topk(const Tensor& logits, int64_t k, const Tensor& lengths, const Tensor& out, CUstream_st* stream = nullptr);
 
 // ---- RoPE, quantization and the paged cache append (spec 3.4, section 4) ----
 // Latent cache: k_pe gets the interleaved MLA RoPE at `positions` (cfg's
 // rope_theta and yarn scaling), then [c_kv | k_pe] is written at each token's
 // slot, as bf16 or in the 656-byte fp8 form (cfg.kv_cache_dtype).
-// c_kv          [T, 512] bf16 (after kv_a_layernorm)
-// k_pe          [T, 64] bf16 (before RoPE)
-// positions     [T] int32, slot_mapping [T] int64 (slots outside the cache are skipped)
-// latent_cache  [num_slots, 576] bf16, or [num_slots, 656] uint8 for the fp8 form
+// c_kv          [T, kv_lora_rank] bf16 (after kv_a_layernorm)
+// k_pe          [T, qk_rope_head_dim] bf16 (before RoPE)
+// positions     [T] int32, slot_mapping [T] int64 (slots outside [0, num_slots) are skipped)
+// latent_cache  [num_slots, 576] (or [num_blocks, block_size, 576]) bf16 with kv_cache_dtype bf16,
+//               [num_slots, 656] (or [.., .., 656]) uint8 with fp8; contiguous (written in place)
+// CUDA: the layer's mla_rope (no query heads) into a stream-ordered temporary,
+// then its cache_append: bit for bit what the layer writes for the same
+// c_kv, k_pe and positions. The CPU path rounds the same way; its sin / cos
+// may differ from the GPU's sincosf in the last bit of a rotated value.
 void rope_quant_append(const LayerConfig& cfg, const Tensor& c_kv, const Tensor& k_pe, const Tensor& positions,
                        const Tensor& slot_mapping, const Tensor& latent_cache, CUstream_st* stream = nullptr);
 
