@@ -20,6 +20,16 @@ if ! python3 -c 'import cutlass_library' >/dev/null 2>&1; then
   python3 -m pip install -q nvidia-cutlass || python3 -m pip install -q --break-system-packages nvidia-cutlass
 fi
 
+# The Python package dsalab (python/) builds with nanobind; scikit-build-core
+# is what `pip install --no-build-isolation .` builds it with.
+for mod in nanobind scikit_build_core; do
+  if ! python3 -c "import $mod" >/dev/null 2>&1; then
+    pkg=${mod//_/-}
+    echo "setup: installing the $pkg pip package (Python bindings)"
+    python3 -m pip install -q "$pkg" || python3 -m pip install -q --break-system-packages "$pkg"
+  fi
+done
+
 # nvcc of the CUDA toolkit, where the machine has it but not on PATH.
 if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
   export PATH=/usr/local/cuda/bin:$PATH

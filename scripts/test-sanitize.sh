@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The CPU test suite under AddressSanitizer + UndefinedBehaviorSanitizer (gcc),
-# in its own build folder (default build-asan), without the CUDA backend.
+# in its own build folder (default build-asan), without the CUDA backend and
+# without the Python module (an ASan-instrumented extension cannot load into an
+# uninstrumented python3).
 # Only dsa_tests and the dsa command line the tests run are built. Any ASan
 # report, leak or UB report fails the test that triggered it.
 # Usage: scripts/test-sanitize.sh [extra ctest args]
@@ -24,7 +26,7 @@ san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-fram
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 if [ ! -f "$build/CMakeCache.txt" ]; then
-  cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDSA_ENABLE_CUDA=OFF \
+  cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DDSA_ENABLE_CUDA=OFF -DDSA_BUILD_PYTHON=OFF \
     -DCMAKE_CXX_COMPILER=g++ \
     -DCMAKE_CXX_FLAGS="$san" -DCMAKE_EXE_LINKER_FLAGS="$san" -DCMAKE_SHARED_LINKER_FLAGS="$san"
 fi

@@ -4,4 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh build
+# Test-only dependencies of the Python package's pytest suite (python/tests):
+# pytest, and PyTorch for its CPU tensors (never a build dependency of dsalab,
+# so setup.sh does not install it). PyPI's torch wheel is the CUDA build (about 5 GB with its
+# nvidia-* dependencies) and works on a CPU-only machine; the CPU-only wheel
+# index is not reachable from our machines, so it is not used.
+for mod in pytest torch; do
+  if ! python3 -c "import $mod" >/dev/null 2>&1; then
+    echo "test: installing $mod (Python tests only)"
+    python3 -m pip install -q "$mod" || python3 -m pip install -q --break-system-packages "$mod"
+  fi
+done
+# The configure registers the pytest suite with CTest only where pytest and
+# torch import: configure again now that they do (cheap).
+cmake build >/dev/null
 ctest --test-dir build --output-on-failure -j"$(nproc)" "$@"
