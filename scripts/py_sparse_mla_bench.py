@@ -9,7 +9,7 @@ picks min(2048, p + 1) distinct random positions in [0, p], in random order.
 Protocol as the sweep's "sustained" one: 3 warm-up runs, then 20 back to back,
 each between two CUDA events on the current torch stream; the median. The
 Python figure and `dsa bench --sweep-sparse-mla --json --warmup 3 --iters 20`
-alternate 3 times; the medians of the three rounds and their ratio are printed.
+alternate 5 times; the medians of the five rounds and their ratio are printed.
 
 Usage: PYTHONPATH=build/python python3 scripts/py_sparse_mla_bench.py [--dsa build/tools/dsa/dsa]
 """
@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 T, H, S_KV, TOPK, D_QK, D_V = 4096, 128, 65536, 2048, 576, 512
-WARMUP, ITERS, ROUNDS = 3, 20, 3
+WARMUP, ITERS, ROUNDS = 3, 20, 5
 
 
 def make_inputs(torch, seed):

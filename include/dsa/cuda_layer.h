@@ -98,7 +98,8 @@ class CudaLayer {
   // fp32) after prepare and before launching: tests and dsa check.
   void set_poison(bool on);
 
-  // Makes the next enqueue write the fp32 values the indexer quantizes (trace only).
+  // Makes the next enqueue write the fp32 values the indexer quantizes (trace
+  // only). Set it before prepare(), which sizes the buffers for them.
   void set_trace_mode(bool on);
   // Downloads every intermediate of the last enqueue (synchronizes `stream`).
   void download_trace(LayerTrace& trace, const TraceOptions& options, CUstream_st* stream) const;

@@ -245,12 +245,13 @@ class PyLayer {
       }
       nb::gil_scoped_release nogil;
       gpu::set_device(dev_);
-      gpu_->prepare(md, dsa::cuda::device_view(*pc.m, cache_layer));
+      // Trace mode sizes the debug buffers in prepare(): set it first.
       gpu_->set_trace_mode(trace);
       struct Reset {
         dsa::cuda::CudaLayer* l;
         ~Reset() { l->set_trace_mode(false); }
       } reset{gpu_.get()};
+      gpu_->prepare(md, dsa::cuda::device_view(*pc.m, cache_layer));
       gpu_->enqueue(h.data, stream_of(stream), false);
       gpu::copy_rows_async(o.data, (T > 1 ? o.strides[0] : W) * 2, gpu_->output_device(), W * 2, T, stream_of(stream));
       if (trace) gpu_->download_trace(tr, topt, stream_of(stream));

@@ -15,6 +15,9 @@
                                                 cudaGetErrorName(dsa_err_), __FILE__, __LINE__));                 \
     }                                                                                                             \
     if (dsa_err_ != cudaSuccess) {                                                                                \
+      /* A non-sticky error stays in the runtime's last-error slot: clear it, or the next framework */            \
+      /* call on this thread (PyTorch checks cudaGetLastError after its launches) reports it as its own. */      \
+      (void)cudaGetLastError();                                                                                   \
       throw ::dsa::CudaError(fmt::format("{} failed: {} ({}) at {}:{}", #expr, cudaGetErrorString(dsa_err_),      \
                                          cudaGetErrorName(dsa_err_), __FILE__, __LINE__));                        \
     }                                                                                                             \

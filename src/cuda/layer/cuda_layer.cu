@@ -586,6 +586,10 @@ void CudaLayer::download_trace(LayerTrace& tr, const TraceOptions& opt, CUstream
   tr.q_pe = bf16_cols(m.q_cat.p, T * H, c.latent_dim(), c.kv_lora_rank, c.qk_rope_head_dim, stream);
   tr.q_cat = widen(download<uint16_t>(m.q_cat.p, T * H * c.latent_dim(), stream));
   if (m.trace_mode) {
+    if (m.dbg_q.bytes < static_cast<size_t>(T * HI * DI * 4) || m.dbg_ks.bytes < static_cast<size_t>(T * 4)) {
+      throw Error("CudaLayer::download_trace: trace mode was switched on after prepare(), so the step has no buffers for the "
+                  "indexer's fp32 values; call set_trace_mode(true) before prepare()");
+    }
     tr.idx_q = download<float>(m.dbg_q.p, T * HI * DI, stream);
     tr.idx_k = download<float>(m.dbg_k.p, T * DI, stream);
     const std::vector<uint8_t> k8 = download<uint8_t>(m.dbg_k8.p, T * DI, stream);
