@@ -173,6 +173,35 @@ TEST(LayerGpu, RejectsWhatItCannotRun) {
     const dsa::BatchMetadata m8 = dsa::build_batch_metadata(k8, pre);
     EXPECT_THROW(l8.forward(dsa::generate_hidden(f, 8, 4), m8, dsa::cuda::device_view(k8, 0)), dsa::ConfigError);
   }
+  {
+    // Trace mode switched on after prepare(): the step has no buffers for the
+    // indexer's fp32 values, and download_trace says so instead of copying
+    // from null; the same layer then runs normally.
+    dsa::CacheConfig ct = dsa::CacheConfig::for_layer(cfg);
+    ct.with_tokens(256);
+    ct.storage = dsa::Storage::Device;
+    dsa::CacheManager kt(ct, dsa::cuda::device_allocator());
+    const std::vector<StepRequest> one = reqs({{0, 2}});
+    dsa::reserve_step(kt, one);
+    const dsa::BatchMetadata mt = dsa::build_batch_metadata(kt, one);
+    dsa::cuda::CudaLayer lt(cfg, w);
+    lt.prepare(mt, dsa::cuda::device_view(kt, 0));
+    lt.set_trace_mode(true);
+    void* x = lt.hidden_buffer(2);
+    const std::vector<dsa::bf16_t> h2 = dsa::generate_hidden(cfg, 2, 5);
+    ASSERT_EQ(cudaMemcpy(x, h2.data(), h2.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    lt.enqueue(x, nullptr, false);
+    dsa::LayerTrace tr;
+    try {
+      lt.download_trace(tr, dsa::TraceOptions{}, nullptr);
+      ADD_FAILURE() << "download_trace after a late set_trace_mode did not throw";
+    } catch (const dsa::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("set_trace_mode(true) before prepare()"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+    lt.set_trace_mode(false);
+    EXPECT_NO_THROW(lt.forward(h2, mt, dsa::cuda::device_view(kt, 0)));
+  }
   dsa::CacheConfig hc = dsa::CacheConfig::for_layer(cfg);
   hc.with_tokens(64);
   dsa::CacheManager host(hc);
