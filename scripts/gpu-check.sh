@@ -95,8 +95,10 @@ ANCHOR_ARGS=()
 if [ $SANITIZE -eq 1 ]; then
   # Last, with whatever is left of the TOTAL budget (default 570 s). memcheck
   # slows kernels 10-100x: every test but the T > 65535 sparse MLA ones and the
-  # full-width layer (seconds natively; run them under memcheck alone) and the
-  # bench test; 37 tests in ~25 s on the H100. Override with SAN_FILTER.
+  # full-width layer (seconds natively; run them under memcheck alone), the
+  # bench test, and the RunCuda tests, whose `dsa run` child processes the
+  # sanitizer follows at a crawl (the CLI is memchecked directly below
+  # instead). Override with SAN_FILTER.
   left=$(( TOTAL - ($(date +%s) - T0) - 15 ))
   [ $left -gt $TL_SAN ] && left=$TL_SAN
   if [ $left -lt 30 ]; then
@@ -104,7 +106,16 @@ if [ $SANITIZE -eq 1 ]; then
   else
     step "memcheck on GPU tests" memcheck.log "$left" compute-sanitizer --tool memcheck --error-exitcode 1 \
       $TESTS --gtest_color=no \
-      --gtest_filter="${SAN_FILTER:--*TAbove65535*:*FullWidth*:*Bench*}"
+      --gtest_filter="${SAN_FILTER:--*TAbove65535*:*FullWidth*:*Bench*:RunCuda*}"
+    # `dsa run --backend cuda` (what the RunCuda tests spawn): a ragged prefill
+    # and decode over synthetic cached rows, the fp8 latent cache, o_proj.
+    n=0
+    for args in "--requests 0:100,50:3 --seed 7" "--requests 64:1,100:2 --kv-cache-dtype fp8 --seed 8" \
+                "--requests 0:40,40:8 --o-proj --seed 9"; do
+      n=$((n + 1))
+      step "memcheck dsa run --backend cuda $args" memcheck-run-$n.log 120 compute-sanitizer --tool memcheck \
+        --error-exitcode 1 $DSA run --backend cuda $args --dump /tmp/gpu-check-run.safetensors
+    done
   fi
 fi
 echo
