@@ -18,4 +18,12 @@ done
 # The configure registers the pytest suite with CTest only where pytest and
 # torch import: configure again now that they do (cheap).
 cmake build >/dev/null
+# The Python suite must run here (CI runs this script): a build that left the
+# package out (no Python headers, no nanobind) fails instead of passing
+# without it.
+if ! ctest --test-dir build -N -R '^Python\.pytest$' | grep -q 'Python.pytest'; then
+  echo "test: the Python package's pytest suite is not registered (see the 'dsalab Python package' / 'pytest suite' lines of"
+  echo "      cmake build); install python3-dev, nanobind, pytest and torch (scripts/setup.sh and this script do) and run again"
+  exit 1
+fi
 ctest --test-dir build --output-on-failure -j"$(nproc)" "$@"

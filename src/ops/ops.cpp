@@ -167,7 +167,9 @@ void fp8_mqa_logits(const Tensor& q, const Tensor& k, const Tensor& k_scale, con
 void fp8_paged_mqa_logits(const Tensor& q, const Tensor& kv_cache, const Tensor& weights, const Tensor& context_lens,
                           const Tensor& block_table, int64_t max_context_len, const Tensor& logits, bool clean_logits,
                           CUstream_st* stream) {
-  (void)clean_logits;  // both paths write -inf after each row's visible end anyway
+  // Accepted for DeepGEMM's signature: both paths write -inf past each row's
+  // context whatever it says (ops.h), so it changes nothing.
+  (void)clean_logits;
   const char* op = "fp8_paged_mqa_logits";
   const Arg aq{&q, "q"}, ac{&kv_cache, "kv_cache"}, aw{&weights, "weights"}, acl{&context_lens, "context_lens"},
       ab{&block_table, "block_table"}, al{&logits, "logits"};
@@ -272,6 +274,12 @@ void topk(const Tensor& logits, int64_t k, const Tensor& lengths, const Tensor& 
   check_dim(op, ao, 1, k, "k");
   check_int32_extent(op, "S (logits columns)", S);
   for (const Arg& a : {al, an, ao}) check_layout(op, a);
+  // The kernel addresses rows with an int32 stride: a padded view must keep it in range too.
+  if (T > 1 && logits.strides[0] > INT_MAX)
+    throw ShapeError(fmt::format("{}: logits.stride(0) = {} exceeds 2^31 - 1 (the kernel addresses rows with an int32 stride); "
+                                 "call .contiguous() on logits",
+                                 op, logits.strides[0]),
+                     "logits");
   const detail::Placement pl = detail::placement(op, {al, an, ao});
   detail::check_no_overlap(op, {ao}, {al, an});
   if (T == 0 || k == 0) return;

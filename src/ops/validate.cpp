@@ -42,8 +42,20 @@ int64_t itemsize(DType d) {
 }
 
 int64_t Tensor::numel() const {
+  for (int64_t s : shape)
+    if (s == 0) return 0;
   int64_t n = 1;
-  for (int64_t s : shape) n *= s;
+  for (int64_t s : shape) {
+    // A view of a huge broadcast shape must not wrap to a small count (and
+    // pass the layout checks that count gates).
+    if (__builtin_mul_overflow(n, s, &n)) {
+      std::string dims;
+      for (int64_t d : shape) dims += (dims.empty() ? "" : ", ") + std::to_string(d);
+      throw ShapeError(fmt::format("{} has shape [{}], more elements than a 64-bit count holds; pass a valid tensor",
+                                   name.empty() ? std::string("a tensor") : name, dims),
+                       name);
+    }
+  }
   return n;
 }
 

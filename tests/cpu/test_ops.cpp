@@ -586,6 +586,29 @@ TEST(OpsCpuValidation, TopkAndAppendRules) {
   expect_param<dsa::ShapeError>(app, "latent_cache", {"latent_cache", "overlaps", "c_kv"});
   cfg.num_heads = 0;
   EXPECT_THROW(app(), dsa::ConfigError);
+
+  // Rows further apart than an int32 stride reaches: refused before any
+  // memory is touched (the data pointer is never read), naming the fix.
+  k = 8;
+  lens.t.dtype = DType::I32;
+  Tensor far = logits.t;
+  far.strides = {int64_t{1} << 31, 1};
+  auto run_far = [&] { dsa::ops::topk(far, k, lens.t, out.t); };
+  expect_param<dsa::ShapeError>(run_far, "logits", {"logits.stride(0)", "2^31 - 1", ".contiguous()"});
+}
+
+TEST(OpsCpuValidation, ElementCountsThatOverflowAreShapeErrors) {
+  // A broadcast-like view whose element count wraps a 64-bit integer must not
+  // pass as a small tensor.
+  HostTensor lens(DType::I32, {2}), out(DType::I32, {2, 8});
+  Tensor huge = dsa::ops::dense(lens.t.data, DType::F32, {2, 8});
+  huge.shape = {int64_t{1} << 40, int64_t{1} << 40};
+  huge.strides = {0, 1};
+  huge.name = "logits";
+  EXPECT_THROW((void)huge.numel(), dsa::ShapeError);
+  EXPECT_THROW(dsa::ops::topk(huge, 8, lens.t, out.t), dsa::ShapeError);
+  huge.shape = {int64_t{1} << 40, 0};  // empty whatever the other dimension
+  EXPECT_EQ(huge.numel(), 0);
 }
 
 TEST(OpsCpu, TensorHelpers) {

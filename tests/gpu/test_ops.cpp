@@ -394,6 +394,36 @@ TEST(OpsGpu, Fp8PagedMqaLogitsMatchesCpuOp) {
   }
 }
 
+TEST(OpsGpu, Fp8PagedMqaLogitsOverAnEmptyCache) {
+  // A cache of no blocks (frameworks hand a null pointer for it): every row
+  // is -inf on the GPU as on the CPU, not an error about the kernel's inputs.
+  SKIP_WITHOUT_GPU();
+  const int64_t B = 2, next_n = 1, HI = 64, L = 64, T = B * next_n;
+  std::mt19937 g(11);
+  HostTensor q(DType::FP8_E4M3, {B, next_n, HI, 128}), w(DType::F32, {T, HI}), cache(DType::U8, {0, 64, 1, 132});
+  HostTensor cl(DType::I32, {B}), table(DType::I32, {B, 2}), got(DType::F32, {T, L}), ref(DType::F32, {T, L});
+  fill_fp8(q, g);
+  for (int64_t i = 0; i < T * HI; ++i) w.at<float>(i) = 0.5f;
+  for (int64_t b = 0; b < B; ++b) {
+    cl.at<int32_t>(b) = 40;
+    table.at<int32_t>(b * 2) = 0, table.at<int32_t>(b * 2 + 1) = 0;
+  }
+  dsa::ops::fp8_paged_mqa_logits(q.t, cache.t, w.t, cl.t, table.t, L, ref.t, true);
+  DevTensor dq(q), dw(w), dcl(cl), dt(table), dl(got);
+  ASSERT_TRUE(dq.ok() && dw.ok() && dcl.ok() && dt.ok() && dl.ok());
+  Tensor dc = cache.t;
+  dc.data = nullptr;
+  dc.device = dsa::ops::DeviceKind::CUDA;
+  CK(cudaGetDevice(&dc.device_index));
+  dsa::ops::fp8_paged_mqa_logits(dq.t, dc, dw.t, dcl.t, dt.t, L, dl.t, true, nullptr);
+  CK(cudaDeviceSynchronize());
+  dl.download(got);
+  for (int64_t i = 0; i < T * L; ++i) {
+    EXPECT_EQ(ref.at<float>(i), -kInf) << i;
+    EXPECT_EQ(got.at<float>(i), -kInf) << i;
+  }
+}
+
 // ---- top-k ------------------------------------------------------------------------------
 
 TEST(OpsGpu, TopkMatchesCpuOp) {

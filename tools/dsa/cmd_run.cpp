@@ -305,17 +305,19 @@ StepResult run_ref(const LayerConfig& cfg, const CacheConfig& cc, const LayerWei
 // cache that starts with the reference's bytes: synthetic rows are made on
 // the host exactly as the reference makes them and copied over; prefix_hidden
 // runs the prefill step on the GPU.
+// The GPU memory of the step, and of the prefill step over prefix_hidden
+// (often the larger), each with the cache: checked in run() before the
+// weights are read and before anything is printed or written.
+void check_cuda_fits(const LayerConfig& cfg, const StepInputs& in, const std::vector<StepRequest>& prefix, const TraceOptions& topt) {
+  cuda::check_step_fits(cfg, in.requests, topt.intermediates || topt.logits);
+  if (!prefix.empty() && !in.prefix_hidden.empty()) cuda::check_step_fits(cfg, prefix, false);
+}
+
 StepResult run_cuda(const LayerConfig& cfg, const CacheConfig& cc, const LayerWeights& w, const StepInputs& in,
                     const std::vector<StepRequest>& prefix, uint64_t seed, const TraceOptions& topt) {
   StepResult res;
   const cuda::DeviceInfo& dev = cuda::current_device();
   res.producer = fmt::format("dsa run (CUDA, {})", dev.name);
-  // Before anything is allocated on the device: the step, and the prefill
-  // step over prefix_hidden (often the larger), each with the cache.
-  const bool trace = topt.intermediates || topt.logits;
-  cuda::check_step_fits(cfg, in.requests, trace);
-  if (!prefix.empty() && !in.prefix_hidden.empty()) cuda::check_step_fits(cfg, prefix, false);
-
   CacheConfig dcc = cc;
   dcc.storage = Storage::Device;
   CacheManager dcache(dcc, cuda::device_allocator());
@@ -345,11 +347,14 @@ StepResult run_cuda(const LayerConfig& cfg, const CacheConfig& cc, const LayerWe
   TraceOptions gopt = topt;
   gopt.intermediates = topt.intermediates || topt.logits;
   const auto t0 = std::chrono::steady_clock::now();
-  res.out_bf16 = layer.forward(in.hidden, res.md, cuda::device_view(dcache, 0), nullptr, trace ? &res.trace : nullptr, gopt);
+  res.out_bf16 = layer.forward(in.hidden, res.md, cuda::device_view(dcache, 0), nullptr, gopt.intermediates ? &res.trace : nullptr, gopt);
   res.step_s = seconds_since(t0);
   return res;
 }
 #else
+void check_cuda_fits(const LayerConfig&, const StepInputs&, const std::vector<StepRequest>&, const TraceOptions&) {
+  throw NoDeviceError("dsa run --backend cuda: this build has no CUDA backend");
+}
 StepResult run_cuda(const LayerConfig&, const CacheConfig&, const LayerWeights&, const StepInputs&, const std::vector<StepRequest>&,
                     uint64_t, const TraceOptions&) {
   throw NoDeviceError("dsa run --backend cuda: this build has no CUDA backend");
@@ -481,6 +486,14 @@ void run(const RunOptions& o, const CLI::App& sub) {
     }
     in.hidden = generate_hidden(cfg, T, seed + 1000);
   }
+  // The cached part of each request: the layer over prefix_hidden, or synthetic rows.
+  std::vector<StepRequest> prefix;
+  for (const auto& q : in.requests)
+    if (q.cached > 0) prefix.push_back(StepRequest{q.id, 0, q.cached});
+  TraceOptions topt;
+  topt.intermediates = !o.no_intermediates;
+  topt.logits = o.logits;
+  if (backend == RunBackend::Cuda) check_cuda_fits(cfg, in, prefix, topt);
   const LayerWeights w = o.weights.empty() ? generate_weights(cfg, seed) : load_weights(cfg, o.weights, layer, o.allow_nonfinite);
 
   fmt::print("weights: {}\n", o.weights.empty() ? fmt::format("generated from seed {}", seed)
@@ -502,13 +515,6 @@ void run(const RunOptions& o, const CLI::App& sub) {
     fmt::print("wrote inputs to {}\n", o.save_inputs);
   }
 
-  // The cached part of each request: the layer over prefix_hidden, or synthetic rows.
-  std::vector<StepRequest> prefix;
-  for (const auto& q : in.requests)
-    if (q.cached > 0) prefix.push_back(StepRequest{q.id, 0, q.cached});
-  TraceOptions topt;
-  topt.intermediates = !o.no_intermediates;
-  topt.logits = o.logits;
   StepResult res = backend == RunBackend::Cuda ? run_cuda(cfg, cc, w, in, prefix, seed, topt)
                                                      : run_ref(cfg, cc, w, in, prefix, seed, topt);
   const BatchMetadata& md = res.md;

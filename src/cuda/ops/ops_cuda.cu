@@ -341,6 +341,13 @@ void fp8_paged_mqa_logits(int device, const Tensor& q, const Tensor& kv_cache, i
   cuda::IndexerLogitsParams ip;
   ip.q_fp8 = static_cast<const uint8_t*>(qd), ip.weights = static_cast<const float*>(wd);
   ip.k_cache = static_cast<const uint8_t*>(kv_cache.data);
+  StreamBuf empty_cache(stream);
+  if (num_blocks == 0) {
+    // An empty cache (a null pointer from the framework): every row's context
+    // ends at its first table entry, so nothing is read, but the kernel wants
+    // an aligned block to point at.
+    ip.k_cache = static_cast<const uint8_t*>(empty_cache.alloc(kIdxBlockBytes));
+  }
   ip.block_table = table, ip.token_request = m, ip.visible_end = m + T, ip.logits = out;
   ip.T = T, ip.logits_stride = max_context_len, ip.max_blocks_per_request = std::max<int64_t>(max_blocks, 1);
   ip.num_heads = static_cast<int>(q.shape[2]), ip.tokens_per_block = static_cast<int>(kIdxBlock);
