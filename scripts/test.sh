@@ -8,8 +8,9 @@ scripts/setup.sh build
 # pytest, and PyTorch for its CPU tensors (never a build dependency of dsalab,
 # so setup.sh does not install it). PyPI's torch wheel is the CUDA build (about 5 GB with its
 # nvidia-* dependencies) and works on a CPU-only machine; the CPU-only wheel
-# index is not reachable from our machines, so it is not used.
-for mod in pytest torch; do
+# index is not reachable from our machines, so it is not used. matplotlib for
+# the PNG checks of scripts/plot_bench.py (its test skips them without it).
+for mod in pytest torch matplotlib; do
   if ! python3 -c "import $mod" >/dev/null 2>&1; then
     echo "test: installing $mod (Python tests only)"
     python3 -m pip install -q "$mod" || python3 -m pip install -q --break-system-packages "$mod"
