@@ -4,7 +4,9 @@ Tensors go to the C++ core through DLPack (zero copy). Outputs are allocated
 with the framework of the op's first tensor argument, on its device, and the
 op runs on that framework's current stream (torch, cupy); the framework
 modules are imported only when a tensor of theirs is seen, so dsalab imports
-without any of them.
+without any of them. For CUDA tensors of other frameworks (JAX, any other
+DLPack exporter) dsalab knows no stream: the op runs on the legacy default
+stream and the call returns only once that stream is done (done()).
 """
 import contextlib
 import sys
@@ -68,6 +70,17 @@ def stream(x):
         with cupy.cuda.Device(index):
             return int(cupy.cuda.get_current_stream().ptr)
     return 0
+
+
+def done(x, stream):
+    """After an op on x's device: where x's framework has no stream dsalab knows
+    (JAX, other DLPack exporters on CUDA), waits for the op's stream. Outputs were
+    allocated on torch's / cupy's current stream and the inputs were kept alive
+    only for the call, so the caller must not see the result before the op ends."""
+    kind, index = device(x)
+    if kind == "cuda" and framework(x) not in ("torch", "cupy"):
+        from . import _dsalab
+        _dsalab.synchronize(index, stream)
 
 
 def device_guard(x):

@@ -134,14 +134,23 @@ class DSALayer:
         the layer's device, T = batch.num_tokens, in the batch's token order.
         Returns the output [T, H * v_head_dim] (or [T, hidden_size] with o_proj) bf16
         in hidden's framework; with trace=True, (output, dict of NumPy intermediates
-        as dsa run --dump names them; idx_logits too with trace_logits=True)."""
+        as dsa run --dump names them; idx_logits too with trace_logits=True).
+
+        On CUDA the step is queued on hidden's framework's current stream and the
+        call returns without waiting for it, except that it first waits on the host
+        for this layer's previous step: the layer uploads each step's metadata
+        synchronously and reuses (or reallocates) its GPU buffers, which the previous
+        step's kernels may still be reading on a non-blocking stream. Calls from
+        several threads on one layer (or one cache) run one at a time."""
         _fw.require_tensor(hidden, "hidden")
         if not isinstance(batch, _C.Batch):
             raise TypeError(f"batch is a {type(batch).__name__}; pass the Batch that CacheManager.step() returns")
         with _fw.device_guard(hidden):
             out = _fw.empty(hidden, (batch.num_tokens, self.output_width), "bf16")
-            tr = self._layer.forward(_fw.arg(hidden), batch, out, _fw.stream(hidden), int(cache_layer), bool(trace),
+            stream = _fw.stream(hidden)
+            tr = self._layer.forward(_fw.arg(hidden), batch, out, stream, int(cache_layer), bool(trace),
                                      bool(trace_logits))
+            _fw.done(hidden, stream)
         out = _fw.finish(hidden, out)
         return (out, tr) if trace else out
 

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -48,12 +49,14 @@ std::vector<dsa::StepRequest> to_requests(const std::vector<RequestTuple>& v) {
   return r;
 }
 
-nb::object numpy_u16(const std::vector<uint16_t>& v, std::vector<size_t> shape) {
-  uint16_t* buf = new uint16_t[v.empty() ? 1 : v.size()];
-  std::copy(v.begin(), v.end(), buf);
-  nb::capsule owner(buf, [](void* p) noexcept { delete[] static_cast<uint16_t*>(p); });
-  return nb::cast(nb::ndarray<nb::numpy, uint16_t>(buf, shape.size(), shape.data(), owner));
-}
+#ifdef DSA_HAVE_CUDA
+using gpu::DeviceGuard;
+#else
+// Without the CUDA backend nothing lives on a device (CUDA objects are refused first).
+struct DeviceGuard {
+  explicit DeviceGuard(int) {}
+};
+#endif
 
 void require_no_cuda_build_device(const char* what) {
 #ifndef DSA_HAVE_CUDA
@@ -69,10 +72,15 @@ void require_no_cuda_build_device(const char* what) {
 
 // ---- the paged caches ------------------------------------------------------
 
+// Python threads may call into one cache (and the layers using it) at once
+// with the GIL released: `mu` serializes every use of the manager. Lock order
+// everywhere: a layer's mutex, then a cache's; the GIL is released first and
+// is never taken while either is held.
 struct PyCache {
   dsa::LayerConfig cfg;
   bool on_device = false;
   int device_index = 0;
+  mutable std::mutex mu;
   std::unique_ptr<dsa::CacheManager> m;
 
   PyCache(const dsa::LayerConfig& c, std::optional<int64_t> tokens, std::optional<int64_t> num_blocks, int64_t num_layers,
@@ -99,25 +107,43 @@ struct PyCache {
     if (cuda) {
       require_no_cuda_build_device("CacheManager(device='cuda')");
 #ifdef DSA_HAVE_CUDA
-      gpu::set_device(dev);
       cc.storage = dsa::Storage::Device;
       alloc = dsa::cuda::device_allocator();
 #endif
     }
     cc.validate();
     nb::gil_scoped_release nogil;
+    const DeviceGuard dg(guard_device());
     m = std::make_unique<dsa::CacheManager>(cc, alloc);
   }
 
-  void enter() const {
-#ifdef DSA_HAVE_CUDA
-    if (on_device) gpu::set_device(device_index);
-#endif
+  ~PyCache() {
+    // The pools are freed on their own device (the device allocator's cudaFree
+    // waits for the device first, so a step still queued on them finishes).
+    try {
+      const DeviceGuard dg(guard_device());
+      m.reset();
+    } catch (const dsa::Error&) {
+      // Setting the device failed (a dead context): free what can be freed.
+      m.reset();
+    }
+  }
+
+  // The device to make current around the manager's CUDA calls (-1: none, host storage).
+  int guard_device() const { return on_device ? device_index : -1; }
+
+  // f(manager) with the GIL released and the cache's mutex held (and its device current).
+  template <typename F>
+  auto locked(F&& f) const {
+    nb::gil_scoped_release nogil;
+    std::lock_guard<std::mutex> lk(mu);
+    const DeviceGuard dg(guard_device());
+    return f(*m);
   }
 
   nb::object pool_view(nb::handle self, int64_t layer, bool latent) {
     const dsa::CacheConfig& cc = m->config();
-    uint8_t* p = latent ? m->latent_pool(layer) : m->indexer_pool(layer);
+    uint8_t* p = locked([&](dsa::CacheManager& cm) { return latent ? cm.latent_pool(layer) : cm.indexer_pool(layer); });
     size_t shape[2];
     nb::dlpack::dtype dt{static_cast<uint8_t>(nb::dlpack::dtype_code::UInt), 8, 1};
     if (latent) {
@@ -185,10 +211,27 @@ class PyLayer {
       return;
     }
 #ifdef DSA_HAVE_CUDA
-    gpu::set_device(dev_);
+    const DeviceGuard dg(dev_);
     gpu_ = std::make_unique<dsa::cuda::CudaLayer>(cfg_, w);
 #endif
   }
+
+  ~PyLayer() {
+#ifdef DSA_HAVE_CUDA
+    if (!gpu_) return;
+    // The last step's kernels may still be queued on the caller's stream and
+    // read the layer's buffers: let them finish, then free on the layer's device.
+    try {
+      const DeviceGuard dg(dev_);
+      step_done_.synchronize();
+      gpu_.reset();
+    } catch (const dsa::Error&) {
+      gpu_.reset();
+    }
+#endif
+  }
+  PyLayer(const PyLayer&) = delete;
+  PyLayer& operator=(const PyLayer&) = delete;
 
   const dsa::LayerConfig& config() const { return cfg_; }
   int64_t output_width() const { return cfg_.o_proj ? cfg_.hidden_size : cfg_.num_heads * cfg_.v_head_dim; }
@@ -217,13 +260,16 @@ class PyLayer {
     const DeviceKind dk = cuda_ ? DeviceKind::CUDA : DeviceKind::CPU;
     const Tensor h = checked_2d(a.tensor(hidden, "hidden"), DType::BF16, dk, dev_, T, cfg_.hidden_size,
                                 "the batch's new tokens x hidden_size");
-    const Tensor o = checked_2d(a.tensor(out, "out"), DType::BF16, dk, dev_, T, W, "tokens x output width");
+    const Tensor o = checked_2d(a.output(out, "out"), DType::BF16, dk, dev_, T, W, "tokens x output width");
     dsa::TraceOptions topt;
     topt.intermediates = trace;
     topt.logits = trace && trace_logits;
     dsa::LayerTrace tr;
     if (!cuda_) {
       nb::gil_scoped_release nogil;
+      // Layer, then cache (the one lock order); both released before the GIL is taken back.
+      const std::lock_guard<std::mutex> layer_lock(mu_);
+      const std::lock_guard<std::mutex> cache_lock(pc.mu);
       std::vector<dsa::bf16_t> hv(static_cast<size_t>(T * cfg_.hidden_size));
       const auto* hp = static_cast<const dsa::bf16_t*>(h.data);
       for (int64_t t = 0; t < T; ++t)
@@ -240,11 +286,34 @@ class PyLayer {
         throw dsa::ShapeError("hidden is not contiguous; the CUDA layer reads it in place (zero copy): pass hidden.contiguous()",
                               "hidden");
       }
+      // cuBLASLt and the vectorized kernels read hidden with 16-byte loads; a
+      // misaligned address is a sticky fault that ends the CUDA context.
+      if (T > 0 && reinterpret_cast<uintptr_t>(h.data) % 16 != 0) {
+        throw dsa::ShapeError(fmt::format("hidden's data pointer is {} bytes past a 16-byte boundary (a view at an odd element "
+                                          "offset); the CUDA layer reads it in place with 16-byte loads and needs it 16-byte "
+                                          "aligned: pass hidden.clone() (a fresh allocation is aligned)",
+                                          reinterpret_cast<uintptr_t>(h.data) % 16),
+                              "hidden");
+      }
+      if (T > 0 && reinterpret_cast<uintptr_t>(o.data) % 16 != 0) {
+        throw dsa::ShapeError("out's data pointer is not 16-byte aligned; the CUDA layer needs it so: pass a fresh tensor",
+                              "out");
+      }
       if (T > 1 && (o.strides[1] != 1 || o.strides[0] < W)) {
         throw dsa::ShapeError("out must have a contiguous last dimension (stride 1) and rows at least W apart", "out");
       }
       nb::gil_scoped_release nogil;
-      gpu::set_device(dev_);
+      // Layer, then cache (the one lock order); both released before the GIL is taken back.
+      const std::lock_guard<std::mutex> layer_lock(mu_);
+      const DeviceGuard dg(dev_);
+      // prepare() uploads the step's metadata with synchronous copies on the
+      // legacy default stream and may reallocate the layer's buffers, while the
+      // previous step's kernels, queued on the caller's (possibly non-blocking)
+      // stream, may still read them: wait for that step on the host first
+      // (before taking the cache, which other threads may meanwhile step).
+      // hidden needs nothing: its producer is ordered before us on `stream`.
+      step_done_.synchronize();
+      const std::lock_guard<std::mutex> cache_lock(pc.mu);
       // Trace mode sizes the debug buffers in prepare(): set it first.
       gpu_->set_trace_mode(trace);
       struct Reset {
@@ -252,9 +321,30 @@ class PyLayer {
         ~Reset() { l->set_trace_mode(false); }
       } reset{gpu_.get()};
       gpu_->prepare(md, dsa::cuda::device_view(*pc.m, cache_layer));
-      gpu_->enqueue(h.data, stream_of(stream), false);
-      gpu::copy_rows_async(o.data, (T > 1 ? o.strides[0] : W) * 2, gpu_->output_device(), W * 2, T, stream_of(stream));
-      if (trace) gpu_->download_trace(tr, topt, stream_of(stream));
+      CUstream_st* const s = stream_of(stream);
+      if (s != nullptr) {
+        // A pageable host-to-device cudaMemcpy may return before its DMA lands,
+        // and a non-blocking stream is not ordered after the legacy one: make
+        // the caller's stream wait for prepare()'s uploads on the device.
+        uploaded_.record(gpu::legacy_stream());
+        uploaded_.wait_on(s);
+      }
+      // Whatever is queued from here on (even if a later call throws) is the
+      // step the next forward waits for.
+      struct RecordOnExit {
+        gpu::Event& e;
+        CUstream_st* s;
+        ~RecordOnExit() {
+          try {
+            e.record(s);
+          } catch (const dsa::Error&) {
+            // The context is failing; the next call reports it.
+          }
+        }
+      } record{step_done_, s};
+      gpu_->enqueue(h.data, s, false);
+      gpu::copy_rows_async(o.data, (T > 1 ? o.strides[0] : W) * 2, gpu_->output_device(), W * 2, T, s);
+      if (trace) gpu_->download_trace(tr, topt, s);
 #endif
     }
     if (!trace) return nb::none();
@@ -295,8 +385,14 @@ class PyLayer {
   dsa::LayerConfig cfg_;
   bool cuda_ = false;
   int dev_ = 0;
+  // Serializes forward() across Python threads (the GIL is released there):
+  // neither the reference's prepared weights and scratch nor CudaLayer is
+  // safe to share. Taken before the batch's cache mutex.
+  std::mutex mu_;
   std::unique_ptr<dsa::ref::PreparedWeights> pw_;
 #ifdef DSA_HAVE_CUDA
+  gpu::Event uploaded_;   // prepare()'s uploads on the legacy stream
+  gpu::Event step_done_;  // the last step's work on the caller's stream
   std::unique_ptr<dsa::cuda::CudaLayer> gpu_;
 #endif
 };
@@ -304,6 +400,7 @@ class PyLayer {
 }  // namespace
 
 void bind_layer(nb::module_& m) {
+  using CM = dsa::CacheManager;
   // ---- configuration
   nb::class_<dsa::RopeScaling>(m, "RopeScaling")
       .def(nb::init<>())
@@ -362,7 +459,7 @@ void bind_layer(nb::module_& m) {
           nb::gil_scoped_release nogil;
           h = dsa::generate_hidden(cfg, T, seed);
         }
-        return numpy_u16(h, {static_cast<size_t>(T), static_cast<size_t>(cfg.hidden_size)});
+        return numpy_copy(h, {static_cast<size_t>(T), static_cast<size_t>(cfg.hidden_size)});
       },
       nb::arg("config"), nb::arg("tokens"), nb::arg("seed"),
       "dsa::generate_hidden: [tokens, hidden_size] bf16 bits as a NumPy uint16 array.");
@@ -403,6 +500,7 @@ void bind_layer(nb::module_& m) {
       .def(nb::init<const dsa::LayerConfig&, std::optional<int64_t>, std::optional<int64_t>, int64_t, bool, int>(), nb::arg("config"),
            nb::arg("tokens").none() = nb::none(), nb::arg("num_blocks").none() = nb::none(), nb::arg("num_layers") = 1,
            nb::arg("cuda") = false, nb::arg("device_index") = 0)
+      // config() is fixed at construction; everything else is read or changed under the cache's mutex.
       .def_prop_ro("num_blocks", [](const PyCache& c) { return c.m->config().num_blocks; })
       .def_prop_ro("tokens_per_block", [](const PyCache& c) { return c.m->config().tokens_per_block; })
       .def_prop_ro("num_layers", [](const PyCache& c) { return c.m->config().num_layers; })
@@ -411,48 +509,61 @@ void bind_layer(nb::module_& m) {
       .def_prop_ro("is_cuda", [](const PyCache& c) { return c.on_device; })
       .def_prop_ro("device_index", [](const PyCache& c) { return c.device_index; })
       .def_prop_ro("config", [](const PyCache& c) { return c.cfg; })
-      .def("add_request", [](PyCache& c, int64_t id, int64_t max_tokens) { c.m->add_request(id, max_tokens); }, nb::arg("id"),
-           nb::arg("max_tokens") = 0)
-      .def("has_request", [](const PyCache& c, int64_t id) { return c.m->has_request(id); }, nb::arg("id"))
-      .def("reserve", [](PyCache& c, int64_t id, int64_t tokens) { c.m->reserve(id, tokens); }, nb::arg("id"), nb::arg("tokens"))
-      .def("extend", [](PyCache& c, int64_t id, int64_t n) { c.m->extend(id, n); }, nb::arg("id"), nb::arg("n"))
-      .def("free_request", [](PyCache& c, int64_t id) { c.m->free_request(id); }, nb::arg("id"))
-      .def("num_tokens", [](const PyCache& c, int64_t id) { return c.m->num_tokens(id); }, nb::arg("id"))
-      .def("max_tokens", [](const PyCache& c, int64_t id) { return c.m->max_tokens(id); }, nb::arg("id"))
+      .def(
+          "add_request",
+          [](PyCache& c, int64_t id, int64_t max_tokens) { c.locked([&](CM& m) { m.add_request(id, max_tokens); }); },
+          nb::arg("id"), nb::arg("max_tokens") = 0)
+      .def("has_request", [](const PyCache& c, int64_t id) { return c.locked([&](CM& m) { return m.has_request(id); }); },
+           nb::arg("id"))
+      .def("reserve", [](PyCache& c, int64_t id, int64_t tokens) { c.locked([&](CM& m) { m.reserve(id, tokens); }); },
+           nb::arg("id"), nb::arg("tokens"))
+      .def("extend", [](PyCache& c, int64_t id, int64_t n) { c.locked([&](CM& m) { m.extend(id, n); }); }, nb::arg("id"),
+           nb::arg("n"))
+      .def("free_request", [](PyCache& c, int64_t id) { c.locked([&](CM& m) { m.free_request(id); }); }, nb::arg("id"))
+      .def("num_tokens", [](const PyCache& c, int64_t id) { return c.locked([&](CM& m) { return m.num_tokens(id); }); },
+           nb::arg("id"))
+      .def("max_tokens", [](const PyCache& c, int64_t id) { return c.locked([&](CM& m) { return m.max_tokens(id); }); },
+           nb::arg("id"))
       .def("block_table",
            [](const PyCache& c, int64_t id) {
-             const auto& v = c.m->block_table(id);
+             const std::vector<int32_t> v = c.locked([&](CM& m) { return m.block_table(id); });
              return numpy_copy(v, {v.size()});
            },
            nb::arg("id"))
-      .def_prop_ro("free_blocks", [](const PyCache& c) { return c.m->free_blocks(); })
-      .def_prop_ro("used_blocks", [](const PyCache& c) { return c.m->used_blocks(); })
-      .def_prop_ro("num_requests", [](const PyCache& c) { return c.m->num_requests(); })
-      .def("request_ids", [](const PyCache& c) { return c.m->request_ids(); })
-      .def("slot", [](const PyCache& c, int64_t id, int64_t p) { return c.m->slot(id, p); }, nb::arg("id"), nb::arg("position"))
+      .def_prop_ro("free_blocks", [](const PyCache& c) { return c.locked([](CM& m) { return m.free_blocks(); }); })
+      .def_prop_ro("used_blocks", [](const PyCache& c) { return c.locked([](CM& m) { return m.used_blocks(); }); })
+      .def_prop_ro("num_requests", [](const PyCache& c) { return c.locked([](CM& m) { return m.num_requests(); }); })
+      .def("request_ids", [](const PyCache& c) { return c.locked([](CM& m) { return m.request_ids(); }); })
+      .def("slot", [](const PyCache& c, int64_t id, int64_t p) { return c.locked([&](CM& m) { return m.slot(id, p); }); },
+           nb::arg("id"), nb::arg("position"))
       .def(
           "fill",
           [](PyCache& c, int byte) {
             if (byte < 0 || byte > 255) throw dsa::ConfigError(fmt::format("fill byte {} is not in [0, 255]", byte), "byte");
-            c.enter();
-            c.m->fill(static_cast<uint8_t>(byte));
+            c.locked([&](CM& m) { m.fill(static_cast<uint8_t>(byte)); });
           },
           nb::arg("byte"))
       .def(
           "step",
           [](PyCache& c, const std::vector<RequestTuple>& reqs) {
             const auto r = to_requests(reqs);
-            dsa::check_step_limits(r, c.m->config().tokens_per_block, "the step");
-            dsa::reserve_step(*c.m, r);
-            return PyBatch{dsa::build_batch_metadata(*c.m, r), &c};
+            dsa::BatchMetadata md = c.locked([&](CM& m) {
+              dsa::check_step_limits(r, m.config().tokens_per_block, "the step");
+              dsa::reserve_step(m, r);
+              return dsa::build_batch_metadata(m, r);
+            });
+            return PyBatch{std::move(md), &c};
           },
           nb::arg("requests"), nb::keep_alive<0, 1>())
       .def(
           "metadata",
           [](PyCache& c, const std::vector<RequestTuple>& reqs) {
             const auto r = to_requests(reqs);
-            dsa::check_step_limits(r, c.m->config().tokens_per_block, "the step");
-            return PyBatch{dsa::build_batch_metadata(*c.m, r), &c};
+            dsa::BatchMetadata md = c.locked([&](CM& m) {
+              dsa::check_step_limits(r, m.config().tokens_per_block, "the step");
+              return dsa::build_batch_metadata(m, r);
+            });
+            return PyBatch{std::move(md), &c};
           },
           nb::arg("requests"), nb::keep_alive<0, 1>())
       .def("latent_cache", [](nb::handle self, int64_t layer) { return nb::cast<PyCache&>(self).pool_view(self, layer, true); },

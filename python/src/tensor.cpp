@@ -111,9 +111,31 @@ dsa::ops::Tensor Args::tensor(nb::handle h, const char* name, As as) {
                                       name, nb::inst_name(h).c_str()),
                           name);
   }
+  return view(std::move(a), name, as);
+}
+
+dsa::ops::Tensor Args::output(nb::handle h, const char* name, As as) {
+  // A writable import refuses a tensor its exporter flags read-only; a
+  // read-only import that then succeeds tells that case from "not a tensor".
+  nb::ndarray<> w;
+  if (!h.is_none() && nb::try_cast(h, w, false)) return view(nb::ndarray<nb::ro>(w), name, as);
+  nb::ndarray<nb::ro> r;
+  if (!h.is_none() && nb::try_cast(h, r, false)) {
+    throw dsa::ShapeError(fmt::format("{} is read-only (its exporter flags it so: np.frombuffer of bytes, a JAX array, a "
+                                      "read-only DLPack capsule), and the op writes it in place; pass a writable tensor "
+                                      "(e.g. a copy: np.array(x), x.clone())",
+                                      name),
+                          name);
+  }
+  return tensor(h, name, as);  // not a tensor at all: its DTypeError
+}
+
+dsa::ops::Tensor Args::view(nb::ndarray<nb::ro>&& a, const char* name, As as) {
   dsa::ops::Tensor t;
   t.name = name;
   t.dtype = to_dtype(a.dtype(), name, as);
+  const auto code = static_cast<dl::dtype_code>(a.dtype().code);
+  if (t.dtype == DType::BF16 && code != dl::dtype_code::Bfloat) bf16_bits_.emplace_back(name, dlpack_dtype_name(a.dtype()));
   switch (a.device_type()) {
     case nb::device::cpu::value:
     case nb::device::cuda_host::value:  // pinned host memory: the CPU reads it directly
@@ -137,9 +159,25 @@ dsa::ops::Tensor Args::tensor(nb::handle h, const char* name, As as) {
     t.shape[i] = static_cast<int64_t>(a.shape(i));
     t.strides[i] = a.stride(i);
   }
+  // Writable where output() imported it; inputs are only read.
   t.data = const_cast<void*>(a.data());
   keep_.push_back(std::move(a));
   return t;
+}
+
+void Args::rethrow_with_real_dtype(const dsa::DTypeError& e) const {
+  for (const auto& [arg, real] : bf16_bits_) {
+    if (e.parameter() != arg) continue;
+    std::string msg = e.what();
+    const std::string said = fmt::format("{} has dtype bfloat16", arg);
+    const size_t at = msg.find(said);
+    if (at != std::string::npos) {
+      msg.replace(at, said.size(), fmt::format("{} has dtype {} (read as bf16 bits)", arg, real));
+    } else {
+      msg += fmt::format(" ({} has dtype {}, read as bf16 bits)", arg, real);
+    }
+    throw dsa::DTypeError(msg, arg);
+  }
 }
 
 void register_errors(nb::module_& m) {
@@ -191,6 +229,7 @@ nb::object numpy_copy(const std::vector<T>& v, std::vector<size_t> shape) {
   return nb::cast(nb::ndarray<nb::numpy, T>(buf, shape.size(), shape.data(), owner));
 }
 
+template nb::object numpy_copy(const std::vector<uint16_t>&, std::vector<size_t>);
 template nb::object numpy_copy(const std::vector<float>&, std::vector<size_t>);
 template nb::object numpy_copy(const std::vector<int32_t>&, std::vector<size_t>);
 template nb::object numpy_copy(const std::vector<int64_t>&, std::vector<size_t>);

@@ -1,5 +1,6 @@
 """Bad tensors and arguments raise ValueError / TypeError naming the argument,
 the rule and the fix; nothing crashes."""
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,76 @@ def test_layer_and_config_errors():
     if not dsalab.built_with_cuda or not dsalab.cuda_available():
         with pytest.raises(dsalab.NoDeviceError):
             dsalab.DSALayer(None, num_heads=64, device="cuda")
+
+
+def test_check_error_is_registered():
+    assert issubclass(dsalab.CheckError, dsalab.Error) and issubclass(dsalab.CheckError, RuntimeError)
+
+
+def rope_args(T=3, slots=8):
+    cfg = dsalab.load_config(None, kv_cache_dtype="fp8")
+    g = torch.Generator().manual_seed(3)
+    c_kv = torch.randn((T, 512), generator=g).to(torch.bfloat16)
+    k_pe = torch.randn((T, 64), generator=g).to(torch.bfloat16)
+    positions = torch.arange(T, dtype=torch.int32)
+    slot_mapping = torch.arange(T, dtype=torch.int64)
+    return cfg, c_kv, k_pe, positions, slot_mapping, slots
+
+
+def test_read_only_outputs_are_refused():
+    """A tensor the op writes must be writable: a read-only NumPy array (as
+    np.frombuffer of bytes gives, or a JAX array) is refused, never written."""
+    cfg, c_kv, k_pe, pos, slot, slots = rope_args()
+    frozen = bytes([0xFF]) * (slots * 656)
+    ro = np.frombuffer(frozen, dtype=np.uint8).reshape(slots, 656)
+    assert not ro.flags.writeable
+    with pytest.raises(ValueError) as e:
+        dsalab.rope_quant_append(cfg, c_kv, k_pe, pos, slot, ro)
+    message_names(e, "latent_cache")
+    assert "read-only" in str(e.value) and "writable" in str(e.value) and e.value.parameter == "latent_cache"
+    assert frozen == bytes([0xFF]) * (slots * 656)
+    # The same bytes in a writable array are written.
+    rw = ro.copy()
+    dsalab.rope_quant_append(cfg, c_kv, k_pe, pos, slot, rw)
+    assert (rw[:3] != 0xFF).any() and (rw[3:] == 0xFF).all()
+    # An output handed to the extension module directly is checked the same way.
+    logits = np.ones((2, 5), dtype=np.float32)
+    lengths = np.full(2, 5, dtype=np.int32)
+    out = np.frombuffer(bytes(2 * 3 * 4), dtype=np.int32).reshape(2, 3)
+    with pytest.raises(ValueError) as e:
+        dsalab._dsalab.topk(logits, 3, lengths, out)
+    assert "out" in str(e.value) and "read-only" in str(e.value)
+
+
+def test_16_bit_integers_are_named_as_themselves_where_bf16_is_not_taken():
+    """int16 / uint16 tensors are read as bf16 bits (NumPy has no bf16); where the
+    op takes something else, the message names the tensor's real dtype."""
+    cfg, c_kv, k_pe, pos, slot, slots = rope_args()
+    cache = np.full((slots, 656), 0xFF, dtype=np.uint8)
+    for bad in (pos.to(torch.int16), pos.numpy().astype(np.uint16)):
+        with pytest.raises(TypeError) as e:
+            dsalab.rope_quant_append(cfg, c_kv, k_pe, bad, slot, cache)
+        msg = str(e.value)
+        real = "int16" if isinstance(bad, torch.Tensor) else "uint16"
+        assert f"positions has dtype {real} (read as bf16 bits)" in msg and "int32" in msg, msg
+        assert e.value.parameter == "positions"
+    assert (cache == 0xFF).all()
+    # Where bf16 is taken, uint16 bits are still read as bf16 (c_kv as NumPy bits).
+    dsalab.rope_quant_append(cfg, c_kv.view(torch.int16).numpy().view(np.uint16), k_pe, pos, slot, cache)
+    assert (cache[:3] != 0xFF).any()
+
+
+def test_huge_k_and_max_context_len_are_shape_errors_before_allocation():
+    """Out of the int32 range: dsalab's ShapeError naming the argument, not the
+    framework's out-of-memory from allocating the output first."""
+    logits = torch.randn(4, 30)
+    lengths = torch.full((4,), 30, dtype=torch.int32)
+    for k in (2**31, 2**40, -1):
+        with pytest.raises(dsalab.ShapeError) as e:
+            dsalab.topk(logits, k, lengths)
+        assert e.value.parameter == "k" and "2^31 - 1" in str(e.value)
+    from test_ops_cpu import paged_inputs
+    q, cache, w, ctx, bt, _, _ = paged_inputs()
+    with pytest.raises(dsalab.ShapeError) as e:
+        dsalab.fp8_paged_mqa_logits(q, cache, w, ctx, bt, None, 2**40)
+    assert e.value.parameter == "max_context_len" and "2^31 - 1" in str(e.value)

@@ -1,7 +1,8 @@
 """GPU tests (skipped without a CUDA device): each op against the CPU op, the
 sparse MLA op on a CUDA layer's own intermediates bit for bit, DSALayer(cuda)
 against `dsa run --backend cuda --dump` bit for bit, and ops on a non-default
-torch stream. DSALAB_SLOW=1 adds the seed shape (T = 4096, H = 128)."""
+torch stream (ops, and two layer steps back to back), ops through an unknown
+DLPack exporter, the layer's input checks. DSALAB_SLOW=1 adds the seed shape (T = 4096, H = 128)."""
 import os
 
 import numpy as np
@@ -167,26 +168,89 @@ def test_layer_cuda_close_to_cpu_reference():
     assert torch.linalg.norm(g - c) / torch.linalg.norm(c) <= 2e-2
 
 
-def test_ops_and_layer_on_a_non_default_stream():
+def test_ops_on_a_non_default_stream():
     """Inputs are written on a side stream after a long sleep; an op that ran on
-    any stream but the caller's would read them before they exist."""
+    any stream but the caller's would read them before they exist. (Everything is
+    on the device before the sleep: a host-to-device copy inside the stream would
+    wait for the sleep on the host and close the window.)"""
     q, kv, idx = sparse_inputs(T=37, H=64, S=3000, K=128, seed=15)
     scale = 0.07
     expect = [t.cpu() for t in dsalab.sparse_mla_fwd(*cuda(q, kv, idx), scale)]
     s = torch.cuda.Stream()
+    q_dev, kv_dev, idx_dev = cuda(q, kv, idx)
     qd = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     with torch.cuda.stream(s):
         torch.cuda._sleep(100_000_000)
-        qd.copy_(q.cuda(non_blocking=False))
-        got = dsalab.sparse_mla_fwd(qd, kv.cuda(), idx.cuda(), scale)
+        qd.copy_(q_dev)
+        got = dsalab.sparse_mla_fwd(qd, kv_dev, idx_dev, scale)
     s.synchronize()
     for a, b in zip(got, expect):
         bits_equal(a.cpu(), b)
+
+
+def test_layer_steps_back_to_back_on_a_side_stream():
+    """A prefill then a decode step of one request on one layer, queued on a side
+    stream behind a long sleep with no synchronization between them: the second
+    forward must not upload its metadata into (or reallocate) the buffers the
+    first step's still-queued kernels read. Both outputs equal, bit for bit, the
+    same steps on the default stream with a fresh layer and cache and syncs between."""
     cfg = small_gpu_config()
-    _, _, on_default = layer_step(cfg, [(0, 0, 40)], seed=8)
-    _, _, on_side = layer_step(cfg, [(0, 0, 40)], seed=8, stream=torch.cuda.Stream())
-    bits_equal(on_side.cpu(), on_default.cpu())
+    seed = 8
+    steps = [((0, 0, 40), slice(0, 40)), ((0, 40, 1), slice(40, 41))]
+    bits = dsalab.generate_hidden(cfg, 41, seed + 1000)
+    hidden = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).cuda()
+
+    def fresh():
+        layer = dsalab.DSALayer(cfg, seed=seed, device="cuda")
+        cache = dsalab.CacheManager(cfg, tokens=512, device="cuda")
+        cache.fill(0xFF)
+        torch.cuda.synchronize()
+        return layer, cache
+
+    layer, cache = fresh()
+    expect = []
+    for req, rows in steps:
+        expect.append(layer(hidden[rows], cache.step([req])).cpu())
+        torch.cuda.synchronize()
+
+    layer, cache = fresh()
+    hd = torch.full_like(hidden, float("nan"))
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    got = []
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(200_000_000)
+        hd.copy_(hidden)  # hidden's producer, on the side stream behind the sleep
+        for req, rows in steps:
+            got.append(layer(hd[rows], cache.step([req])))
+    s.synchronize()
+    for g, e in zip(got, expect):
+        bits_equal(g.cpu(), e)
+
+
+class _Exporter:
+    """A DLPack exporter dsalab does not know (as a JAX array is): its op runs on
+    the legacy default stream and the call returns once that stream is done."""
+
+    def __init__(self, t):
+        self._t = t
+        self.shape = t.shape
+
+    def __dlpack__(self, *args, **kwargs):
+        return self._t.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self._t.__dlpack_device__()
+
+
+def test_ops_on_an_unknown_dlpack_framework_on_cuda():
+    q, kv, idx = cuda(*sparse_inputs(T=37, H=64, S=3000, K=128, seed=16))
+    expect = dsalab.sparse_mla_fwd(q, kv, idx, 0.07)
+    got = dsalab.sparse_mla_fwd(_Exporter(q), _Exporter(kv), _Exporter(idx), 0.07)
+    for a, b in zip(got, expect):
+        assert a.is_cuda
+        bits_equal(a.cpu(), b.cpu())
 
 
 def test_layer_cuda_bad_inputs():
@@ -204,3 +268,16 @@ def test_layer_cuda_bad_inputs():
     cpu_cache = dsalab.CacheManager(cfg, tokens=256, device="cpu")
     with pytest.raises(ValueError):
         layer.forward(h, cpu_cache.step([(0, 0, 4)]))
+    # A contiguous view at an odd element offset: refused before any CUDA work
+    # (cuBLASLt's 16-byte loads would fault and end the context).
+    buf = torch.empty(4 * cfg.hidden_size + 8, dtype=torch.bfloat16, device="cuda")
+    odd = buf[1:1 + 4 * cfg.hidden_size].view(4, cfg.hidden_size)
+    odd.copy_(h)
+    assert odd.is_contiguous() and odd.data_ptr() % 16 != 0
+    with pytest.raises(ValueError) as e:
+        layer.forward(odd, batch)
+    msg = str(e.value)
+    assert "hidden" in msg and "16-byte" in msg and ".clone()" in msg and e.value.parameter == "hidden"
+    # The fix works and the context is alive.
+    bits_equal(layer.forward(odd.clone(), batch).cpu(), layer.forward(h, batch).cpu())
+    torch.cuda.synchronize()

@@ -109,3 +109,55 @@ def test_layer_forward_bad_inputs():
     other = dsalab.CacheManager(small_cpu_config(tokens_per_block=32), tokens=64, device="cpu")
     with pytest.raises(ValueError):
         layer.forward(good, other.step([(0, 0, 4)]))
+
+
+def test_layer_cpu_two_threads_on_one_layer_and_cache():
+    """Two Python threads step one cache and run one layer at once (the GIL is
+    released inside): they serialize on the layer's and the cache's locks, and
+    each request's outputs are those of the same steps run one after another."""
+    import threading
+
+    cfg = small_cpu_config()
+    plan = [((0, 20), slice(0, 20)), ((20, 1), slice(20, 21)), ((21, 1), slice(21, 22)), ((22, 3), slice(22, 25))]
+    hidden = {rid: hidden_for(cfg, 25, 30 + rid) for rid in (0, 1)}
+
+    def run(layer, cache, rid, outs):
+        for (cached, new), rows in plan:
+            batch = cache.step([(rid, cached, new)])
+            outs.append(layer.forward(hidden[rid][rows], batch))
+            assert cache.num_tokens(rid) == cached + new
+
+    layer = dsalab.DSALayer(cfg, seed=3, device="cpu")
+    cache = dsalab.CacheManager(cfg, tokens=128, device="cpu")
+    cache.fill(0xFF)
+    expect = {rid: [] for rid in (0, 1)}
+    for rid in (0, 1):
+        run(layer, cache, rid, expect[rid])
+
+    for _ in range(3):
+        layer = dsalab.DSALayer(cfg, seed=3, device="cpu")
+        cache = dsalab.CacheManager(cfg, tokens=128, device="cpu")
+        cache.fill(0xFF)
+        got = {rid: [] for rid in (0, 1)}
+        errors = []
+        start = threading.Barrier(2)
+
+        def worker(rid):
+            try:
+                start.wait()
+                run(layer, cache, rid, got[rid])
+            except BaseException as e:  # re-raised in the main thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker, args=(rid,)) for rid in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        for rid in (0, 1):
+            assert len(got[rid]) == len(plan)
+            for a, b in zip(got[rid], expect[rid]):
+                bits_equal(a, b)
+        assert sorted(cache.request_ids()) == [0, 1]
