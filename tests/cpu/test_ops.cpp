@@ -16,6 +16,7 @@
 
 #include "dsa/dtypes.h"
 #include "dsa/ops.h"
+#include "ops_host_tensor.h"
 #include "dsa/reference.h"
 #include "dsa/reference_stages.h"
 #include "expect_error.h"
@@ -27,49 +28,7 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// A host tensor owning its memory; `pad` extra elements after each row of
-// the last dimension (a legal strided view when pad > 0). Memory is
-// poisoned with 0xA5 bytes.
-struct HostTensor {
-  std::vector<uint64_t> mem;  // 8-byte aligned storage
-  Tensor t;
-  HostTensor(DType dt, std::vector<int64_t> shape, int64_t pad = 0) {
-    const int64_t nd = static_cast<int64_t>(shape.size());
-    std::vector<int64_t> st(shape.size(), 1);
-    for (int64_t d = nd - 2; d >= 0; --d) st[d] = st[d + 1] * shape[d + 1] + (d == nd - 2 ? pad : 0);
-    int64_t span = 1;
-    for (int64_t d = 0; d < nd; ++d) span += (shape[d] - 1) * st[d];
-    if (nd == 0) span = 1;
-    const int64_t bytes = std::max<int64_t>(span, 1) * dsa::ops::itemsize(dt) + 64;
-    mem.assign(static_cast<size_t>((bytes + 7) / 8), 0xA5A5A5A5A5A5A5A5ull);
-    t.data = mem.data();
-    t.dtype = dt;
-    t.shape = std::move(shape);
-    t.strides = std::move(st);
-  }
-  int64_t numel() const { return t.numel(); }
-  // Element offset of dense index i.
-  int64_t off(int64_t i) const {
-    int64_t o = 0;
-    for (int64_t d = t.ndim() - 1; d >= 0; --d) {
-      o += (i % t.shape[d]) * t.strides[d];
-      i /= t.shape[d];
-    }
-    return o;
-  }
-  template <class T>
-  T& at(int64_t i) {
-    return static_cast<T*>(t.data)[off(i)];
-  }
-  template <class T>
-  T at(int64_t i) const {
-    return static_cast<const T*>(t.data)[off(i)];
-  }
-  std::vector<uint8_t> bytes() const {
-    const auto* p = reinterpret_cast<const uint8_t*>(mem.data());
-    return std::vector<uint8_t>(p, p + mem.size() * 8);
-  }
-};
+using dsa::test::HostTensor;
 
 // Same values in a dense and a padded view.
 void copy_values(const HostTensor& from, HostTensor& to) {

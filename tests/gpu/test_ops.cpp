@@ -27,6 +27,7 @@
 #include "dsa/dtypes.h"
 #include "dsa/error.h"
 #include "dsa/ops.h"
+#include "../cpu/ops_host_tensor.h"
 
 using dsa::ops::DType;
 using dsa::ops::Tensor;
@@ -39,43 +40,7 @@ namespace {
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// A host tensor owning poisoned memory (0xA5 bytes); `pad` extra elements
-// after each row of the last dimension.
-struct HostTensor {
-  std::vector<uint64_t> mem;
-  Tensor t;
-  HostTensor(DType dt, std::vector<int64_t> shape, int64_t pad = 0) {
-    const int64_t nd = static_cast<int64_t>(shape.size());
-    std::vector<int64_t> st(shape.size(), 1);
-    for (int64_t d = nd - 2; d >= 0; --d) st[d] = st[d + 1] * shape[d + 1] + (d == nd - 2 ? pad : 0);
-    int64_t span = 1;
-    for (int64_t d = 0; d < nd; ++d) span += (std::max<int64_t>(shape[d], 1) - 1) * st[d];
-    const int64_t bytes = span * dsa::ops::itemsize(dt) + 64;
-    mem.assign(static_cast<size_t>((bytes + 7) / 8), 0xA5A5A5A5A5A5A5A5ull);
-    t.data = mem.data();
-    t.dtype = dt;
-    t.shape = std::move(shape);
-    t.strides = std::move(st);
-  }
-  int64_t numel() const { return t.numel(); }
-  int64_t off(int64_t i) const {
-    int64_t o = 0;
-    for (int64_t d = t.ndim() - 1; d >= 0; --d) {
-      o += (i % t.shape[d]) * t.strides[d];
-      i /= t.shape[d];
-    }
-    return o;
-  }
-  template <class T>
-  T& at(int64_t i) {
-    return static_cast<T*>(t.data)[off(i)];
-  }
-  template <class T>
-  T at(int64_t i) const {
-    return static_cast<const T*>(t.data)[off(i)];
-  }
-  size_t bytes() const { return mem.size() * 8; }
-};
+using dsa::test::HostTensor;
 
 // The host tensor's whole allocation on the device, same layout.
 struct DevTensor {
@@ -84,7 +49,7 @@ struct DevTensor {
   explicit DevTensor(const HostTensor& h) : buf(h.mem.size()) {
     t = h.t;
     if (!buf.p) return;
-    cudaMemcpy(buf.p, h.mem.data(), h.bytes(), cudaMemcpyHostToDevice);
+    cudaMemcpy(buf.p, h.mem.data(), h.byte_size(), cudaMemcpyHostToDevice);
     t.data = h.t.data ? reinterpret_cast<uint8_t*>(buf.p) + (static_cast<const uint8_t*>(h.t.data) -
                                                              reinterpret_cast<const uint8_t*>(h.mem.data()))
                       : nullptr;
@@ -93,7 +58,7 @@ struct DevTensor {
   }
   bool ok() const { return buf.p != nullptr; }
   // Whole allocation back into h (the same layout).
-  void download(HostTensor& h) const { cudaMemcpy(h.mem.data(), buf.p, h.bytes(), cudaMemcpyDeviceToHost); }
+  void download(HostTensor& h) const { cudaMemcpy(h.mem.data(), buf.p, h.byte_size(), cudaMemcpyDeviceToHost); }
 };
 
 float bf(const HostTensor& h, int64_t i) { return dsa::bf16_to_float(h.at<uint16_t>(i)); }
@@ -179,8 +144,7 @@ TEST(OpsGpu, SparseMlaMatchesCpuOp) {
       dsa::ops::sparse_mla_fwd(dq.t, dkv.t, didx.t, scale, 512, dout.t, dmx.t, dlse.t, st.s);
       CK(cudaStreamSynchronize(st.s));
       dout.download(gout), dmx.download(gmx), dlse.download(glse);
-      std::vector<uint8_t> all(gout.bytes());
-      std::memcpy(all.data(), gout.mem.data(), all.size());
+      const std::vector<uint8_t> all = gout.bytes();
       if (run == 0) first = all;
       else EXPECT_EQ(all, first) << "rerun differs";
     }
@@ -252,9 +216,9 @@ TEST(OpsGpu, SparseMlaIsBitForBitTheLayersCall) {
   dsa::cuda::sparse_mla(p, ctx);
   CK(cudaDeviceSynchronize());
   dout2.download(o2), dmx2.download(m2), dlse2.download(l2);
-  EXPECT_EQ(std::memcmp(o1.mem.data(), o2.mem.data(), o1.bytes()), 0) << "out";
-  EXPECT_EQ(std::memcmp(m1.mem.data(), m2.mem.data(), m1.bytes()), 0) << "max_logits";
-  EXPECT_EQ(std::memcmp(l1.mem.data(), l2.mem.data(), l1.bytes()), 0) << "lse";
+  EXPECT_EQ(std::memcmp(o1.mem.data(), o2.mem.data(), o1.byte_size()), 0) << "out";
+  EXPECT_EQ(std::memcmp(m1.mem.data(), m2.mem.data(), m1.byte_size()), 0) << "max_logits";
+  EXPECT_EQ(std::memcmp(l1.mem.data(), l2.mem.data(), l1.byte_size()), 0) << "lse";
   EXPECT_EQ(l1.at<float>(0), kInf);  // token 0 selects nothing
 }
 
