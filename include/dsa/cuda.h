@@ -2,6 +2,7 @@
 // What the front ends may ask of the CUDA backend without including CUDA
 // headers. Available when the library was built with DSA_HAVE_CUDA.
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 struct CUstream_st;  // = cudaStream_t
@@ -24,12 +25,27 @@ int device_count();
 // throws CudaError when there is none.
 const DeviceInfo& current_device();
 
+// Which kernel an op that has a newer one runs. kAuto is the library's
+// choice: the kernel whose GPU tests and figures are on record for the card
+// (docs/performance.md); the others force one, for the tests of both and
+// for before/after benchmarks in one run. An op with one kernel ignores it.
+enum class KernelPick : uint8_t { kAuto, kBaseline, kNew };
+struct KernelPicks {
+  KernelPick indexer_prefill = KernelPick::kAuto;  // indexer logits, 2 or more new tokens per request
+  KernelPick indexer_decode = KernelPick::kAuto;   // indexer logits over the paged cache, next_n 1 to 4
+  KernelPick topk = KernelPick::kAuto;             // causal top-k over the logits
+  // Sparse MLA over the fp8 latent cache: kBaseline gathers the selected rows
+  // into bf16 and runs the bf16 kernel; kNew reads the 656-byte rows itself.
+  KernelPick sparse_mla_fp8 = KernelPick::kAuto;
+};
+
 // What every launcher is handed: the properties of the device it launches on
 // (queried once per device, see current_device) and the stream. Launchers
 // never query device attributes themselves.
 struct DeviceContext {
   const DeviceInfo* device = nullptr;  // never null in a context from device_context()
   CUstream_st* stream = nullptr;       // nullptr: the legacy default stream
+  KernelPicks picks;                   // kAuto everywhere unless a test or the CLI (--kernels) asks
 
   int num_sms() const { return device->multiprocessors; }
   size_t l2_bytes() const { return device->l2_bytes; }

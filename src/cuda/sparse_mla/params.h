@@ -22,6 +22,9 @@ namespace dsa::cuda {
 struct SparseMlaParams {
   const __nv_bfloat16* q = nullptr;    // [T, H, d_qk] bf16
   const __nv_bfloat16* kv = nullptr;   // [num_slots, d_qk] bf16, one latent row per global cache slot
+  // Or (exactly one of kv and kv_fp8) the fp8 form of spec section 4, d_qk 576 and d_v 512 only:
+  const uint8_t* kv_fp8 = nullptr;     // [num_slots, 656] bytes: 512 float8_e4m3 (c_kv), 4 fp32 scales (one per
+                                       // 128 values), 64 bf16 (k_pe); value = bf16(float(e4m3) * scale)
   const int32_t* indices = nullptr;    // [T, topk] int32 global slots; -1 or >= num_slots is invalid (skipped)
   const int32_t* valid_len = nullptr;  // [T] int32, may be null: only indices[t, 0:valid_len[t]] are read
   __nv_bfloat16* out = nullptr;        // [T, H, d_v] bf16: softmax-weighted sum of the first d_v dims of the selected rows
@@ -39,7 +42,7 @@ struct SparseMlaParams {
   // Element strides; 0: dense (the value in the comment).
   int64_t stride_q_t = 0;          // between tokens of q (H * stride_q_h)
   int64_t stride_q_h = 0;          // between heads of q (d_qk)
-  int64_t stride_kv_slot = 0;      // between cache rows of kv (d_qk)
+  int64_t stride_kv_slot = 0;      // between cache rows of kv (d_qk); of kv_fp8 in bytes (656)
   int64_t stride_indices_t = 0;    // between tokens of indices (topk)
   int64_t stride_valid_len_t = 0;  // between tokens of valid_len (1)
   int64_t stride_out_t = 0;        // between tokens of out (H * stride_out_h)
@@ -67,7 +70,7 @@ inline SparseMlaParams resolve_strides(SparseMlaParams p) {
   const int64_t H = p.num_heads;
   if (p.stride_q_h == 0) p.stride_q_h = p.d_qk;
   if (p.stride_q_t == 0) p.stride_q_t = H * p.stride_q_h;
-  if (p.stride_kv_slot == 0) p.stride_kv_slot = p.d_qk;
+  if (p.stride_kv_slot == 0) p.stride_kv_slot = p.kv_fp8 ? 656 : p.d_qk;
   if (p.stride_indices_t == 0) p.stride_indices_t = p.topk;
   if (p.stride_valid_len_t == 0) p.stride_valid_len_t = 1;
   if (p.stride_out_h == 0) p.stride_out_h = p.d_v;
