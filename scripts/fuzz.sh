@@ -33,9 +33,8 @@ for pkg in cmake ninja-build clang libclang-rt-14-dev libgtest-dev nlohmann-json
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "fuzz: installing ${need_apt[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+  . scripts/install-lib.sh
+  apt_install "${need_apt[@]}"
 fi
 
 cxx=$(command -v clang++-14 || command -v clang++)

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
+. scripts/install-lib.sh
 
 need_apt=()
 for pkg in cmake ninja-build g++ libgtest-dev nlohmann-json3-dev libcli11-dev libfmt-dev python3-pip python3-dev; do
@@ -11,13 +12,11 @@ for pkg in cmake ninja-build g++ libgtest-dev nlohmann-json3-dev libcli11-dev li
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+  apt_install "${need_apt[@]}"
 fi
 if ! python3 -c 'import cutlass_library' >/dev/null 2>&1; then
   echo "setup: installing the nvidia-cutlass pip package (CUTLASS/CuTe headers)"
-  python3 -m pip install -q nvidia-cutlass || python3 -m pip install -q --break-system-packages nvidia-cutlass
+  pip_install nvidia-cutlass
 fi
 
 # The Python package dsalab (python/) builds with nanobind; scikit-build-core
@@ -26,7 +25,7 @@ for mod in nanobind scikit_build_core; do
   if ! python3 -c "import $mod" >/dev/null 2>&1; then
     pkg=${mod//_/-}
     echo "setup: installing the $pkg pip package (Python bindings)"
-    python3 -m pip install -q "$pkg" || python3 -m pip install -q --break-system-packages "$pkg"
+    pip_install "$pkg"
   fi
 done
 

@@ -17,9 +17,8 @@ for pkg in cmake ninja-build g++ libgtest-dev nlohmann-json3-dev libcli11-dev li
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "test-sanitize: installing ${need_apt[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}"
+  . scripts/install-lib.sh
+  apt_install "${need_apt[@]}"
 fi
 
 san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh build
+. scripts/install-lib.sh
 # Test-only dependencies of the Python package's pytest suite (python/tests):
 # pytest, and PyTorch for its CPU tensors (never a build dependency of dsalab,
 # so setup.sh does not install it). PyPI's torch wheel is the CUDA build (about 5 GB with its
@@ -13,7 +14,7 @@ scripts/setup.sh build
 for mod in pytest torch matplotlib; do
   if ! python3 -c "import $mod" >/dev/null 2>&1; then
     echo "test: installing $mod (Python tests only)"
-    python3 -m pip install -q "$mod" || python3 -m pip install -q --break-system-packages "$mod"
+    pip_install "$mod"
   fi
 done
 # The configure registers the pytest suite with CTest only where pytest and
