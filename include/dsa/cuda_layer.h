@@ -94,6 +94,15 @@ class CudaLayer {
   bool fused_x_projection() const;
   std::vector<Stage> stages() const;  // what enqueue() runs, in order
 
+  // Overlap of the two branches of a step (default on): an untimed enqueue
+  // runs the indexer (indexer_q_proj .. topk) on a second stream of the
+  // layer's, beside q_b_proj, rope, cache_append and q_absorb, and joins
+  // before sparse_mla; a CUDA-graph capture of `stream` takes both branches
+  // in. Same bits either way. Timed enqueues (stage_times) always run the
+  // stages one after another on `stream`.
+  void set_stream_overlap(bool on);
+  bool stream_overlap() const;
+
   // Makes forward() fill every GPU buffer with 0xFF bytes (NaN in bf16 and
   // fp32) after prepare and before launching: tests and dsa check.
   void set_poison(bool on);

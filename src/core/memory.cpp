@@ -13,9 +13,10 @@
 namespace dsa {
 
 namespace {
-// cuBLASLt workspace of the GEMM wrapper (src/cuda/gemm/gemm.cu) and a reserve
-// for what the CUDA context, cuBLASLt handles and kernel images take.
-constexpr double kGemmWorkspace = 64.0 * (1 << 20);
+// cuBLASLt workspaces of the layer's two GEMM wrappers (src/cuda/gemm/gemm.cu;
+// the indexer branch has its own, see CudaLayer::set_stream_overlap) and a
+// reserve for what the CUDA context, cuBLASLt handles and kernel images take.
+constexpr double kGemmWorkspace = 2 * 64.0 * (1 << 20);
 constexpr double kContextReserve = 512.0 * (1 << 20);
 
 std::string gib(double b) { return fmt::format("{:.2f} GiB", b / (1024.0 * 1024.0 * 1024.0)); }

@@ -209,3 +209,55 @@ TEST(LayerGpu, RejectsWhatItCannotRun) {
 }
 
 }  // namespace
+
+// The two branches of a step on two streams (the default) against one
+// stream, and the overlapped step captured as a CUDA graph on a stream of
+// the test's own: the same output and top-k bits every way.
+TEST(LayerGpu, StreamOverlapSameBitsAndCapturesAsAGraph) {
+  SKIP_WITHOUT_GPU();
+  for (bool fused : {true, false}) {
+    dsa::LayerConfig cfg = small_gpu_config(64, 128);
+    const dsa::LayerWeights w = dsa::generate_weights(cfg, 9);
+    dsa::cuda::CudaLayer layer(cfg, w);
+    layer.set_fused_x_projection(fused);
+    EXPECT_TRUE(layer.stream_overlap());
+    const std::vector<StepRequest> rq = reqs({{300, 1}, {0, 40}, {150, 2}});
+    dsa::CacheConfig cc = dsa::CacheConfig::for_step(cfg, rq);
+    cc.storage = dsa::Storage::Device;
+    dsa::CacheManager cache(cc, dsa::cuda::device_allocator());
+    dsa::reserve_step(cache, rq);
+    dsa::cuda::fill_synthetic(cache, 21);
+    const dsa::BatchMetadata md = dsa::build_batch_metadata(cache, rq);
+    const std::vector<dsa::bf16_t> hidden = dsa::generate_hidden(cfg, md.num_tokens, 6);
+    layer.set_poison(true);
+    layer.set_stream_overlap(false);
+    const std::vector<dsa::bf16_t> serial = layer.forward(hidden, md, dsa::cuda::device_view(cache, 0));
+    const std::vector<int32_t> serial_idx = layer.download_topk_global(nullptr);
+    layer.set_stream_overlap(true);
+    const std::vector<dsa::bf16_t> overlapped = layer.forward(hidden, md, dsa::cuda::device_view(cache, 0));
+    EXPECT_EQ(serial, overlapped) << "fused x projection " << fused;
+    EXPECT_EQ(serial_idx, layer.download_topk_global(nullptr));
+
+    cudaStream_t st;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), cudaSuccess);
+    layer.prepare(md, dsa::cuda::device_view(cache, 0));
+    void* x = layer.hidden_buffer(md.num_tokens);
+    ASSERT_EQ(cudaMemcpy(x, hidden.data(), hidden.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+    const std::vector<int64_t> shape = layer.output_shape();
+    ASSERT_EQ(cudaMemset(const_cast<void*>(layer.output_device()), 0xff, shape[0] * shape[1] * 2), cudaSuccess);
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    ASSERT_EQ(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    layer.enqueue(x, st, false);
+    ASSERT_EQ(cudaStreamEndCapture(st, &graph), cudaSuccess);
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, st), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+    std::vector<dsa::bf16_t> replay(static_cast<size_t>(shape[0] * shape[1]));
+    ASSERT_EQ(cudaMemcpy(replay.data(), layer.output_device(), replay.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    EXPECT_EQ(serial, replay) << "graph replay, fused x projection " << fused;
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(st);
+  }
+}

@@ -96,6 +96,17 @@ struct CudaLayer::Impl {
   // by each call (enqueue, run_stage, forward) before it launches anything.
   DeviceContext ctx;
   Gemm gemm;
+  // The indexer branch's GEMMs run on their own wrapper in every mode: its
+  // cuBLASLt workspace must not be shared with a GEMM running concurrently
+  // on the main stream, and the same wrapper in both modes keeps the chosen
+  // algorithm, so overlap on or off gives the same bits.
+  Gemm gemm_side;
+  // Overlap (set_stream_overlap): the indexer branch (indexer_q_proj ..
+  // topk) runs on `side`, forked after the norms and joined before
+  // sparse_mla, beside q_b_proj, rope, cache_append and q_absorb.
+  bool overlap = true;
+  cudaStream_t side = nullptr;
+  cudaEvent_t ev_fork = nullptr, ev_join = nullptr;
   // Weights (bf16).
   DevBuf w_x;  // [q_lora + latent + DI + HI, hidden]: q_a_proj, kv_a_proj, indexer wk, weights_proj stacked
   bool fuse_x = true, fused_prepared = true;
@@ -124,11 +135,21 @@ struct CudaLayer::Impl {
     for (auto& e : ev) DSA_CUDA_CHECK(cudaEventCreate(&e));
     DSA_CUDA_CHECK(cudaEventCreate(&ev_layer[0]));
     DSA_CUDA_CHECK(cudaEventCreate(&ev_layer[1]));
+    DSA_CUDA_CHECK(cudaEventCreateWithFlags(&ev_fork, cudaEventDisableTiming));
+    DSA_CUDA_CHECK(cudaEventCreateWithFlags(&ev_join, cudaEventDisableTiming));
+    // The indexer branch is the longer one (logits and top-k over the whole
+    // context): the higher priority lets its blocks go first when both wait.
+    int least = 0, greatest = 0;
+    DSA_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    DSA_CUDA_CHECK(cudaStreamCreateWithPriority(&side, cudaStreamNonBlocking, greatest));
   }
   ~Impl() {
     for (auto& e : ev) cudaEventDestroy(e);
     cudaEventDestroy(ev_layer[0]);
     cudaEventDestroy(ev_layer[1]);
+    cudaEventDestroy(ev_fork);
+    cudaEventDestroy(ev_join);
+    if (side) cudaStreamDestroy(side);
   }
 
   int64_t H() const { return cfg.num_heads; }
@@ -140,16 +161,35 @@ struct CudaLayer::Impl {
   void launch(Stage s);
 };
 
+namespace {
+// The indexer's stages: they read x (or x_proj) and q_lat only, and nothing
+// of the attention branch reads what they write before sparse_mla.
+bool on_indexer_branch(Stage s) {
+  switch (s) {
+    case Stage::indexer_q_proj:
+    case Stage::indexer_k_proj:
+    case Stage::indexer_weights_proj:
+    case Stage::indexer_quant:
+    case Stage::indexer_logits:
+    case Stage::topk:
+      return true;
+    default:
+      return false;
+  }
+}
+}  // namespace
+
 // Launches stage s on ctx.stream.
 void CudaLayer::Impl::launch(Stage s) {
   const LayerConfig& c = cfg;
   const int64_t hid = c.hidden_size, ql = c.q_lora_rank, kvl = c.kv_lora_rank, rope = c.qk_rope_head_dim;
   const int64_t nope = c.qk_nope_head_dim, vd = c.v_head_dim, DI = c.index_head_dim;
+  Gemm& gemm_of_stage = on_indexer_branch(s) ? gemm_side : gemm;
   auto linear = [&](const void* xin, int64_t ldx, const DevBuf& w, void* y, int64_t N, int64_t K, GemmOut o) {
     GemmParams g;
     g.x = xin, g.ldx = ldx, g.w = w.p, g.ldw = K, g.w_is_nk = true, g.y = y, g.ldy = N, g.out = o;
     g.M = T, g.N = N, g.K = K;
-    gemm.run(ctx, g);
+    gemm_of_stage.run(ctx, g);
   };
   const bool fx = fused_prepared;
   const float* xp = xproj.as<float>();
@@ -455,6 +495,39 @@ void CudaLayer::enqueue(const void* hidden_device, CUstream_st* stream, bool tim
   m.x = hidden_device;
   m.ctx.stream = stream;
   const std::vector<Stage> stages = layer_stages(m.cfg, m.fused_prepared);
+  if (!timing && m.overlap) {
+    // Main stream: everything up to the norms; fork; the indexer branch on
+    // the side stream, launched first (it is the longer chain), and the
+    // attention branch's stages before sparse_mla on the main stream; join
+    // before sparse_mla, which reads both. Per-stage timing stays serial
+    // (below): stage times of overlapped kernels would not add up.
+    auto run_on = [&](Stage s, cudaStream_t st) {
+      nvtxRangePushA(stage_name(s));
+      m.ctx.stream = st;
+      m.launch(s);
+      nvtxRangePop();
+    };
+    size_t i = 0;
+    for (; i < stages.size() && stages[i] != Stage::q_b_proj && !on_indexer_branch(stages[i]); ++i) run_on(stages[i], stream);
+    DSA_CUDA_CHECK(cudaEventRecord(m.ev_fork, stream));
+    DSA_CUDA_CHECK(cudaStreamWaitEvent(m.side, m.ev_fork, 0));
+    try {
+      for (size_t j = i; j < stages.size() && stages[j] != Stage::sparse_mla; ++j)
+        if (on_indexer_branch(stages[j])) run_on(stages[j], m.side);
+      for (; i < stages.size() && stages[i] != Stage::sparse_mla; ++i)
+        if (!on_indexer_branch(stages[i])) run_on(stages[i], stream);
+    } catch (...) {
+      // Join even on a failed launch, so that a capture on `stream` can end.
+      cudaEventRecord(m.ev_join, m.side);
+      cudaStreamWaitEvent(stream, m.ev_join, 0);
+      m.ctx.stream = stream;
+      throw;
+    }
+    DSA_CUDA_CHECK(cudaEventRecord(m.ev_join, m.side));
+    DSA_CUDA_CHECK(cudaStreamWaitEvent(stream, m.ev_join, 0));
+    for (; i < stages.size(); ++i) run_on(stages[i], stream);
+    return;
+  }
   if (timing) DSA_CUDA_CHECK(cudaEventRecord(m.ev_layer[0], stream));
   for (Stage s : stages) {
     nvtxRangePushA(stage_name(s));
@@ -518,6 +591,8 @@ void CudaLayer::set_trace_mode(bool on) { impl_->trace_mode = on; }
 void CudaLayer::set_poison(bool on) { impl_->poison = on; }
 
 void CudaLayer::set_fused_x_projection(bool on) { impl_->fuse_x = on; }
+void CudaLayer::set_stream_overlap(bool on) { impl_->overlap = on; }
+bool CudaLayer::stream_overlap() const { return impl_->overlap; }
 bool CudaLayer::fused_x_projection() const { return impl_->fuse_x; }
 std::vector<Stage> CudaLayer::stages() const { return layer_stages(impl_->cfg, impl_->fuse_x); }
 
