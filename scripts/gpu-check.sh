@@ -8,7 +8,7 @@
 # summary is printed last. Every step has a time limit (seconds, override
 # with the variables below) so the whole run stays inside 10 minutes.
 #
-# Usage: scripts/gpu-check.sh [--sanitize] [--sweep] [--quick] [--no-build]
+# Usage: scripts/gpu-check.sh [--sanitize] [--sweep] [--quick] [--no-build] [--python] [--kernels-ab] [--no-tests]
 #   --sanitize  also run compute-sanitizer --tool memcheck on the GPU tests
 #               (last, within what is left of TOTAL seconds, default 570)
 #   --sweep     also run the sparse MLA sweep beside FlashMLA's numbers
@@ -17,6 +17,16 @@
 #               machine has no ../shared: copy the anchor file into the checkout)
 #   --quick     GPU tests and the bench tables only (no dsa check)
 #   --no-build  reuse build-dev from an earlier run on the same machine
+#   --python    also build the Python package and run its pytest suite
+#               (GPU tests included; DSALAB_SLOW=1 adds the seed shape)
+#   --kernels-ab  the kernels that have a newer version (--kernels): `dsa
+#               check --kernels new` at long context and at decode (bf16 and
+#               fp8 latent cache, next_n 1 and 2), and the layer benches with
+#               --kernels baseline and new (long context; decode with graph
+#               replay, both cache forms), the sparse MLA decode sweep
+#               (FlashMLA's figures from $ANCHORS_DECODE when set); tables
+#               in $OUT/ab-*.txt
+#   --no-tests  skip the GPU test binary (with --no-build: a second call)
 # On the device tool: run with carry [".device-deps"], e.g.
 #   command: scripts/gpu-check.sh --sanitize      timeout_s: 600
 set -uo pipefail
@@ -25,9 +35,12 @@ OUT=${OUT:-$PWD/gpu-check-out}
 LOGS=${LOGS:-/tmp/gpu-check-logs}
 TOTAL=${TOTAL:-570} TL_BUILD=${TL_BUILD:-300} TL_TESTS=${TL_TESTS:-240} TL_SAN=${TL_SAN:-300} TL_CHECK=${TL_CHECK:-240} TL_BENCH=${TL_BENCH:-120}
 rm -rf "$LOGS"; mkdir -p "$OUT" "$LOGS"
-SANITIZE=0 QUICK=0 BUILD=1 SWEEP=0
+SANITIZE=0 QUICK=0 BUILD=1 SWEEP=0 PY=0 AB=0 TESTS_ON=1
 for a in "$@"; do
   case "$a" in
+    --python) PY=1 ;;
+    --kernels-ab) AB=1 ;;
+    --no-tests) TESTS_ON=0 ;;
     --sanitize) SANITIZE=1 ;;
     --sweep) SWEEP=1 ;;
     --quick) QUICK=1 ;;
@@ -55,6 +68,7 @@ step() {  # name, log file, time limit (s), command...
 }
 finish() {
   cp "$LOGS"/bench-*.txt "$OUT/" 2>/dev/null
+  [ $AB -eq 1 ] && cat "$LOGS"/ab-*.txt >"$OUT/ab-tables.txt" 2>/dev/null
   [ -f "$LOGS/sweep.txt" ] && cp "$LOGS/sweep.txt" "$OUT/"
   tar czf "$OUT/gpu-check-logs.tgz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")" 2>/dev/null
   {
@@ -76,13 +90,43 @@ if [ $BUILD -eq 1 ]; then
   DEPS=()
   [ -d .device-deps ] && DEPS=(-DDSA_DEPS_DIR="$PWD/.device-deps")
   step configure configure.log 120 cmake -S . -B $B -G Ninja -DCMAKE_BUILD_TYPE=Release "${DEPS[@]}" || finish
-  step build build.log "$TL_BUILD" cmake --build $B --target dsa dsa_gpu_tests -j"$(nproc)" || { grep -E "error|FAILED" "$LOGS/build.log" | head -30; finish; }
+  TARGETS=(dsa dsa_gpu_tests)
+  [ $PY -eq 1 ] && TARGETS+=(_dsalab)
+  step build build.log "$TL_BUILD" cmake --build $B --target "${TARGETS[@]}" -j"$(nproc)" || { grep -E "error|FAILED" "$LOGS/build.log" | head -30; finish; }
   grep -E "spill|Local memory" "$LOGS/build.log" | sort -u >"$LOGS/ptxas-spills.txt"
 fi
 DSA=$B/tools/dsa/dsa
 TESTS=$B/tests/dsa_gpu_tests
 
-step "GPU tests" gpu-tests.log "$TL_TESTS" $TESTS --gtest_color=no
+[ $TESTS_ON -eq 1 ] && step "GPU tests" gpu-tests.log "$TL_TESTS" $TESTS --gtest_color=no
+if [ $PY -eq 1 ]; then
+  step "pytest (Python package, GPU tests included)" pytest.log 240 env PYTHONPATH=$B/python DSA_CLI=$PWD/$DSA \
+    DSALAB_SLOW=${DSALAB_SLOW:-1} python3 -m pytest -q -p no:cacheprovider python/tests
+fi
+if [ $AB -eq 1 ]; then
+  # Acceptance figures of the newer kernels: correctness first, then the
+  # same shapes with the validated kernels and with the new ones, one
+  # process each, back to back.
+  step "dsa check --kernels new long context (61440 + 4096)" ab-check-long.txt 240 $DSA check --kernels new --cached 61440 --new 4096
+  step "dsa check --kernels new decode 64 x 32768" ab-check-decode.txt 120 $DSA check --kernels new --batch 64 --cached 32768 --new 1
+  for n in 1 2; do
+    step "dsa check --kernels new decode fp8 next_n $n" ab-check-fp8-n$n.txt 120 $DSA check --kernels new --batch 64 --cached 32768 \
+      --new $n --kv-cache-dtype fp8
+  done
+  for k in baseline new; do
+    step "bench long context --kernels $k" ab-bench-long-$k.txt 150 $DSA bench --backend cuda --kernels $k \
+      -a cached=0,32768,61440,126976 --new 4096
+    for dt in bf16 fp8; do
+      for n in 1 2; do
+        step "bench decode $dt next_n $n --kernels $k" ab-bench-decode-$dt-n$n-$k.txt 60 $DSA bench --backend cuda --kernels $k \
+          --batch 64 --cached 32768 --new $n --kv-cache-dtype $dt --graph
+      done
+    done
+  done
+  DEC_ARGS=()
+  [ -n "${ANCHORS_DECODE:-}" ] && DEC_ARGS=(--anchors-decode "$ANCHORS_DECODE")
+  step "sparse MLA decode sweep" ab-sweep-decode.txt 120 $DSA bench --sweep-sparse-mla-decode "${DEC_ARGS[@]}"
+fi
 if [ $QUICK -eq 0 ]; then
   step "dsa check seed shape (T=4096 H=128 b=1)" check-seed.log "$TL_CHECK" $DSA check --digests --batch 1 --cached 0 --new 4096
   step "dsa check decode (64 x 32768 cached)" check-decode.log "$TL_CHECK" $DSA check --digests --batch 64 --cached 32768 --new 1
