@@ -12,6 +12,7 @@
 #include "dsa/batch.h"
 #include "dsa/cache.h"
 #include "dsa/config.h"
+#include "dsa/cuda.h"
 #include "dsa/layer.h"
 #include "dsa/stages.h"
 
@@ -93,6 +94,13 @@ class CudaLayer {
   void set_fused_x_projection(bool on);
   bool fused_x_projection() const;
   std::vector<Stage> stages() const;  // what enqueue() runs, in order
+
+  // Which kernel each op with a newer one runs (dsa/cuda.h; default kAuto
+  // everywhere): stored in the layer's DeviceContext, so every launch sees
+  // them. Set before prepare(), which sizes the buffers a pick needs (the
+  // fp8 gather buffers are left out with sparse_mla_fp8 = kNew).
+  void set_kernel_picks(const KernelPicks& picks);
+  const KernelPicks& kernel_picks() const;
 
   // Makes forward() fill every GPU buffer with 0xFF bytes (NaN in bf16 and
   // fp32) after prepare and before launching: tests and dsa check.
