@@ -428,7 +428,8 @@ void register_bench(CLI::App& app) {
   sub->add_option("--tokens", o->tokens, "same as --new: new tokens per request");
   sub->add_option("-a,--axis", o->axes,
                   "sweep a named axis: name=v1,v2,... with name one of batch, cached, new, num_heads, topk; several -a give every "
-                  "combination, and combinations that cannot run are skipped with the reason");
+                  "combination, and combinations that cannot run are skipped with the reason (with --sweep-sparse-mla-decode: batch, "
+                  "next_n, cache, num_heads, s_k, topk, way; warm-up 10 and 50 timed runs by default)");
   sub->add_option("--warmup", o->warmup, "untimed runs first (GPU 3, CPU reference 1)");
   sub->add_option("--iters", o->iters, "timed runs; the median is reported (GPU 20, CPU reference 2)");
   sub->add_option("--seed", o->seed, "seed of the synthetic weights, inputs and cache contents");
