@@ -9,6 +9,7 @@
 #include "dsa/batch.h"
 #include "dsa/config.h"
 #include "dsa/index_pattern.h"
+#include "dsa/kernel_picks.h"
 #include "dsa/layer.h"
 #include "dsa/stages.h"
 
@@ -24,6 +25,8 @@ struct BenchOptions {
   // The layer's weights (e.g. one layer of a checkpoint, load_weights); null:
   // generated from `seed`. Their shapes must match the configuration.
   const LayerWeights* weights = nullptr;
+  // Which kernel each op with a newer one runs (--kernels); CUDA backend only.
+  cuda::KernelPicks picks;
   // Sparse MLA sweep only: how a cell is timed. "sustained" (default):
   // `warmup` runs, then `iters` back-to-back timed runs on a warm L2.
   // "flashmla": FlashMLA's prefill benchmark (tests/test_flash_mla_prefill.py):
@@ -55,6 +58,7 @@ struct BenchResult {
   double peak_gbps = 0;
   std::vector<int64_t> output_shape;
   std::string weights = "synthetic";  // where the weights came from ("synthetic" or a file and layer)
+  std::string kernels = "auto";       // the kernel picks of the run (cuda::format_kernel_picks)
   // Where one step's top-k selection lands (dsa/index_pattern.h); not
   // measured when a single stage is timed.
   IndexPattern index_pattern;

@@ -12,6 +12,7 @@
 #include "dsa/batch.h"
 #include "dsa/cache.h"
 #include "dsa/config.h"
+#include "dsa/cuda.h"
 #include "dsa/layer.h"
 #include "dsa/stages.h"
 
@@ -102,6 +103,13 @@ class CudaLayer {
   // stages one after another on `stream`.
   void set_stream_overlap(bool on);
   bool stream_overlap() const;
+
+  // Which kernel each op with a newer one runs (dsa/cuda.h; default kAuto
+  // everywhere): stored in the layer's DeviceContext, so every launch sees
+  // them. Set before prepare(), which sizes the buffers a pick needs (the
+  // fp8 gather buffers are left out with sparse_mla_fp8 = kNew).
+  void set_kernel_picks(const KernelPicks& picks);
+  const KernelPicks& kernel_picks() const;
 
   // Makes forward() fill every GPU buffer with 0xFF bytes (NaN in bf16 and
   // fp32) after prepare and before launching: tests and dsa check.

@@ -12,6 +12,7 @@
 
 #include "dsa/batch.h"
 #include "dsa/config.h"
+#include "dsa/cuda.h"
 #include "dsa/layer.h"
 
 namespace dsa::check {
@@ -24,6 +25,7 @@ struct CheckOptions {
   // format), and every GPU buffer is poisoned before each run.
   bool poison = true;
   bool fused_x_projection = true;  // CudaLayer::set_fused_x_projection
+  cuda::KernelPicks picks;         // CudaLayer::set_kernel_picks (--kernels); named in the header
   // The layer's weights (one layer of a checkpoint, load_weights); null:
   // generated from `seed`. Shapes must match the configuration.
   const LayerWeights* weights = nullptr;

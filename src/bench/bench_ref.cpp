@@ -87,6 +87,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
 
   BenchResult res;
   res.backend = opt.stage.empty() ? "reference" : "reference (whole layer run, one stage shown)";
+  res.kernels = "-";  // no CUDA kernels to pick
   res.device = fmt::format("CPU ({} threads)", threads());
   res.config = cfg;
   res.requests = requests;

@@ -18,6 +18,7 @@
 #include "dsa/cuda.h"
 #include "dsa/cuda_layer.h"
 #include "dsa/error.h"
+#include "dsa/kernel_picks.h"
 #include "dsa/layer.h"
 #include "dsa/reference.h"
 #include "dsa/reference_stages.h"
@@ -212,8 +213,10 @@ StepCheck check_step(const LayerConfig& cfg, const std::vector<StepRequest>& req
   const int64_t hs = cfg.hidden_size, qr = cfg.q_lora_rank, dkv = cfg.kv_lora_rank, rope = cfg.qk_rope_head_dim;
   const int64_t nope = cfg.qk_nope_head_dim, dqk = cfg.qk_head_dim(), dv = cfg.v_head_dim, lat = cfg.latent_dim();
   const int64_t S = std::max<int64_t>(1, md.max_seq_len());
-  result.header = fmt::format("dsa check on {}: T = {} new tokens in {} request(s), max context {}, H = {}, topk = {}{}", dev.name, T,
-             md.num_requests, S, H, K, any_cached ? " (cached context: synthetic rows, same bytes on both sides)" : "");
+  result.header = fmt::format("dsa check on {}: T = {} new tokens in {} request(s), max context {}, H = {}, topk = {}{}, kernels {}",
+                              dev.name, T, md.num_requests, S, H, K,
+                              any_cached ? " (cached context: synthetic rows, same bytes on both sides)" : "",
+                              cuda::format_kernel_picks(o.picks));
 
   const LayerWeights generated = o.weights ? LayerWeights{} : generate_weights(cfg, o.seed);
   const LayerWeights& w = o.weights ? *o.weights : generated;
@@ -225,6 +228,7 @@ StepCheck check_step(const LayerConfig& cfg, const std::vector<StepRequest>& req
   cuda::CudaLayer layer(cfg, w);
   layer.set_poison(o.poison);
   layer.set_fused_x_projection(o.fused_x_projection);
+  layer.set_kernel_picks(o.picks);
   LayerTrace g;
   TraceOptions topt;
   topt.intermediates = true;

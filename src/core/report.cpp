@@ -74,7 +74,7 @@ std::string describe_requests(const std::vector<StepRequest>& requests) {
 
 std::string format_table(const BenchResult& r) {
   std::string out;
-  out += fmt::format("backend {}, device {}\n", r.backend, r.device);
+  out += fmt::format("backend {}, device {}, kernels {}\n", r.backend, r.device, r.kernels);
   std::string reqs = describe_requests(r.requests);
   const bool uniform = reqs.find(',') == std::string::npos && reqs.find('x') != std::string::npos;
   if (reqs.size() > 100) reqs = reqs.substr(0, 97) + "...";
@@ -119,6 +119,7 @@ std::string format_json(const BenchResult& r) {
   json j;
   j["backend"] = r.backend;
   j["device"] = r.device;
+  j["kernels"] = r.kernels;
   const LayerConfig& c = r.config;
   j["config"] = {{"hidden_size", c.hidden_size},
                  {"num_heads", c.num_heads},
@@ -181,7 +182,7 @@ std::string format_csv(const BenchResult& r, bool header) {
   std::string out;
   if (header) {
     out += "backend,device,requests,num_tokens,num_heads,topk,kv_cache_dtype,stage,median_ms,min_ms,max_ms,flops,bytes,tflops,gbps,"
-           "pct_peak_compute,pct_peak_bandwidth,index_selections,index_mean_distance,index_recent_share\n";
+           "pct_peak_compute,pct_peak_bandwidth,index_selections,index_mean_distance,index_recent_share,kernels\n";
   }
   const std::string prefix = fmt::format("{},{},{},{},{},{},{}", csv_field(r.backend), csv_field(r.device),
                                          csv_field(describe_requests(r.requests)), r.num_tokens, r.config.num_heads,
@@ -192,9 +193,9 @@ std::string format_csv(const BenchResult& r, bool header) {
   auto row = [&](const std::string& name, double med, double mn, double mx, double flops, double bytes) {
     const Derived d = derive(r, med, flops, bytes);
     auto o = [](bool has, double v) { return has ? num(v) : std::string(); };
-    return fmt::format("{},{},{},{},{},{},{},{},{},{},{},{}\n", prefix, csv_field(name), num(med), num(mn), num(mx), num(flops),
+    return fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{}\n", prefix, csv_field(name), num(med), num(mn), num(mx), num(flops),
                        num(bytes), o(d.has_tflops, d.tflops), o(d.has_gbps, d.gbps), o(d.has_pct_compute, d.pct_compute),
-                       o(d.has_pct_bw, d.pct_bw), pattern);
+                       o(d.has_pct_bw, d.pct_bw), pattern, csv_field(r.kernels));
   };
   for (const StageResult& s : r.stages) out += row(s.name, s.median_ms, s.min_ms, s.max_ms, s.flops, s.bytes);
   const Total t = layer_total(r);

@@ -135,6 +135,7 @@ std::string flag_for_parameter(const std::string& parameter) {
       {"allow_nonfinite", "--allow-nonfinite"},
       {"sample", "--sample-tokens"},
       {"cuda_graph", "--graph"},
+      {"kernels", "--kernels"},
   };
   for (const auto& [p, f] : kFlags)
     if (parameter == p) return f;

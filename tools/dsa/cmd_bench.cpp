@@ -18,7 +18,9 @@
 #include "commands.h"
 #include "dsa/bench.h"
 #include "dsa/config.h"
+#include "dsa/decode_sweep.h"
 #include "dsa/error.h"
+#include "dsa/kernel_picks.h"
 #ifdef DSA_HAVE_CUDA
 #include "dsa/cuda.h"
 #endif
@@ -38,9 +40,12 @@ struct BenchCli {
   std::string stage;
   bool profile_once = false, graph = false, json = false, csv = false;
   bool sweep = false, sweep_sparse_mla = false, list_stages = false;
+  bool sweep_decode = false;  // --sweep-sparse-mla-decode
   std::string backend = "auto";
-  std::string protocol;  // sparse MLA sweep only
-  std::string anchors;   // sparse MLA sweep only: FlashMLA anchor file
+  std::string protocol;        // the sparse MLA sweeps only
+  std::string anchors;         // sparse MLA sweep only: FlashMLA anchor file
+  std::string anchors_decode;  // decode sweep only: FlashMLA decode anchor file
+  std::string kernels;         // --kernels (dsa/kernel_picks.h); empty: auto
 };
 
 // The default shape when no --new/--tokens is given: the seed's check on a
@@ -156,6 +161,64 @@ BenchResult run_backend(Backend b, const LayerConfig& cfg, const std::vector<Ste
   return ref::bench_layer(cfg, reqs, opt);
 }
 
+// --sweep-sparse-mla-decode: the attention alone over the decode cells of
+// dsa/decode_sweep.h; its shapes are its own axes, so the layer's shape and
+// config flags are refused rather than ignored.
+void run_decode_sweep(const BenchCli& o, const CLI::App& sub, const cuda::KernelPicks& picks) {
+  if (o.sweep_sparse_mla || o.sweep) {
+    throw ConfigError("--sweep-sparse-mla-decode and --sweep-sparse-mla (or --sweep) are two different sweeps; give one");
+  }
+  static const std::vector<std::string> applies = {"axis",    "iters",   "warmup", "seed",  "json", "csv",
+                                                   "backend", "protocol", "sweep-sparse-mla-decode", "anchors-decode", "kernels", "help"};
+  for (const CLI::Option* opt : sub.get_options()) {
+    if (opt->count() == 0 || opt->get_lnames().empty()) continue;
+    const std::string& name = opt->get_lnames().front();
+    if (std::find(applies.begin(), applies.end(), name) == applies.end()) {
+      throw ConfigError(fmt::format(
+          "--{} does not apply to the sparse MLA decode sweep, whose shapes are its own axes (-a name=v1,v2 with name one of {}); "
+          "drop it (the sweep takes -a, --protocol, --anchors-decode, --kernels, --iters, --warmup, --seed, --json, --csv)",
+          name, [] {
+            std::string s;
+            for (const std::string& n : decode_sweep_axis_names()) s += (s.empty() ? "" : ", ") + n;
+            return s;
+          }()));
+    }
+  }
+  DecodeSweepOptions d;
+  d.points = decode_sweep_points(o.axes);  // a bad axis is a usage error on any machine
+  d.seed = o.seed;
+  d.picks = picks;
+  if (!o.protocol.empty()) {
+    check_sweep_protocol(o.protocol);
+    d.protocol = o.protocol;
+  }
+  if (d.protocol == "flashmla" && (o.iters || o.warmup)) {
+    throw ConfigError(
+        "--iters and --warmup do not apply with --protocol flashmla, which times a decode cell as FlashMLA's decode test does "
+        "(one warm-up call, then 30 calls each after an 8 GB memset); drop them");
+  }
+  if (o.warmup) d.warmup = *o.warmup;
+  if (o.iters) d.iters = *o.iters;
+  if (!o.anchors_decode.empty()) {
+    d.anchors_path = o.anchors_decode;  // given: it must be readable (load_flashmla_decode_anchors says why not)
+  } else if (std::filesystem::exists(DSA_DEFAULT_DECODE_ANCHORS)) {
+    d.anchors_path = DSA_DEFAULT_DECODE_ANCHORS;
+  }
+  if (pick_backend(o.backend) != Backend::Cuda) {
+    const std::string msg = "the sparse MLA decode sweep times the GPU kernels and needs the CUDA backend on a GPU; none is in use here";
+    if (o.backend == "auto") throw NoDeviceError(msg);
+    throw ConfigError(msg + " (--backend " + o.backend + ")");
+  }
+#ifdef DSA_HAVE_CUDA
+  const DecodeSweep s = cuda::sweep_sparse_mla_decode(d);
+  for (const DecodeSweepSkip& k : s.skipped) fmt::print(stderr, "skip [{}]: {}\n", k.point.label(), k.reason);
+  if (s.rows.empty()) {
+    throw ConfigError(fmt::format("every one of the {} cells was skipped (reasons above); change the axes", d.points.size()));
+  }
+  fmt::print("{}", o.json ? format_decode_sweep_json(s) : o.csv ? format_decode_sweep_csv(s) : format_decode_sweep_table(s));
+#endif
+}
+
 void run_bench(const BenchCli& o, const CLI::App& sub) {
   if (o.list_stages) {
     for (const std::string& s : stage_names()) fmt::print("{}\n", s);
@@ -173,9 +236,19 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
       throw ConfigError(fmt::format("--stage '{}' is not a stage of the layer; use one of: {}", o.stage, all));
     }
   }
+  // A bad --kernels is a usage error on any machine, before the GPU is looked for.
+  const cuda::KernelPicks picks = o.kernels.empty() ? cuda::KernelPicks{} : cuda::parse_kernel_picks(o.kernels);
+  if (o.sweep_decode) {
+    run_decode_sweep(o, sub, picks);
+    return;
+  }
+  if (!o.anchors_decode.empty()) {
+    throw ConfigError("--anchors-decode names the FlashMLA figures shown beside the decode sweep; give it with --sweep-sparse-mla-decode");
+  }
   const Backend backend = pick_backend(o.backend);
 
   BenchOptions opt;
+  opt.picks = picks;
   opt.seed = o.seed;
   opt.stage = o.stage;
   opt.profile_once = o.profile_once;
@@ -192,7 +265,8 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
   const bool sweep_mla = o.sweep_sparse_mla || o.sweep;
   if (!o.protocol.empty()) {
     if (!sweep_mla) {
-      throw ConfigError("--protocol sets how the sparse MLA sweep times a cell; give it with --sweep-sparse-mla");
+      throw ConfigError(
+          "--protocol sets how the sparse MLA sweeps time a cell; give it with --sweep-sparse-mla or --sweep-sparse-mla-decode");
     }
     check_sweep_protocol(o.protocol);
     if (o.protocol == "flashmla" && (o.iters || o.warmup)) {
@@ -245,6 +319,9 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
     return;
   }
 
+  if (!o.kernels.empty() && backend != Backend::Cuda) {
+    throw ConfigError("--kernels picks the CUDA kernels and needs the CUDA backend; drop --kernels or run on a GPU");
+  }
   // After the sweep's refusal of shape flags: a checkpoint layer is read only for a run that uses it.
   const ResolvedWeights rw = resolve_weights(o.cfg, o.weights, sub.count("--layer") > 0);
   const LayerConfig& base = rw.cfg;
@@ -351,7 +428,8 @@ void register_bench(CLI::App& app) {
   sub->add_option("--tokens", o->tokens, "same as --new: new tokens per request");
   sub->add_option("-a,--axis", o->axes,
                   "sweep a named axis: name=v1,v2,... with name one of batch, cached, new, num_heads, topk; several -a give every "
-                  "combination, and combinations that cannot run are skipped with the reason");
+                  "combination, and combinations that cannot run are skipped with the reason (with --sweep-sparse-mla-decode: batch, "
+                  "next_n, cache, num_heads, s_k, topk, way; warm-up 10 and 50 timed runs by default)");
   sub->add_option("--warmup", o->warmup, "untimed runs first (GPU 3, CPU reference 1)");
   sub->add_option("--iters", o->iters, "timed runs; the median is reported (GPU 20, CPU reference 2)");
   sub->add_option("--seed", o->seed, "seed of the synthetic weights, inputs and cache contents");
@@ -371,10 +449,22 @@ void register_bench(CLI::App& app) {
                   "FlashMLA figures for the sparse MLA sweep, per card and protocol (default: the project's "
                   "shared/anchors/flashmla-sparse-prefill.json beside the source tree, when present)");
   sub->add_flag("--sweep", o->sweep, "with --stage sparse_mla: the same sweep");
+  sub->add_flag("--sweep-sparse-mla-decode", o->sweep_decode,
+                "standalone sparse MLA decode sweep (GPU) over the axes batch, next_n, cache (bf16|fp8), num_heads, s_k, topk, way "
+                "(direct|gather|fused), set with -a name=v1,v2; FlashMLA's decode figures beside ours");
+  sub->add_option("--anchors-decode", o->anchors_decode,
+                  "FlashMLA decode figures for the decode sweep, per card (default: data/anchors/flashmla-sparse-decode.json of the "
+                  "source tree, when present)")
+      ->check(kNonEmpty);
+  sub->add_option("--kernels", o->kernels,
+                  "which kernel each op with a newer one runs (CUDA backend): auto (default), baseline, new, or op=pick,... with op "
+                  "one of indexer_prefill, indexer_decode, topk, sparse_mla_fp8; recorded in the report")
+      ->check(kNonEmpty);
   sub->add_option("--protocol", o->protocol,
                   "how the sparse MLA sweep times a cell: sustained (default: --warmup runs, then --iters back to back, "
                   "L2 warm) or flashmla (as FlashMLA's prefill benchmark: 0.2 s idle, then triton.testing.do_bench(warmup=10, "
-                  "rep=20), L2 cleared before each timed run)");
+                  "rep=20), L2 cleared before each timed run); with --sweep-sparse-mla-decode, flashmla is FlashMLA's decode test "
+                  "(one warm-up, then 30 runs each after an 8 GB memset)");
   sub->callback([o, sub] { run_bench(*o, *sub); });
 }
 

@@ -10,6 +10,7 @@
 #include "dsa/error.h"
 
 #ifdef DSA_HAVE_CUDA
+#include "dsa/kernel_picks.h"
 #include "dsa/layer_check.h"
 #endif
 
@@ -26,9 +27,11 @@ struct CheckCliOptions {
   bool skip_layer = false;
   bool no_poison = false;
   bool digests = false;
+  std::string kernels = "auto";
 };
 
 void run_check(const CheckCliOptions& o, const CLI::App& sub) {
+  const cuda::KernelPicks picks = cuda::parse_kernel_picks(o.kernels);  // a bad token fails before any work
   ResolvedWeights rw;
   try {
     rw = resolve_weights(o.cfg, o.weights, sub.count("--layer") > 0);
@@ -42,6 +45,7 @@ void run_check(const CheckCliOptions& o, const CLI::App& sub) {
   co.weights = rw.weights ? &*rw.weights : nullptr;
   co.whole_layer = !o.skip_layer;
   co.poison = !o.no_poison;
+  co.picks = picks;
   const check::StepCheck r = check::check_step(cfg, requests, co);
   fmt::print("{}\nweights: {}\n\n{}\n", r.header, rw.description, r.table.format());
   if (o.digests)
@@ -78,6 +82,10 @@ void register_check(CLI::App& app) {
   sub->add_flag("--skip-layer", o->skip_layer, "skip the whole-layer comparison with ref::layer_forward (stage checks only)");
   sub->add_flag("--digests", o->digests, "print FNV-1a digests of the GPU output, every intermediate and the caches (compare builds bit for bit)");
   sub->add_flag("--no-poison", o->no_poison, "do not fill unused cache slots and GPU buffers with NaN before the runs");
+  sub->add_option("--kernels", o->kernels,
+                  "which kernel each op with a newer one runs: auto (default), baseline, new, or op=pick,... with op one of "
+                  "indexer_prefill, indexer_decode, topk, sparse_mla_fp8")
+      ->check(kNonEmpty);
   sub->callback([o, sub] { run_check(*o, *sub); });
 #else
   sub->callback([] { throw NoDeviceError("dsa check needs the CUDA backend; this build has none (nvcc was not found at configure time)"); });

@@ -21,6 +21,7 @@
 #include "dsa/cache.h"
 #include "dsa/error.h"
 #include "dsa/hash.h"
+#include "dsa/kernel_picks.h"
 #include "dsa/layer.h"
 #include "dsa/reference.h"
 #include "dsa/safetensors.h"
@@ -39,6 +40,7 @@ struct RunOptions {
   std::string weights, inputs, dump, save_weights, save_inputs;
   std::string save_weights_dtype = "bf16";
   std::string backend = "ref";
+  std::string kernels;  // --kernels (dsa/kernel_picks.h); CUDA backend only
   uint64_t seed = 1;
   int64_t layer = 0;
   bool logits = false;
@@ -314,10 +316,11 @@ void check_cuda_fits(const LayerConfig& cfg, const StepInputs& in, const std::ve
 }
 
 StepResult run_cuda(const LayerConfig& cfg, const CacheConfig& cc, const LayerWeights& w, const StepInputs& in,
-                    const std::vector<StepRequest>& prefix, uint64_t seed, const TraceOptions& topt) {
+                    const std::vector<StepRequest>& prefix, uint64_t seed, const TraceOptions& topt, const cuda::KernelPicks& picks) {
   StepResult res;
   const cuda::DeviceInfo& dev = cuda::current_device();
-  res.producer = fmt::format("dsa run (CUDA, {})", dev.name);
+  const std::string kernels = cuda::format_kernel_picks(picks);
+  res.producer = kernels == "auto" ? fmt::format("dsa run (CUDA, {})", dev.name) : fmt::format("dsa run (CUDA, {}, kernels {})", dev.name, kernels);
   CacheConfig dcc = cc;
   dcc.storage = Storage::Device;
   CacheManager dcache(dcc, cuda::device_allocator());
@@ -332,6 +335,7 @@ StepResult run_cuda(const LayerConfig& cfg, const CacheConfig& cc, const LayerWe
     prepare_prefix_cache(cfg, dcache, in, prefix, seed);
   }
   cuda::CudaLayer layer(cfg, w);
+  layer.set_kernel_picks(picks);
   if (!prefix.empty() && !in.prefix_hidden.empty()) {
     const BatchMetadata pmd = build_batch_metadata(dcache, prefix);
     const auto t0 = std::chrono::steady_clock::now();
@@ -356,7 +360,7 @@ void check_cuda_fits(const LayerConfig&, const StepInputs&, const std::vector<St
   throw NoDeviceError("dsa run --backend cuda: this build has no CUDA backend");
 }
 StepResult run_cuda(const LayerConfig&, const CacheConfig&, const LayerWeights&, const StepInputs&, const std::vector<StepRequest>&,
-                    uint64_t, const TraceOptions&) {
+                    uint64_t, const TraceOptions&, const cuda::KernelPicks&) {
   throw NoDeviceError("dsa run --backend cuda: this build has no CUDA backend");
 }
 #endif
@@ -418,6 +422,11 @@ void run(const RunOptions& o, const CLI::App& sub) {
   const auto wall0 = std::chrono::steady_clock::now();
   // Everything is resolved and checked before any work and before anything is
   // printed: a bad flag or file fails in milliseconds, not after the step.
+  // A bad --kernels is a usage error on any machine, before the GPU is looked for.
+  const cuda::KernelPicks picks = o.kernels.empty() ? cuda::KernelPicks{} : cuda::parse_kernel_picks(o.kernels);
+  if (!o.kernels.empty() && o.backend != "cuda") {
+    throw ConfigError("--kernels picks the CUDA kernels of the GPU layer; give it with --backend cuda, or drop it");
+  }
   const RunBackend backend = pick_run_backend(o.backend);
   if (o.save_weights_dtype != "bf16" && o.save_weights_dtype != "fp8") {
     throw ConfigError(fmt::format("--save-weights-dtype '{}' is not known; use bf16 (exact) or fp8 (the checkpoint's format: "
@@ -515,7 +524,7 @@ void run(const RunOptions& o, const CLI::App& sub) {
     fmt::print("wrote inputs to {}\n", o.save_inputs);
   }
 
-  StepResult res = backend == RunBackend::Cuda ? run_cuda(cfg, cc, w, in, prefix, seed, topt)
+  StepResult res = backend == RunBackend::Cuda ? run_cuda(cfg, cc, w, in, prefix, seed, topt, picks)
                                                      : run_ref(cfg, cc, w, in, prefix, seed, topt);
   const BatchMetadata& md = res.md;
 
@@ -580,7 +589,10 @@ void register_run(CLI::App& app) {
   sub->add_option("--backend", o->backend,
                   "ref (default: the CPU reference) or cuda (the GPU layer, same files in and out; exit code 3 without a GPU)");
   sub->add_option("--save-inputs", o->save_inputs, "also write the step's inputs to this file (replayable with --inputs)");
-  for (const char* name : {"--weights", "--inputs", "--dump", "--save-weights", "--save-inputs"}) sub->get_option(name)->check(kNonEmpty);
+  sub->add_option("--kernels", o->kernels,
+                  "with --backend cuda: which kernel each op with a newer one runs: auto (default), baseline, new, or "
+                  "op=pick,... with op one of indexer_prefill, indexer_decode, topk, sparse_mla_fp8");
+  for (const char* name : {"--weights", "--inputs", "--dump", "--save-weights", "--save-inputs", "--kernels"}) sub->get_option(name)->check(kNonEmpty);
   sub->callback([o, sub] { run(*o, *sub); });
 }
 

@@ -98,6 +98,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   res.device = fmt::format("{} (sm_{}{}, {} SMs)", dev.name, dev.sm_major, dev.sm_minor, dev.multiprocessors);
   res.config = cfg;
   res.requests = requests;
+  res.kernels = format_kernel_picks(opt.picks);
 
   cudaStream_t st;
   DSA_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -121,6 +122,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
 
   const LayerWeights generated = opt.weights ? LayerWeights{} : generate_weights(cfg, opt.seed);
   CudaLayer layer(cfg, opt.weights ? *opt.weights : generated);
+  layer.set_kernel_picks(opt.picks);
   if (!opt.stage.empty()) {
     // One of the projections x_proj fuses, timed alone: run them unfused.
     const Stage one = parse_stage(opt.stage);

@@ -101,11 +101,12 @@ void launch_fill(uint8_t* x, int64_t n, uint64_t seed) {
 }  // namespace
 
 KernelTiming indexer_logits_bench(int64_t requests, int64_t cached, int64_t num_new, int warmup, int iters,
-                                  uint64_t seed, IndexerKernel kernel) {
+                                  uint64_t seed, IndexerKernel kernel, const KernelPicks& picks) {
   if (requests < 1 || cached < 0 || num_new < 1) {
     throw ShapeError("indexer_logits_bench: needs requests >= 1, cached >= 0, num_new >= 1");
   }
-  const DeviceContext ctx = device_context();
+  DeviceContext ctx = device_context();
+  ctx.picks = picks;
   constexpr int64_t kTpb = 64, kHeads = 64, kDim = 128;
   const int64_t seq = cached + num_new;
   const int64_t blocks_per_req = (seq + kTpb - 1) / kTpb;
@@ -160,11 +161,13 @@ KernelTiming indexer_logits_bench(int64_t requests, int64_t cached, int64_t num_
   return r;
 }
 
-KernelTiming topk_bench(int64_t T, int64_t S, int k, bool causal, int warmup, int iters, uint64_t seed) {
+KernelTiming topk_bench(int64_t T, int64_t S, int k, bool causal, int warmup, int iters, uint64_t seed,
+                        const KernelPicks& picks) {
   if (T < 1 || S < 1 || k < 1 || (causal && T > S)) {
     throw ShapeError("topk_bench: needs T >= 1, S >= 1, k >= 1 and, when causal, T <= S");
   }
-  const DeviceContext ctx = device_context();
+  DeviceContext ctx = device_context();
+  ctx.picks = picks;
   DeviceBuffer<float> logits(T * S);
   DeviceBuffer<int32_t> vend(T), out(T * k);
   launch_fill(logits.ptr, T * S, seed, -4.f, 4.f);

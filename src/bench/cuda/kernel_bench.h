@@ -6,6 +6,8 @@
 // runs is reported with the work it did, counted as spec section 8 counts it.
 #include <cstdint>
 
+#include "dsa/cuda.h"
+
 namespace dsa::cuda {
 
 struct KernelTiming {
@@ -18,13 +20,16 @@ struct KernelTiming {
 // `cached` tokens in the paged cache and `num_new` new query tokens (prefill:
 // cached 0, num_new 4096; decode: num_new 1). Causal: new token i sees
 // cached + i + 1 keys. `kernel` picks the launcher: the dispatch or one kernel.
+// `picks` go into the launch's DeviceContext (indexer_prefill /
+// indexer_decode), so one process can time the baseline and the new kernel.
 enum class IndexerKernel { Auto, Sm90Wgmma, Sm89Mma };
 KernelTiming indexer_logits_bench(int64_t requests, int64_t cached, int64_t num_new, int warmup, int iters,
-                                  uint64_t seed, IndexerKernel kernel = IndexerKernel::Auto);
+                                  uint64_t seed, IndexerKernel kernel = IndexerKernel::Auto, const KernelPicks& picks = {});
 
 // Top-k (cuda/topk/params.h) of k over [T, S] fp32 logits. causal = false:
 // every row sees all S columns (the torch.topk comparison); causal = true:
-// row t sees S - T + t + 1.
-KernelTiming topk_bench(int64_t T, int64_t S, int k, bool causal, int warmup, int iters, uint64_t seed);
+// row t sees S - T + t + 1. `picks` (topk) go into the launch's DeviceContext.
+KernelTiming topk_bench(int64_t T, int64_t S, int k, bool causal, int warmup, int iters, uint64_t seed,
+                        const KernelPicks& picks = {});
 
 }  // namespace dsa::cuda

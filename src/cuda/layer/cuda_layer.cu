@@ -25,6 +25,9 @@ namespace dsa::cuda {
 
 namespace {
 
+// One token of the fp8 latent cache (spec section 4): 512 e4m3, 4 fp32 scales, 64 bf16.
+constexpr int64_t kFp8LatentRowBytes = 656;
+
 // A GPU buffer that only grows; contents are not kept across growth.
 struct DevBuf {
   void* p = nullptr;
@@ -117,6 +120,7 @@ struct CudaLayer::Impl {
   BatchMetadata md;
   DeviceCacheView cache;
   int64_t T = 0, logits_stride = 0;
+  int max_new_per_request = 0;  // most new tokens of any request of the step (the indexer's kernel hint)
   DevBuf positions, token_request, visible_end, block_table, slot_mapping, k_off, k_scale_off, valid_len;
   // Activations.
   DevBuf hidden, qa, q_lat, kv, c_kv, k_pe, q, q_cat, qi, kx, wraw, qi8, q_scale, weights, logits, topk_local, topk_global,
@@ -268,6 +272,13 @@ void CudaLayer::Impl::launch(Stage s) {
       p.visible_end = visible_end.as<int32_t>(), p.logits = logits.as<float>(), p.T = T, p.logits_stride = logits_stride;
       p.max_blocks_per_request = md.max_blocks_per_request, p.num_heads = static_cast<int>(HI());
       p.tokens_per_block = static_cast<int>(c.tokens_per_block);
+      // The hint picks the decode (1 to 4 new tokens per request) or the
+      // prefill kernel. Given only when an indexer pick is forced: with kAuto
+      // the launch stays the one validated without it (the hint moves small
+      // prefill steps and decode batches of 512 or more tokens to the other
+      // tile shape).
+      if (ctx.picks.indexer_prefill != KernelPick::kAuto || ctx.picks.indexer_decode != KernelPick::kAuto)
+        p.max_tokens_per_request = max_new_per_request;
       indexer_logits(ctx, p);
       break;
     }
@@ -300,8 +311,16 @@ void CudaLayer::Impl::launch(Stage s) {
       p.q = q_cat.as<__nv_bfloat16>(), p.kv = reinterpret_cast<const __nv_bfloat16*>(cache.latent);
       p.indices = topk_global.as<int32_t>(), p.valid_len = valid_len.as<int32_t>();
       p.num_slots = cache.num_slots();
-      if (cache.latent_dtype == LatentCacheDType::FP8) {
+      if (cache.latent_dtype == LatentCacheDType::FP8 && ctx.picks.sparse_mla_fp8 == KernelPick::kNew) {
+        // The fused kernel reads the 656-byte rows of the pool itself: no gather.
+        p.kv = nullptr, p.kv_fp8 = cache.latent, p.stride_kv_slot = kFp8LatentRowBytes;
+      } else if (cache.latent_dtype == LatentCacheDType::FP8) {
         // Decode over the fp8 cache: dequantize the selected rows, then the bf16 kernel.
+        const size_t need = static_cast<size_t>(T * c.index_topk * lat()) * sizeof(__nv_bfloat16);
+        if (kv_gather.bytes < need || idx_gather.bytes < static_cast<size_t>(T * c.index_topk) * sizeof(int32_t)) {
+          throw Error("CudaLayer: sparse_mla_fp8 was switched away from kNew after prepare(), which sized no buffers for the "
+                      "gathered rows; call set_kernel_picks before prepare()");
+        }
         GatherFp8Params gp;
         gp.latent_pool = cache.latent, gp.indices = topk_global.as<int32_t>(), gp.out = kv_gather.as<__nv_bfloat16>();
         gp.out_indices = idx_gather.as<int32_t>(), gp.T = T, gp.num_slots = cache.num_slots();
@@ -431,6 +450,9 @@ void CudaLayer::prepare(const BatchMetadata& md, const DeviceCacheView& cache) {
   m.cache = cache;
   const int64_t T = md.num_tokens;
   m.T = T;
+  m.max_new_per_request = 0;
+  for (const StepRequest& r : md.requests)
+    m.max_new_per_request = static_cast<int>(std::min<int64_t>(std::max<int64_t>(m.max_new_per_request, r.num_new), std::numeric_limits<int>::max()));
   const int64_t max_vis = std::max<int64_t>(1, md.max_seq_len());
   m.logits_stride = (max_vis + 7) / 8 * 8;  // 32-byte rows for vector stores
   const int64_t H = c.num_heads, HI = c.index_n_heads, DI = c.index_head_dim, k = c.index_topk;
@@ -478,7 +500,7 @@ void CudaLayer::prepare(const BatchMetadata& md, const DeviceCacheView& cache) {
   m.row_max.ensure(T * H * f4);
   m.v.ensure(T * H * c.v_head_dim * bf);
   if (c.o_proj) m.out.ensure(T * c.hidden_size * bf);
-  if (cache.latent_dtype == LatentCacheDType::FP8) {
+  if (cache.latent_dtype == LatentCacheDType::FP8 && m.ctx.picks.sparse_mla_fp8 != KernelPick::kNew) {
     m.kv_gather.ensure(T * k * c.latent_dim() * bf);
     m.idx_gather.ensure(T * k * f4);
   }
@@ -587,6 +609,9 @@ float CudaLayer::last_layer_ms() const {
 }
 
 void CudaLayer::set_trace_mode(bool on) { impl_->trace_mode = on; }
+
+void CudaLayer::set_kernel_picks(const KernelPicks& picks) { impl_->ctx.picks = picks; }
+const KernelPicks& CudaLayer::kernel_picks() const { return impl_->ctx.picks; }
 
 void CudaLayer::set_poison(bool on) { impl_->poison = on; }
 
