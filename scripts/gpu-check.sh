@@ -123,6 +123,10 @@ if [ $AB -eq 1 ]; then
       done
     done
   done
+  for k in baseline new; do
+    step "bench decode fp8 next_n 1 --kernels $k, one stream" ab-bench-decode-fp8-n1-$k-serial.txt 60 $DSA bench --backend cuda \
+      --kernels $k --batch 64 --cached 32768 --new 1 --kv-cache-dtype fp8 --graph --no-overlap
+  done
   DEC_ARGS=()
   [ -n "${ANCHORS_DECODE:-}" ] && DEC_ARGS=(--anchors-decode "$ANCHORS_DECODE")
   step "sparse MLA decode sweep" ab-sweep-decode.txt 120 $DSA bench --sweep-sparse-mla-decode "${DEC_ARGS[@]}"

@@ -21,6 +21,10 @@ struct BenchOptions {
   std::string stage;      // empty: whole layer, per stage; else run only this stage (e.g. for ncu)
   bool profile_once = false;  // run once, no warm-up (for ncu / compute-sanitizer)
   bool cuda_graph = false;    // replay the step as a CUDA graph (decode)
+  // The layer total with the indexer branch on a second stream (CudaLayer::
+  // set_stream_overlap); false: every stage on one stream. Stage rows are
+  // timed one after another either way.
+  bool stream_overlap = true;
   uint64_t seed = 1;
   // The layer's weights (e.g. one layer of a checkpoint, load_weights); null:
   // generated from `seed`. Their shapes must match the configuration.

@@ -38,7 +38,7 @@ struct BenchCli {
   std::optional<int> warmup, iters;
   uint64_t seed = 1;
   std::string stage;
-  bool profile_once = false, graph = false, json = false, csv = false;
+  bool profile_once = false, graph = false, json = false, csv = false, no_overlap = false;
   bool sweep = false, sweep_sparse_mla = false, list_stages = false;
   bool sweep_decode = false;  // --sweep-sparse-mla-decode
   std::string backend = "auto";
@@ -253,6 +253,7 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
   opt.stage = o.stage;
   opt.profile_once = o.profile_once;
   opt.cuda_graph = o.graph;
+  opt.stream_overlap = !o.no_overlap;
   if (backend == Backend::Ref) {
     // One CPU run of the full-width layer takes tens of seconds on a small
     // machine: fewer samples by default (the first, traced run is the warm-up).
@@ -284,6 +285,9 @@ void run_bench(const BenchCli& o, const CLI::App& sub) {
   }
   if (o.graph && backend != Backend::Cuda) {
     throw ConfigError("--graph replays the step as a CUDA graph and needs the CUDA backend; drop --graph or run on a GPU");
+  }
+  if (o.no_overlap && backend != Backend::Cuda) {
+    throw ConfigError("--no-overlap sets how the CUDA layer uses its streams and needs the CUDA backend; drop it or run on a GPU");
   }
   if (sweep_mla) {
     // The sweep is issue 6's fixed grid; a shape or config flag given with it
@@ -441,6 +445,9 @@ void register_bench(CLI::App& app) {
   sub->add_flag("--list-stages", o->list_stages, "print the stage names and exit");
   sub->add_flag("--profile-once", o->profile_once, "run once without warm-up (for ncu / compute-sanitizer)");
   sub->add_flag("--graph", o->graph, "replay the step as a CUDA graph (GPU only; decode)");
+  sub->add_flag("--no-overlap", o->no_overlap,
+                "time the layer with every stage on one stream (default: the indexer branch on a second stream beside "
+                "q_b_proj .. q_absorb; GPU only)");
   sub->add_flag("--json", o->json, "print JSON (an array when sweeping axes; one object for the sparse MLA sweep)");
   sub->add_flag("--csv", o->csv, "print CSV, one row per stage and one for the layer (per cell for the sparse MLA sweep)");
   sub->add_option("--backend", o->backend, "auto (GPU when there is one), ref or cuda");

@@ -95,6 +95,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   const DeviceInfo& dev = current_device();
   BenchResult res;
   res.backend = opt.cuda_graph ? "cuda (graph replay)" : "cuda";
+  if (!opt.stream_overlap) res.backend += ", one stream";
   res.device = fmt::format("{} (sm_{}{}, {} SMs)", dev.name, dev.sm_major, dev.sm_minor, dev.multiprocessors);
   res.config = cfg;
   res.requests = requests;
@@ -123,6 +124,7 @@ BenchResult bench_layer(const LayerConfig& cfg, const std::vector<StepRequest>& 
   const LayerWeights generated = opt.weights ? LayerWeights{} : generate_weights(cfg, opt.seed);
   CudaLayer layer(cfg, opt.weights ? *opt.weights : generated);
   layer.set_kernel_picks(opt.picks);
+  layer.set_stream_overlap(opt.stream_overlap);
   if (!opt.stage.empty()) {
     // One of the projections x_proj fuses, timed alone: run them unfused.
     const Stage one = parse_stage(opt.stage);
