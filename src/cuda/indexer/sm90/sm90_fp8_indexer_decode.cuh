@@ -14,8 +14,8 @@
 //
 // The math is the baseline kernel's (sm90_fp8_indexer_logits_wgmma.cuh),
 // step for step, so the logits are bit-identical to it: D[key, head] =
-// K8[64 keys] . Q8[next_n x 64 heads]^T with one m64 x n(64 * next_n) x k32
-// wgmma per 32 dims (accumulated in that order), each thread sums its 16
+// K8[64 keys] . Q8[next_n x 64 heads]^T with one m64 x n(64 or 128) x k32
+// wgmma per 32 dims (accumulated in that order; tokens 2 at a time), each thread sums its 16
 // heads per token in head order with fmaf(w, relu(d), s), then 4 lanes add
 // the partial sums as (P0 + P2) + (P1 + P3), times the key's scale.
 // Same outputs: every column of every token's row is written, -inf at and
@@ -30,20 +30,22 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/check.cuh"
 #include "cuda/indexer/config.h"
 #include "cuda/indexer/decode_plan.h"
 #include "cuda/indexer/launch.h"
 #include "cuda/indexer/params.h"
-#include "cuda/indexer/sm90/wgmma_e4m3_wide.cuh"
 #include "cuda/sm90/common/mbarrier.cuh"
 #include "cuda/sm90/common/ptx.cuh"
 #include "cuda/sm90/common/wgmma.cuh"
 
 namespace dsa::cuda::indexer::sm90 {
 
-constexpr int kDecThreads = 384;  // warpgroup 0: producer (one warp works), 1 and 2: consumers
+// Warps 0-7: two consumer warpgroups (wgmma needs them at warp 0 and 4);
+// warp 8: the producer. 288 threads leave up to 224 registers a thread.
+constexpr int kDecThreads = 288;
 constexpr int kDecStages = 16;    // 16 x 8448 B in flight per SM: ~2x what the latency needs at 3.9 TB/s
 // A stage holds one block as 66 rows of 128 bytes (8448), padded to whole
 // 1024-byte swizzle atoms so that each stage starts atom-aligned.
@@ -101,25 +103,13 @@ __device__ __forceinline__ uint64_t policy_evict_last() {
   return pol;
 }
 
-template <int N>
-__device__ __forceinline__ void setmaxnreg_inc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
-}
-template <int N>
-__device__ __forceinline__ void setmaxnreg_dec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
-}
-
-template <int kNextN>
-__device__ __forceinline__ void wgmma_tile(float (&d)[32 * kNextN], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  if constexpr (kNextN == 1) {
+// N = 64 heads x kTokens (1 or 2).
+template <int kTokens>
+__device__ __forceinline__ void wgmma_tile(float (&d)[32 * kTokens], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  if constexpr (kTokens == 1) {
     ::dsa::cuda::sm90::wgmma_m64n64k32_e4m3_ss(d, desc_a, desc_b, scale_d);
-  } else if constexpr (kNextN == 2) {
-    ::dsa::cuda::sm90::wgmma_m64n128k32_e4m3_ss(d, desc_a, desc_b, scale_d);
-  } else if constexpr (kNextN == 3) {
-    wgmma_m64n192k32_e4m3_ss(d, desc_a, desc_b, scale_d);
   } else {
-    wgmma_m64n256k32_e4m3_ss(d, desc_a, desc_b, scale_d);
+    ::dsa::cuda::sm90::wgmma_m64n128k32_e4m3_ss(d, desc_a, desc_b, scale_d);
   }
 }
 
@@ -217,13 +207,9 @@ __global__ void __launch_bounds__(kDecThreads, 1)
   const int64_t g_first = u_begin / NB, g_last = (u_end - 1) / NB;
   const int64_t max_keys = min(p.logits_stride, p.max_blocks_per_request * static_cast<int64_t>(kIdxBlockTokens));
 
-  if (tid < 128) {
+  if (tid >= 256) {
     // ---------------- producer ----------------
-    // Registers move to the consumers only where their accumulators need it
-    // (next_n 3 and 4: 96 or 128 accumulators plus 48 or 64 weights).
-    if constexpr (kNextN >= 3) setmaxnreg_dec<40>();
-    if (tid >= 32) return;
-    const int lane = tid;
+    const int lane = tid & 31;
     const uint64_t pol_k = policy_evict_first();
     const uint64_t pol_q = policy_evict_last();
     uint32_t it = 0, sg = 0;
@@ -266,9 +252,8 @@ __global__ void __launch_bounds__(kDecThreads, 1)
   }
 
   // ---------------- consumers ----------------
-  if constexpr (kNextN >= 3) setmaxnreg_inc<232>();
-  const int cw = (tid >> 7) - 1;  // consumer warpgroup 0 or 1: items of its parity
-  const int ctid = tid - 128;     // 0..255 over both
+  const int cw = tid >> 7;  // consumer warpgroup 0 or 1: items of its parity
+  const int ctid = tid;     // 0..255 over both
   const int warp = (tid >> 5) & 3;
   const int lane = tid & 31;
   const int g8 = lane >> 2;
@@ -280,10 +265,15 @@ __global__ void __launch_bounds__(kDecThreads, 1)
     const int64_t b0 = max(u_begin, g * NB) - g * NB, b1 = min(u_end, (g + 1) * NB) - g * NB;
     Group<kNextN> grp;
     grp.load(p, g, max_keys);
-    // Thread's heads in the accumulator: columns 8 * j + tig * 2 + c of each token.
-    float wreg[kNextN][8][2];
+    // Thread's heads in the accumulator: columns 8 * j + tig * 2 + c of each
+    // token. Held in registers for next_n <= 2; at 3 and 4 they spilled
+    // (168 registers a thread: 9 warps share 4 register files), so there each
+    // chunk loads its tokens' weights per block instead (L1 hits, issued
+    // before the MMA wait).
+    constexpr int kWRegTokens = kNextN <= 2 ? kNextN : 1;
+    float wreg[kWRegTokens][8][2];
 #pragma unroll
-    for (int tk = 0; tk < kNextN; ++tk) {
+    for (int tk = 0; tk < kWRegTokens; ++tk) {
       const int64_t t = g * kNextN + tk;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
@@ -305,14 +295,6 @@ __global__ void __launch_bounds__(kDecThreads, 1)
         const uint32_t s = item % kDecStages;
         mbar_wait(bar_full + 8 * s, (item / kDecStages) & 1);
         const uint32_t k_addr = sbase + s * kDecStageBytes;
-        float acc[32 * kNextN];
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk)
-          wgmma_tile<kNextN>(acc, sw128_desc_k_major(k_addr + kk * 32), sw128_desc_k_major(q_addr + kk * 32), kk);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(acc);
         // Scale of key k: row 64 + k / 32 of the box, 16-byte chunk (k % 32) / 4,
         // which the swizzle moved to chunk ((k % 32) / 4) ^ (k / 32).
         float sc[2];
@@ -323,21 +305,6 @@ __global__ void __launch_bounds__(kDecThreads, 1)
           sc[half] = *reinterpret_cast<const float*>(smem + s * kDecStageBytes + kIdxBlockTokens * kIdxDim + row * 128 +
                                                       chunk * 16 + (key & 3) * 4);
         }
-        mbar_arrive(bar_empty + 8 * s);  // release: the MMA is done and the scales are in registers
-
-        // acc[(tk * 8 + j) * 4 + half * 2 + c]: key 16 * warp + g8 + 8 * half, head 8 * j + tig * 2 + c of token tk.
-        float v[kNextN][2];
-#pragma unroll
-        for (int tk = 0; tk < kNextN; ++tk)
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            float sum = 0.f;
-#pragma unroll
-            for (int j = 0; j < 8; ++j)
-#pragma unroll
-              for (int c = 0; c < 2; ++c) sum = fmaf(wreg[tk][j][c], fmaxf(acc[(tk * 8 + j) * 4 + half * 2 + c], 0.f), sum);
-            v[tk][half] = sum;
-          }
         const int64_t pos0 = (b0 + k) * kIdxBlockTokens + 16 * warp + g8;
         auto store = [&](int tk_out, int vis, int half_out, float total) {
           const int64_t pos = pos0 + 8 * half_out;
@@ -347,27 +314,75 @@ __global__ void __launch_bounds__(kDecThreads, 1)
             p.logits[(g * kNextN + tk_out) * p.logits_stride + pos] = val;
           }
         };
-        // Pairs of tokens: reduce-scatter over the 4 lanes of a row group, lane
-        // (t1, t0) ends with token pr + t1, key half t0 (the baseline's kBT = 2).
+        // Tokens in chunks of at most 2 (N <= 128): 64 accumulators plus the
+        // weights fit without spills at next_n 4, where one n256 MMA spilled
+        // (168 registers a thread at 384 threads). Each output's MMA chain is
+        // the same either way.
+        auto chunk = [&](auto c0_tag) {
+          constexpr int c0 = decltype(c0_tag)::value;
+          constexpr int cn = kNextN - c0 >= 2 ? 2 : 1;
+          float acc[32 * cn];
+          wgmma_fence();
 #pragma unroll
-        for (int pr = 0; pr + 1 < kNextN; pr += 2) {
-          float u[2];
+          for (int kk = 0; kk < 4; ++kk)
+            wgmma_tile<cn>(acc, sw128_desc_k_major(k_addr + kk * 32),
+                           sw128_desc_k_major(q_addr + c0 * kIdxHeads * kIdxDim + kk * 32), kk);
+          wgmma_commit();
+          float wl[cn][8][2];
 #pragma unroll
-          for (int x = 0; x < 2; ++x) {
-            const float keep = t1 ? v[pr + 1][x] : v[pr][x];
-            const float send = t1 ? v[pr][x] : v[pr + 1][x];
-            u[x] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+          for (int tk = 0; tk < cn; ++tk)
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                if constexpr (kNextN <= 2) {
+                  wl[tk][j][c] = wreg[c0 + tk][j][c];
+                } else {
+                  const int64_t t = g * kNextN + c0 + tk;
+                  wl[tk][j][c] = t < p.T ? __ldg(p.weights + t * kIdxHeads + 8 * j + tig * 2 + c) : 0.f;
+                }
+              }
+          wgmma_wait<0>();
+          fence_regs(acc);
+          // Release after the last chunk's MMA: the scales are in registers already.
+          if constexpr (c0 + cn >= kNextN) mbar_arrive(bar_empty + 8 * s);
+
+          // acc[(tk * 8 + j) * 4 + half * 2 + c]: key 16 * warp + g8 + 8 * half, head 8 * j + tig * 2 + c
+          // of token c0 + tk.
+          float v[cn][2];
+#pragma unroll
+          for (int tk = 0; tk < cn; ++tk)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              float sum = 0.f;
+#pragma unroll
+              for (int j = 0; j < 8; ++j)
+#pragma unroll
+                for (int c = 0; c < 2; ++c)
+                  sum = fmaf(wl[tk][j][c], fmaxf(acc[(tk * 8 + j) * 4 + half * 2 + c], 0.f), sum);
+              v[tk][half] = sum;
+            }
+          if constexpr (cn == 2) {
+            // Reduce-scatter over the 4 lanes of a row group: lane (t1, t0)
+            // ends with token c0 + t1, key half t0 (the baseline's kBT = 2).
+            float u[2];
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+              const float keep = t1 ? v[1][x] : v[0][x];
+              const float send = t1 ? v[0][x] : v[1][x];
+              u[x] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+            }
+            const float total = (t0 ? u[1] : u[0]) + __shfl_xor_sync(0xffffffffu, t0 ? u[0] : u[1], 1);
+            store(c0 + t1, t1 ? grp.vis[c0 + 1] : grp.vis[c0], t0, total);
+          } else {
+            // One token: lanes t0 = 0 end with key half t1 (the baseline's kBT = 1).
+            const float u = (t1 ? v[0][1] : v[0][0]) + __shfl_xor_sync(0xffffffffu, t1 ? v[0][0] : v[0][1], 2);
+            const float total = u + __shfl_xor_sync(0xffffffffu, u, 1);
+            if (!t0) store(c0, grp.vis[c0], t1, total);
           }
-          const float total = (t0 ? u[1] : u[0]) + __shfl_xor_sync(0xffffffffu, t0 ? u[0] : u[1], 1);
-          store(pr + t1, t1 ? grp.vis[pr + 1] : grp.vis[pr], t0, total);
-        }
-        if constexpr (kNextN & 1) {
-          // The odd token: lanes t0 = 0 end with key half t1 (the baseline's kBT = 1).
-          constexpr int tk = kNextN - 1;
-          const float u = (t1 ? v[tk][1] : v[tk][0]) + __shfl_xor_sync(0xffffffffu, t1 ? v[tk][0] : v[tk][1], 2);
-          const float total = u + __shfl_xor_sync(0xffffffffu, u, 1);
-          if (!t0) store(tk, grp.vis[tk], t1, total);
-        }
+        };
+        chunk(std::integral_constant<int, 0>{});
+        if constexpr (kNextN > 2) chunk(std::integral_constant<int, 2>{});
       }
       it += static_cast<uint32_t>(n_items);
 
