@@ -16,9 +16,11 @@
 
 namespace dsa::cuda::indexer {
 
+namespace sm90 {
 // Declared beside the kernel (it needs CUtensorMap); defined here once.
 void make_decode_tensor_maps(const DeviceContext& ctx, const IndexerLogitsParams& p, int next_n, CUtensorMap& k_map,
                              CUtensorMap& q_map);
+}  // namespace sm90
 
 namespace {
 
@@ -56,8 +58,8 @@ void encode_rows(CUtensorMap& map, const void* base, uint64_t rows, uint64_t ite
 
 }  // namespace
 
-void make_decode_tensor_maps(const DeviceContext& ctx, const IndexerLogitsParams& p, int next_n, CUtensorMap& k_map,
-                             CUtensorMap& q_map) {
+void sm90::make_decode_tensor_maps(const DeviceContext& ctx, const IndexerLogitsParams& p, int next_n,
+                                   CUtensorMap& k_map, CUtensorMap& q_map) {
   // The pool's size is not in the params; no pool is larger than the device's
   // memory, so that bounds the block ids (a larger id would read zeros, not
   // fault: TMA fills outside the map's extent).

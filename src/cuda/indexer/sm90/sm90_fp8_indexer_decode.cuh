@@ -270,8 +270,8 @@ __global__ void __launch_bounds__(kDecThreads, 1)
     // (168 registers a thread: 9 warps share 4 register files), so there each
     // chunk loads its tokens' weights per block instead (L1 hits, issued
     // before the MMA wait).
-    constexpr int kWRegTokens = kNextN <= 2 ? kNextN : 1;
-    float wreg[kWRegTokens][8][2];
+    constexpr int kWRegTokens = kNextN <= 2 ? kNextN : 0;
+    float wreg[kWRegTokens > 0 ? kWRegTokens : 1][8][2];
 #pragma unroll
     for (int tk = 0; tk < kWRegTokens; ++tk) {
       const int64_t t = g * kNextN + tk;
@@ -320,7 +320,8 @@ __global__ void __launch_bounds__(kDecThreads, 1)
         // the same either way.
         auto chunk = [&](auto c0_tag) {
           constexpr int c0 = decltype(c0_tag)::value;
-          constexpr int cn = kNextN - c0 >= 2 ? 2 : 1;
+          // next_n 3: the odd token first, then a pair (this order spilled less).
+          constexpr int cn = (kNextN == 3 && c0 == 0) ? 1 : (kNextN - c0 >= 2 ? 2 : 1);
           float acc[32 * cn];
           wgmma_fence();
 #pragma unroll
@@ -382,7 +383,8 @@ __global__ void __launch_bounds__(kDecThreads, 1)
           }
         };
         chunk(std::integral_constant<int, 0>{});
-        if constexpr (kNextN > 2) chunk(std::integral_constant<int, 2>{});
+        if constexpr (kNextN == 3) chunk(std::integral_constant<int, 1>{});
+        if constexpr (kNextN == 4) chunk(std::integral_constant<int, 2>{});
       }
       it += static_cast<uint32_t>(n_items);
 
