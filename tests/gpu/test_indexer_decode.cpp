@@ -209,7 +209,7 @@ void run_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed,
   dsa::cuda::DeviceContext ctx_new = ctx;
   ctx_new.picks.indexer_decode = dsa::cuda::KernelPick::kNew;
   run_into(dsa::cuda::indexer_logits, ctx_new, p, d, via_dispatch);
-  if (HasFatalFailure()) return;
+  if (::testing::Test::HasFatalFailure()) return;
 
   const Compare c = compare(out1, ref);
   EXPECT_EQ(c.nan, 0) << "NaN in the output (poison left or stray read)";
@@ -226,7 +226,7 @@ void run_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed,
   std::printf("INDEXER_DECODE T=%lld stride=%lld next_n=%d: rel %.3g (baseline %.3g), bit mismatches vs baseline %lld of %zu\n",
               static_cast<long long>(pb.T), static_cast<long long>(pb.stride), hint, c.rel, cb.rel,
               static_cast<long long>(mism), out1.size());
-  RecordProperty("bit_mismatches_vs_baseline", static_cast<int>(std::min<int64_t>(mism, 1 << 30)));
+  ::testing::Test::RecordProperty("bit_mismatches_vs_baseline", static_cast<int>(std::min<int64_t>(mism, 1 << 30)));
 }
 
 // Contexts (keys the last token sees) 1, 63, 64, 65, 4097 in one ragged batch, next_n 1 to 4.

@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(kDecThreads, 1)
     grp.load(p, g, max_keys);
     // Thread's heads in the accumulator: columns 8 * j + tig * 2 + c of each
     // token. Held in registers for next_n <= 2; at 3 and 4 they spilled
-    // (168 registers a thread: 9 warps share 4 register files), so there each
+    // (168 registers a thread), so there each
     // chunk loads its tokens' weights per block instead (L1 hits, issued
     // before the MMA wait).
     constexpr int kWRegTokens = kNextN <= 2 ? kNextN : 0;
@@ -315,9 +315,9 @@ __global__ void __launch_bounds__(kDecThreads, 1)
           }
         };
         // Tokens in chunks of at most 2 (N <= 128): 64 accumulators plus the
-        // weights fit without spills at next_n 4, where one n256 MMA spilled
-        // (168 registers a thread at 384 threads). Each output's MMA chain is
-        // the same either way.
+        // weights fit at next_n 4, where one n256 MMA spilled (168 registers a
+        // thread: 9 warps, 3 of them on one SM sub-partition's register file).
+        // Each output's MMA chain is the same either way.
         auto chunk = [&](auto c0_tag) {
           constexpr int c0 = decltype(c0_tag)::value;
           // next_n 3: the odd token first, then a pair (this order spilled less).
