@@ -22,6 +22,11 @@
 // past visible_end (a select: keys there may be stale or NaN), blocks past
 // the last visible key are not read at all.
 //
+// Measured (H100 80GB HBM3, 2026-12-05, 64 requests x 32768 keys, median of
+// CUDA events, baseline in the same run): next_n 1 0.1062 ms (2.61 TB/s of
+// cache; baseline 0.1085), 2 0.1123 (baseline 0.1302), 3 0.180 (0.309),
+// 4 0.228 (0.256). Not yet measured on the H200.
+//
 // Groups are next_n consecutive tokens, which is one request's tokens in a
 // decode step; a group whose tokens belong to several requests (a hint that
 // does not fit the batch) is still right: it runs one pass per request,
