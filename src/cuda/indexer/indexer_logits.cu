@@ -9,6 +9,7 @@
 
 #include "cuda/check.cuh"
 #include "cuda/indexer/config.h"
+#include "cuda/indexer/decode_plan.h"
 #include "cuda/indexer/launch.h"
 #include "cuda/indexer/params.h"
 
@@ -151,9 +152,18 @@ void indexer_logits_sm90(const DeviceContext& ctx, const IndexerLogitsParams& p)
   }
 }
 
+void indexer_logits_decode_sm90(const DeviceContext& ctx, const IndexerLogitsParams& p) {
+  check_params(p);
+  if (p.T == 0) return;
+  require_sm(ctx, 90, "decode (TMA + wgmma)");
+  indexer::run_decode(ctx, p);
+}
+
 void indexer_logits(const DeviceContext& ctx, const IndexerLogitsParams& p) {
   check_params(p);
   if (p.T == 0) return;
+  // Decode steps first, before any prefill branch: opt-in until its GPU run is on record.
+  if (indexer::decode_eligible(ctx, p)) return indexer::run_decode(ctx, p);
   if (ctx.sm() == 90) {
     indexer_logits_sm90(ctx, p);
   } else {

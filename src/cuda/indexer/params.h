@@ -42,5 +42,12 @@ void indexer_logits(const DeviceContext& ctx, const IndexerLogitsParams& p);
 // compiler lowers it to fp8->f16 conversions plus HMMA).
 void indexer_logits_sm90(const DeviceContext& ctx, const IndexerLogitsParams& p);
 void indexer_logits_sm89(const DeviceContext& ctx, const IndexerLogitsParams& p);
+// The decode kernel (sm_90a; TMA ring + wgmma, one CTA per SM), forced: needs
+// max_tokens_per_request 1 to 4 (the step's next_n; any token layout is
+// right, one request's next_n consecutive tokens is the fast one) and a
+// 16-byte aligned q_fp8, else ShapeError. Bit-identical to
+// indexer_logits_sm90. indexer_logits takes it only when
+// ctx.picks.indexer_decode == KernelPick::kNew (cuda/indexer/decode_plan.h).
+void indexer_logits_decode_sm90(const DeviceContext& ctx, const IndexerLogitsParams& p);
 
 }  // namespace dsa::cuda
