@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cuda/layer/layer_kernels.h"
+#include "cuda/sparse_mla/sm90/config.h"
 #include "cuda/sparse_mla/sparse_mla.h"
 #include "dev_buf.h"
 #include "dsa/config.h"
@@ -576,7 +577,17 @@ TEST(SparseMlaFp8Bench, DISABLED_Bench) {
       std::sort(ms.begin(), ms.end());
       return ms[ms.size() / 2];
     };
+    namespace sm = dsa::cuda::sm90_sparse_mla;
+    const int other = sm::kFp8DefaultOrder == sm::kFp8Interleaved ? sm::kFp8ThreeFirst : sm::kFp8Interleaved;
+    // The producer's two orders give the same bits (only the schedule differs).
+    std::vector<uint16_t> o1(dout.n), o2(dout.n);
+    dsa::cuda::sparse_mla_sm90_fp8(pf, ctx);
+    CK(cudaMemcpy(o1.data(), dout.p, dout.bytes(), cudaMemcpyDeviceToHost));
+    sm::sparse_mla_sm90_fp8_order(pf, ctx, other);
+    CK(cudaMemcpy(o2.data(), dout.p, dout.bytes(), cudaMemcpyDeviceToHost));
+    EXPECT_TRUE(o1 == o2) << "the producer's other order changed the output";
     const float fused = time_ms([&] { dsa::cuda::sparse_mla_sm90_fp8(pf, ctx); });
+    const float fused_other = time_ms([&] { sm::sparse_mla_sm90_fp8_order(pf, ctx, other); });
     const float gather_only = time_ms([&] { dsa::cuda::gather_latent_fp8(ctx, g); });
     const float path = time_ms([&] {
       dsa::cuda::gather_latent_fp8(ctx, g);
@@ -584,9 +595,10 @@ TEST(SparseMlaFp8Bench, DISABLED_Bench) {
     });
     CK(cudaStreamSynchronize(ctx.stream));
     CK(cudaGetLastError());
-    std::printf("[bench] %s: batch %lld x %lld slots, H %d, topk %d, s_q %d: fused fp8 %.1f us; gather + bf16 %.1f us (gather %.1f us)\n",
+    std::printf("[bench] %s: batch %lld x %lld slots, H %d, topk %d, s_q %d: fused fp8 %.1f us (order %d; order %d: %.1f us); "
+                "gather + bf16 %.1f us (gather %.1f us)\n",
                 ctx.device ? ctx.device->name.c_str() : "?", static_cast<long long>(kBatch), static_cast<long long>(kCtx), H, K, s_q,
-                fused * 1e3f, path * 1e3f, gather_only * 1e3f);
+                fused * 1e3f, sm::kFp8DefaultOrder, other, fused_other * 1e3f, path * 1e3f, gather_only * 1e3f);
   }
 }
 

@@ -206,7 +206,14 @@ void launch_sparse_mla_sm90(const SparseMlaParams& run, const LaunchPlan& plan, 
 // schedule for every cache size: kEarlyMaxB on, kReleaseFirst off (the bf16
 // kernel's choice for caches over half of L2, the decode case the fp8 cache
 // is for; the two flags change the schedule, not the bits).
-template <int kHeadGroups, bool kDense>
+// kOrder: how the producer interleaves the copies and conversions of a pair
+// (sm90_bf16_sparse_mla.cuh, issue_pair_fp8); the library runs
+// kFp8DefaultOrder, and sparse_mla_sm90_fp8_order (H = 128, dense views
+// only) the other one too, for the benchmark that picks between them.
+enum : int { kFp8ThreeFirst = 1, kFp8Interleaved = 2 };
+constexpr int kFp8DefaultOrder = kFp8ThreeFirst;
+template <int kHeadGroups, bool kDense, int kOrder = kFp8DefaultOrder>
 void launch_sparse_mla_sm90_fp8(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx);
+void sparse_mla_sm90_fp8_order(const SparseMlaParams& p, const DeviceContext& ctx, int order);
 
 }  // namespace dsa::cuda::sm90_sparse_mla

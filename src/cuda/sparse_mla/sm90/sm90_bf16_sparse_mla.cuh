@@ -138,7 +138,7 @@ enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 
 // multiplies per pair in the producer's gather loop), so the dense layout,
 // which every caller in the library uses, keeps its own builds.
 template <int kHeadGroups, int kDiag = 0, bool kReleaseFirst = false, bool kEarlyMaxB = false, bool kSkipMask = false,
-          bool kDense = true, bool kFp8 = false>
+          bool kDense = true, int kFp8 = 0>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ SparseMlaParams p, float scale_log2, const TailSplit split) {
   extern __shared__ uint8_t smem_raw[];
@@ -342,12 +342,21 @@ __global__ void __launch_bounds__(kNumThreads, 1)
       // into the tile in place and dequantized there by the thread that
       // copied them, so a half is ready only after its copies have landed
       // and been converted: the copies of a pair go out in cp.async groups
-      // (A = buffer 0 L, B = 1 R, C = 0 R, D = 1 L, the bf16 order) and
-      // are converted as they land. D's free barrier (buffer 1's half L of
-      // the previous pair) is released by WG0 only after it has queued its
-      // Q K^T on A of this pair, so A is converted before that wait; B and
-      // C have no such tie (every other release of the previous pair needs
-      // nothing of this one).
+      // (A = buffer 0 L, B = 1 R, C = 0 R, D = 1 L, the bf16 order) and are
+      // converted as they land, in one of two orders:
+      // kFp8ThreeFirst: A, B and C's copies, then A's conversion, D's
+      // copies, B, C, D's conversions (three halves in flight; 16 bytes of
+      // producer spill);
+      // kFp8Interleaved: each half converted once the next one's copies
+      // are out (A after B's copies, B after C's, C after D's). C's half is
+      // released late in the previous pair (after WG1's P_A V_A), so A's
+      // conversion does not wait for it and WG0's next Q K^T can start
+      // sooner; two halves in flight, 52 bytes of producer spill.
+      // No wait depends on a conversion after it in either order: D's free
+      // barrier (buffer 1's half L of the previous pair) is released by WG0
+      // only after it has queued its Q K^T on A of this pair, and A is
+      // converted before that wait; every other release of the previous
+      // pair needs nothing of this one.
       auto issue_pair_fp8 = [&](int j) {
         const uint32_t gj = gp + j;
         int32_t rows[2][4];
@@ -427,23 +436,43 @@ __global__ void __launch_bounds__(kNumThreads, 1)
           }
           fence_proxy_async();  // the generic-proxy stores, before wgmma reads them
         };
-        if (gj > 0) mbar_wait(free_bar(0, 0), parity);
-        load(0, 0);  // A
-        if (gj > 0) mbar_wait(free_bar(1, 1), parity);
-        load(1, 1);  // B
-        if (gj > 0) mbar_wait(free_bar(0, 1), parity);
-        load(0, 1);  // C
-        cp_async_wait<2>();
-        convert(0, 0);
-        mbar_arrive(ready_bar(0, 0));
-        if (gj > 0) mbar_wait(free_bar(1, 0), parity);
-        load(1, 0);  // D
-        cp_async_wait<2>();
-        convert(1, 1);
-        mbar_arrive(ready_bar(1, 1));
-        cp_async_wait<1>();
-        convert(0, 1);
-        mbar_arrive(ready_bar(0, 1));
+        if constexpr (kFp8 == kFp8Interleaved) {
+          if (gj > 0) mbar_wait(free_bar(0, 0), parity);
+          load(0, 0);  // A
+          if (gj > 0) mbar_wait(free_bar(1, 1), parity);
+          load(1, 1);  // B
+          cp_async_wait<1>();
+          convert(0, 0);
+          mbar_arrive(ready_bar(0, 0));
+          if (gj > 0) mbar_wait(free_bar(0, 1), parity);
+          load(0, 1);  // C
+          cp_async_wait<1>();
+          convert(1, 1);
+          mbar_arrive(ready_bar(1, 1));
+          if (gj > 0) mbar_wait(free_bar(1, 0), parity);
+          load(1, 0);  // D
+          cp_async_wait<1>();
+          convert(0, 1);
+          mbar_arrive(ready_bar(0, 1));
+        } else {
+          if (gj > 0) mbar_wait(free_bar(0, 0), parity);
+          load(0, 0);  // A
+          if (gj > 0) mbar_wait(free_bar(1, 1), parity);
+          load(1, 1);  // B
+          if (gj > 0) mbar_wait(free_bar(0, 1), parity);
+          load(0, 1);  // C
+          cp_async_wait<2>();
+          convert(0, 0);
+          mbar_arrive(ready_bar(0, 0));
+          if (gj > 0) mbar_wait(free_bar(1, 0), parity);
+          load(1, 0);  // D
+          cp_async_wait<2>();
+          convert(1, 1);
+          mbar_arrive(ready_bar(1, 1));
+          cp_async_wait<1>();
+          convert(0, 1);
+          mbar_arrive(ready_bar(0, 1));
+        }
         cp_async_wait<0>();
         convert(1, 0);
         mbar_arrive(ready_bar(1, 0));
@@ -998,7 +1027,7 @@ constexpr bool kSkipMaskDefault = true;
 // per file in instantiations/); the dev bench (dev/sparse_mla/) also its
 // diagnostic ones.
 template <int kHeadGroups, int kDiag, bool kReleaseFirst, bool kEarlyMaxB, bool kSkipMask, bool kDense = true,
-          bool kFp8 = false>
+          int kFp8 = 0>
 void launch_fwd_and_combine(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {
   auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, kReleaseFirst, kEarlyMaxB, kSkipMask, kDense, kFp8>;
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1017,9 +1046,9 @@ void launch_sparse_mla_sm90(const SparseMlaParams& run, const LaunchPlan& plan, 
   launch_fwd_and_combine<kHeadGroups, 0, kReleaseFirst, kEarlyMaxB, kSkipMaskDefault, kDense>(run, plan, ctx);
 }
 
-template <int kHeadGroups, bool kDense>
+template <int kHeadGroups, bool kDense, int kOrder>
 void launch_sparse_mla_sm90_fp8(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {
-  launch_fwd_and_combine<kHeadGroups, 0, false, true, kSkipMaskDefault, kDense, true>(run, plan, ctx);
+  launch_fwd_and_combine<kHeadGroups, 0, false, true, kSkipMaskDefault, kDense, kOrder>(run, plan, ctx);
 }
 
 }  // namespace dsa::cuda::sm90_sparse_mla

@@ -151,6 +151,21 @@ void sparse_mla_sm90_fp8(const SparseMlaParams& params, const DeviceContext& ctx
   }
 }
 
+namespace sm90_sparse_mla {
+void sparse_mla_sm90_fp8_order(const SparseMlaParams& params, const DeviceContext& ctx, int order) {
+  const SparseMlaParams p = resolve_strides(params);
+  if (order == kFp8DefaultOrder) return sparse_mla_sm90_fp8(p, ctx);
+  check_sparse_mla_params(p);
+  if (const std::string why = sm90_fp8_unsupported(p, ctx); !why.empty()) throw ShapeError(fmt::format("sparse_mla_sm90_fp8_order: {}", why));
+  if (order != kFp8Interleaved || p.num_heads != 128 || !fp8_strides_are_dense(p))
+    throw ShapeError("sparse_mla_sm90_fp8_order: the other order is built for H = 128 and dense views only");
+  if (p.T == 0) return;
+  const LaunchPlan plan = plan_launch(p, 2, ctx);
+  const SparseMlaParams run = reorder_if_planned(p, plan, ctx);
+  launch_sparse_mla_sm90_fp8<2, true, kFp8Interleaved>(run, plan, ctx);
+}
+}  // namespace sm90_sparse_mla
+
 bool sparse_mla_sm90_can_implement(const SparseMlaParams& params, const DeviceContext& ctx, std::string* why) {
   const SparseMlaParams p = resolve_strides(params);
   std::string reason;

@@ -2,5 +2,5 @@
 #include "cuda/sparse_mla/sm90/sm90_bf16_sparse_mla.cuh"
 
 namespace dsa::cuda::sm90_sparse_mla {
-template void launch_sparse_mla_sm90_fp8<2, false>(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx);
+template void launch_sparse_mla_sm90_fp8<2, false, kFp8DefaultOrder>(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx);
 }  // namespace dsa::cuda::sm90_sparse_mla
