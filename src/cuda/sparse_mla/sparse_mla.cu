@@ -11,8 +11,14 @@
 namespace dsa::cuda {
 
 void check_sparse_mla_params(const SparseMlaParams& p) {
-  if (!p.q || !p.kv || !p.indices || !p.out || !p.lse)
-    throw ShapeError("sparse_mla: q, kv, indices, out and lse must be device pointers (only valid_len and row_max may be null)");
+  if (!p.q || !p.indices || !p.out || !p.lse)
+    throw ShapeError("sparse_mla: q, indices, out and lse must be device pointers (only valid_len and row_max may be null)");
+  if (!p.kv == !p.kv_fp8)
+    throw ShapeError(p.kv ? "sparse_mla: both kv and kv_fp8 are set; pass exactly one cache (kv: bf16 rows, kv_fp8: 656-byte fp8 rows)"
+                          : "sparse_mla: kv and kv_fp8 are both null; pass exactly one cache (kv: bf16 rows, kv_fp8: 656-byte fp8 rows)");
+  if (p.kv_fp8 && (p.d_qk != 576 || p.d_v != 512))
+    throw ShapeError(fmt::format("sparse_mla: d_qk = {}, d_v = {} with kv_fp8; the fp8 row (512 e4m3 + 64 bf16 k_pe) takes 576 / 512",
+                                 p.d_qk, p.d_v));
   if (p.T < 0) throw ShapeError(fmt::format("sparse_mla: T = {} is negative; pass the number of query tokens (>= 0)", p.T));
   if (p.num_slots < 0)
     throw ShapeError(fmt::format("sparse_mla: num_slots = {} is negative; pass the number of rows in the latent cache", p.num_slots));
@@ -36,7 +42,7 @@ void check_sparse_mla_params(const SparseMlaParams& p) {
   const Rule rules[] = {
       {"stride_q_h", p.stride_q_h, p.d_qk, "d_qk"},
       {"stride_q_t", p.stride_q_t, H * p.stride_q_h, "num_heads * stride_q_h"},
-      {"stride_kv_slot", p.stride_kv_slot, p.d_qk, "d_qk"},
+      {"stride_kv_slot", p.stride_kv_slot, p.kv_fp8 ? 656 : p.d_qk, p.kv_fp8 ? "the fp8 row's 656 bytes" : "d_qk"},
       {"stride_indices_t", p.stride_indices_t, p.topk, "topk"},
       {"stride_valid_len_t", p.stride_valid_len_t, 1, "1"},
       {"stride_out_h", p.stride_out_h, p.d_v, "d_v"},
@@ -55,6 +61,13 @@ void sparse_mla(const SparseMlaParams& params, const DeviceContext& ctx) {
   const SparseMlaParams p = resolve_strides(params);
   check_sparse_mla_params(p);
   if (p.T == 0) return;
+  if (p.kv_fp8) {
+    if (sparse_mla_sm90_fp8_can_implement(p, ctx))
+      sparse_mla_sm90_fp8(p, ctx);
+    else
+      sparse_mla_simple(p, ctx);
+    return;
+  }
   if (sparse_mla_sm90_can_implement(p, ctx)) {
     sparse_mla_sm90(p, ctx);
   } else {

@@ -24,13 +24,19 @@ void check_sparse_mla_params(const SparseMlaParams& p);
 // would neither split nor reorder anything, or the kernel does not apply).
 size_t sparse_mla_workspace_bytes(const DeviceContext& ctx, int64_t T, int num_heads, int topk, int64_t num_slots);
 
-// Straightforward kernel: any T, H, topk, strides; the correctness baseline.
+// Straightforward kernel: any T, H, topk, strides, either cache; the correctness baseline.
 void sparse_mla_simple(const SparseMlaParams& p, const DeviceContext& ctx);
 // Hopper kernel (sm_90a wgmma). can_implement says whether it takes p on
 // ctx's device; when not and why is non-null, *why says what rules it out.
 bool sparse_mla_sm90_can_implement(const SparseMlaParams& p, const DeviceContext& ctx, std::string* why = nullptr);
 void sparse_mla_sm90(const SparseMlaParams& p, const DeviceContext& ctx);
-// Picks the fastest kernel that can implement p.
+// The Hopper kernel over the fp8 latent cache (p.kv_fp8, 656-byte rows): the
+// rows are dequantized in shared memory, bit for bit as the layer's gather
+// to bf16 does, so the output equals the gather followed by sparse_mla_sm90
+// bit for bit (docs/sparse_mla.md).
+bool sparse_mla_sm90_fp8_can_implement(const SparseMlaParams& p, const DeviceContext& ctx, std::string* why = nullptr);
+void sparse_mla_sm90_fp8(const SparseMlaParams& p, const DeviceContext& ctx);
+// Picks the fastest kernel that can implement p (bf16 or fp8 cache).
 void sparse_mla(const SparseMlaParams& p, const DeviceContext& ctx);
 
 }  // namespace dsa::cuda

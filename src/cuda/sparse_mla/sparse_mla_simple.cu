@@ -1,6 +1,8 @@
 // Sparse MLA's simple kernel: every shape and stride the checks admit; the
 // correctness baseline of the sm90 kernel and the fallback of sparse_mla().
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <fmt/format.h>
 
 #include <cmath>
@@ -15,6 +17,19 @@ namespace {
 constexpr int kSimpleThreads = 256;
 constexpr int kSimpleChunk = 64;          // indices scored per pass
 constexpr int kSimpleMaxDvPerThread = 4;  // d_v <= 1024
+
+// Element d of cache row `slot` as float: the bf16 row, or the fp8 row
+// dequantized as the layer's gather does (bf16_rn(float(e4m3) * scale),
+// k_pe as stored), so that the simple kernel over kv_fp8 equals the simple
+// kernel over the gathered bf16 rows bit for bit.
+__device__ __forceinline__ float kv_value(const SparseMlaParams& p, int64_t slot, int d) {
+  if (!p.kv_fp8) return __bfloat162float(p.kv[slot * p.stride_kv_slot + d]);
+  const uint8_t* row = p.kv_fp8 + slot * p.stride_kv_slot;
+  if (d >= 512) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row + 528)[d - 512]);
+  const float scale = reinterpret_cast<const float*>(row + 512)[d / 128];
+  const __half h = __half(__nv_cvt_fp8_to_halfraw(row[d], __NV_E4M3));
+  return __bfloat162float(__float2bfloat16_rn(__fmul_rn(__half2float(h), scale)));
+}
 
 // p's strides are resolved (explicit).
 // One CTA per (token, head): correctness first, any shape. Scores of 64
@@ -50,8 +65,7 @@ __global__ void __launch_bounds__(kSimpleThreads) sparse_mla_simple_kernel(Spars
       const bool valid = idx >= 0 && idx < p.num_slots;
       float dot = 0.f;
       if (valid) {
-        const __nv_bfloat16* row = p.kv + idx * p.stride_kv_slot;
-        for (int d = lane; d < p.d_qk; d += 32) dot += s_q[d] * __bfloat162float(row[d]);
+        for (int d = lane; d < p.d_qk; d += 32) dot += s_q[d] * kv_value(p, idx, d);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
       }
@@ -79,11 +93,10 @@ __global__ void __launch_bounds__(kSimpleThreads) sparse_mla_simple_kernel(Spars
       if (idx < 0) continue;
       const float pj = expf(s_score[j] - mu);
       l += pj;
-      const __nv_bfloat16* row = p.kv + idx * p.stride_kv_slot;
 #pragma unroll
       for (int k = 0; k < kSimpleMaxDvPerThread; ++k) {
         const int d = tid + k * kSimpleThreads;
-        if (d < p.d_v) acc[k] += pj * __bfloat162float(row[d]);
+        if (d < p.d_v) acc[k] += pj * kv_value(p, idx, d);
       }
     }
     m = m_new;

@@ -200,5 +200,20 @@ inline bool strides_are_dense(const SparseMlaParams& p) {
 // in instantiations/, chosen in one place (sparse_mla_sm90, sm90_sparse_mla.cu).
 template <int kHeadGroups, bool kReleaseFirst, bool kEarlyMaxB, bool kDense>
 void launch_sparse_mla_sm90(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx);
+// The fp8-cache builds (p.kv_fp8, 656-byte rows dequantized in shared
+// memory by the producer, sm90_fp8_kv_tile.cuh): kHeadGroups = H / 64, dense
+// (stride_kv_slot 656 bytes, every other view dense) or strided. One
+// schedule for every cache size: kEarlyMaxB on, kReleaseFirst off (the bf16
+// kernel's choice for caches over half of L2, the decode case the fp8 cache
+// is for; the two flags change the schedule, not the bits).
+// kOrder: how the producer interleaves the copies and conversions of a pair
+// (sm90_bf16_sparse_mla.cuh, issue_pair_fp8); the library runs
+// kFp8DefaultOrder, and sparse_mla_sm90_fp8_order (H = 128, dense views
+// only) the other one too, for the benchmark that picks between them.
+enum : int { kFp8ThreeFirst = 1, kFp8Interleaved = 2 };
+constexpr int kFp8DefaultOrder = kFp8ThreeFirst;
+template <int kHeadGroups, bool kDense, int kOrder = kFp8DefaultOrder>
+void launch_sparse_mla_sm90_fp8(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx);
+void sparse_mla_sm90_fp8_order(const SparseMlaParams& p, const DeviceContext& ctx, int order);
 
 }  // namespace dsa::cuda::sm90_sparse_mla

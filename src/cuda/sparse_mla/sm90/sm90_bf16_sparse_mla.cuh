@@ -29,6 +29,7 @@
 #include "cuda/sm90/common/wgmma.cuh"
 #include "cuda/sparse_mla/params.h"
 #include "cuda/sparse_mla/sm90/config.h"
+#include "cuda/sparse_mla/sm90/sm90_fp8_kv_tile.cuh"
 #include "dsa/cuda.h"
 
 namespace dsa::cuda::sm90_sparse_mla {
@@ -137,7 +138,7 @@ enum : uint32_t { kBarMaxA = 1, kBarMaxB = 2, kBarPA = 3, kBarPB = 4, kBarSum = 
 // multiplies per pair in the producer's gather loop), so the dense layout,
 // which every caller in the library uses, keeps its own builds.
 template <int kHeadGroups, int kDiag = 0, bool kReleaseFirst = false, bool kEarlyMaxB = false, bool kSkipMask = false,
-          bool kDense = true>
+          bool kDense = true, int kFp8 = 0>
 __global__ void __launch_bounds__(kNumThreads, 1)
     sparse_mla_fwd_kernel(const __grid_constant__ SparseMlaParams p, float scale_log2, const TailSplit split) {
   extern __shared__ uint8_t smem_raw[];
@@ -337,7 +338,150 @@ __global__ void __launch_bounds__(kNumThreads, 1)
         load(1, 0, kHalfSplit);
         cp_async_arrive(ready_bar(1, 0));
       };
-      for (int j = 0; j < num_pairs; ++j) issue_pair(j);
+      // kFp8: the rows are 656-byte fp8 rows (sm90_fp8_kv_tile.cuh), copied
+      // into the tile in place and dequantized there by the thread that
+      // copied them, so a half is ready only after its copies have landed
+      // and been converted: the copies of a pair go out in cp.async groups
+      // (A = buffer 0 L, B = 1 R, C = 0 R, D = 1 L, the bf16 order) and are
+      // converted as they land, in one of two orders:
+      // kFp8ThreeFirst: A, B and C's copies, then A's conversion, D's
+      // copies, B, C, D's conversions (three halves in flight; 16 bytes of
+      // producer spill);
+      // kFp8Interleaved: each half converted once the next one's copies
+      // are out (A after B's copies, B after C's, C after D's). C's half is
+      // released late in the previous pair (after WG1's P_A V_A), so A's
+      // conversion does not wait for it and WG0's next Q K^T can start
+      // sooner; two halves in flight, 52 bytes of producer spill.
+      // No wait depends on a conversion after it in either order: D's free
+      // barrier (buffer 1's half L of the previous pair) is released by WG0
+      // only after it has queued its Q K^T on A of this pair, and A is
+      // converted before that wait; every other release of the previous
+      // pair needs nothing of this one.
+      auto issue_pair_fp8 = [&](int j) {
+        const uint32_t gj = gp + j;
+        int32_t rows[2][4];
+#pragma unroll
+        for (int b = 0; b < 2; ++b)
+#pragma unroll
+          for (int it = 0; it < 4; ++it) {
+            const int pos = (2 * (pair0 + j) + b) * BLOCK_KV + r_base + 16 * it;
+            const int32_t idx = pos < n ? __ldg(idx_row + pos) : -1;
+            const bool valid = idx >= 0 && idx < p.num_slots;
+            if (cc == 0) {
+              const uint32_t a = valid_addr + static_cast<uint32_t>(((gj & 1) * 2 + b) * BLOCK_KV + r_base + 16 * it);
+              asm volatile("st.shared.u8 [%0], %1;" ::"r"(a), "r"(valid ? 1u : 0u) : "memory");
+            }
+            rows[b][it] = valid ? idx : -1;
+          }
+        if (cc == 0) mbar_arrive(valid_ready(gj & 1));
+        const uint32_t parity = (gj - 1) & 1;
+        // Copies of half `half` of buffer b: this lane's e4m3 chunks cc and
+        // cc + 8 of the half, lane 0 the scales, and for half R the k_pe chunk
+        // cc; an invalid row reads nothing and its bytes are zero (so it
+        // dequantizes to zeros).
+        auto load = [&](int b, int half) {
+#pragma unroll
+          for (int it = 0; it < 4; ++it) {
+            // An opaque row: offsets hoisted out of the pair loop spilled.
+            int r = r_base + 16 * it;
+            asm volatile("mov.b32 %0, %0;" : "+r"(r));
+            const int32_t row = rows[b][it];
+            const uint8_t* src = kDense ? p.kv_fp8 + static_cast<int64_t>(max(row, 0)) * kFp8RowBytes
+                                        : p.kv_fp8 + mul_wide_u32(max(row, 0), static_cast<uint32_t>(p.stride_kv_slot));
+            const uint32_t tile = kv_addr + b * kTileBytes;
+            const uint32_t bytes = row >= 0 ? 16u : 0u;
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              const int jj = 16 * half + cc + 8 * k;
+              cp_async_16(tile + fp8_chunk_offset(r, jj), src + 16 * jj, bytes);
+            }
+            if (cc == 0) cp_async_16(tile + fp8_scale_offset(r, half), src + kFp8ScaleOffset, bytes);
+            if (half == 1) cp_async_16(tile + 8 * kSegBytes + swz(r, cc), src + kFp8RopeOffset + 16 * cc, bytes);
+          }
+          cp_async_commit();
+        };
+        // Dequantizes this lane's chunks of half `half` of buffer b (its own
+        // copies have landed), then publishes the half.
+        auto convert = [&](int b, int half) {
+          const uint32_t tile = kv_addr + b * kTileBytes;
+          __syncwarp();  // every lane's copies (the row's scales among them) have landed
+          // Not unrolled: the producer has 40 registers (setmaxnreg), and
+          // unrolled rows spilled.
+#pragma unroll 1
+          for (int it = 0; it < 4; ++it) {
+            int r = r_base + 16 * it;
+            asm volatile("mov.b32 %0, %0;" : "+r"(r));
+            float s0, s1;  // the scales of groups 2 half and 2 half + 1
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                         : "=f"(s0), "=f"(s1)
+                         : "r"(tile + fp8_scale_offset(r, half) + 8 * half)
+                         : "memory");
+            __syncwarp();  // the row's lanes have read the scales before lane 0 overwrites them
+            // One chunk at a time (reading both first spilled).
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              const uint32_t a = tile + fp8_chunk_offset(r, 16 * half + cc + 8 * k);
+              uint4 v, lo, hi;
+              asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                           : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                           : "r"(a)
+                           : "memory");
+              dequant_chunk(v, k == 0 ? s0 : s1, lo, hi);
+              asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a), "r"(lo.x), "r"(lo.y), "r"(lo.z), "r"(lo.w)
+                           : "memory");
+              asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(a ^ 16u), "r"(hi.x), "r"(hi.y), "r"(hi.z),
+                           "r"(hi.w)
+                           : "memory");
+            }
+          }
+          fence_proxy_async();  // the generic-proxy stores, before wgmma reads them
+        };
+        if constexpr (kFp8 == kFp8Interleaved) {
+          if (gj > 0) mbar_wait(free_bar(0, 0), parity);
+          load(0, 0);  // A
+          if (gj > 0) mbar_wait(free_bar(1, 1), parity);
+          load(1, 1);  // B
+          cp_async_wait<1>();
+          convert(0, 0);
+          mbar_arrive(ready_bar(0, 0));
+          if (gj > 0) mbar_wait(free_bar(0, 1), parity);
+          load(0, 1);  // C
+          cp_async_wait<1>();
+          convert(1, 1);
+          mbar_arrive(ready_bar(1, 1));
+          if (gj > 0) mbar_wait(free_bar(1, 0), parity);
+          load(1, 0);  // D
+          cp_async_wait<1>();
+          convert(0, 1);
+          mbar_arrive(ready_bar(0, 1));
+        } else {
+          if (gj > 0) mbar_wait(free_bar(0, 0), parity);
+          load(0, 0);  // A
+          if (gj > 0) mbar_wait(free_bar(1, 1), parity);
+          load(1, 1);  // B
+          if (gj > 0) mbar_wait(free_bar(0, 1), parity);
+          load(0, 1);  // C
+          cp_async_wait<2>();
+          convert(0, 0);
+          mbar_arrive(ready_bar(0, 0));
+          if (gj > 0) mbar_wait(free_bar(1, 0), parity);
+          load(1, 0);  // D
+          cp_async_wait<2>();
+          convert(1, 1);
+          mbar_arrive(ready_bar(1, 1));
+          cp_async_wait<1>();
+          convert(0, 1);
+          mbar_arrive(ready_bar(0, 1));
+        }
+        cp_async_wait<0>();
+        convert(1, 0);
+        mbar_arrive(ready_bar(1, 0));
+      };
+      if constexpr (kFp8) {
+        for (int j = 0; j < num_pairs; ++j) issue_pair_fp8(j);
+      } else {
+        for (int j = 0; j < num_pairs; ++j) issue_pair(j);
+      }
       // The next item's Q into L2 while this item's last pair runs.
       if (ptid == 0 && u + gridDim.x < num_units) {
         int next_part;
@@ -882,9 +1026,10 @@ constexpr bool kSkipMaskDefault = true;
 // instantiates only its production builds (launch_sparse_mla_sm90 below, one
 // per file in instantiations/); the dev bench (dev/sparse_mla/) also its
 // diagnostic ones.
-template <int kHeadGroups, int kDiag, bool kReleaseFirst, bool kEarlyMaxB, bool kSkipMask, bool kDense = true>
+template <int kHeadGroups, int kDiag, bool kReleaseFirst, bool kEarlyMaxB, bool kSkipMask, bool kDense = true,
+          int kFp8 = 0>
 void launch_fwd_and_combine(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {
-  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, kReleaseFirst, kEarlyMaxB, kSkipMask, kDense>;
+  auto kernel = sparse_mla_fwd_kernel<kHeadGroups, kDiag, kReleaseFirst, kEarlyMaxB, kSkipMask, kDense, kFp8>;
   DSA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(SmemPlan::bytes)));
   constexpr float kLog2e = 1.4426950408889634f;
@@ -899,6 +1044,11 @@ void launch_fwd_and_combine(const SparseMlaParams& run, const LaunchPlan& plan, 
 template <int kHeadGroups, bool kReleaseFirst, bool kEarlyMaxB, bool kDense>
 void launch_sparse_mla_sm90(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {
   launch_fwd_and_combine<kHeadGroups, 0, kReleaseFirst, kEarlyMaxB, kSkipMaskDefault, kDense>(run, plan, ctx);
+}
+
+template <int kHeadGroups, bool kDense, int kOrder>
+void launch_sparse_mla_sm90_fp8(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx) {
+  launch_fwd_and_combine<kHeadGroups, 0, false, true, kSkipMaskDefault, kDense, kOrder>(run, plan, ctx);
 }
 
 }  // namespace dsa::cuda::sm90_sparse_mla

@@ -1,0 +1,7 @@
+// H = 128, fp8 latent cache, dense views, the producer's other order (kFp8Interleaved), for the benchmark
+// that compares the two orders (sparse_mla_sm90_fp8_order).
+#include "cuda/sparse_mla/sm90/sm90_bf16_sparse_mla.cuh"
+
+namespace dsa::cuda::sm90_sparse_mla {
+template void launch_sparse_mla_sm90_fp8<2, true, kFp8Interleaved>(const SparseMlaParams& run, const LaunchPlan& plan, const DeviceContext& ctx);
+}  // namespace dsa::cuda::sm90_sparse_mla
