@@ -23,8 +23,9 @@
 // Until the first cut every visible logit enters (the first chunks fill the
 // buffer unconditionally); after it the filter compares floats against the
 // float of the k-th key (key_to_float), the same test as on keys.
-// Random rows of 64K logits cut about three times; an ascending row cuts
-// every chunk or two (slower, still exact).
+// Uniform random rows of 64K logits cut four times (tests/scripts/
+// topk_stream_model.py counts them); an ascending row cuts every chunk or
+// two (slower, still exact).
 #include <cuda_runtime.h>
 
 #include <cstdint>
