@@ -28,4 +28,11 @@ size_t topk_workspace_bytes(int64_t T, int64_t logits_stride, int k);
 // outside [1, 2^31 - 1], null or misaligned pointers.
 void topk(const DeviceContext& ctx, const TopkParams& p);
 
+// Whether ctx.picks.topk == KernelPick::kNew runs the one-read streaming kernel
+// (topk_stream.cuh) for p: k <= 2048 (its candidate buffer holds k plus one
+// 4096-logit chunk) and 16-byte rows (logits 16-byte aligned, logits_stride a
+// multiple of 4: it copies whole float4). Otherwise, and for kAuto and
+// kBaseline, the radix kernel runs. Both give the same bytes.
+bool topk_runs_stream_kernel(const DeviceContext& ctx, const TopkParams& p);
+
 }  // namespace dsa::cuda
