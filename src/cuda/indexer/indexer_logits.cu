@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <string>
 
 #include "cuda/check.cuh"
 #include "cuda/indexer/config.h"
@@ -44,8 +45,14 @@ void check_params(const IndexerLogitsParams& p) {
     throw ShapeError(fmt::format("indexer_logits: logits_stride = {} and max_blocks_per_request = {} must both be >= 1",
                                  p.logits_stride, p.max_blocks_per_request));
   }
-  if (!aligned(p.q_fp8, 4) || !aligned(p.weights, 4) || !aligned(p.logits, 4)) {
-    throw ShapeError("indexer_logits: q_fp8, weights and logits must be 4-byte aligned; pass cudaMalloc'd buffers");
+  // Every kernel copies each head's 128-byte q vector in 16-byte pieces
+  // (cp.async); 4-byte alignment let a misaligned q reach them and fault.
+  if (!aligned(p.q_fp8, 16)) {
+    throw ShapeError("indexer_logits: q_fp8 must be 16-byte aligned (the kernels copy q in 16-byte pieces); "
+                     "pass a cudaMalloc'd buffer or an offset of it that is a multiple of 16 bytes");
+  }
+  if (!aligned(p.weights, 4) || !aligned(p.logits, 4)) {
+    throw ShapeError("indexer_logits: weights and logits must be 4-byte aligned; pass cudaMalloc'd buffers");
   }
   if (!aligned(p.k_cache, 16)) {
     throw ShapeError("indexer_logits: k_cache must be 16-byte aligned (blocks are copied in 16-byte pieces); "
@@ -147,6 +154,8 @@ void indexer_logits_sm90(const DeviceContext& ctx, const IndexerLogitsParams& p)
   require_sm(ctx, 90, "wgmma");
   if (!share_key_tiles(p)) {
     indexer::sm90::launch_wgmma<1, 2, 3>(ctx, p);
+  } else if (ctx.picks.indexer_prefill == KernelPick::kNew) {
+    indexer_logits_sm90_prefill(ctx, p);  // issue 17's kernel, opt-in until the GPU run proves it
   } else {
     indexer::sm90::launch_wgmma<2, 1, 4>(ctx, p);
   }
@@ -157,6 +166,36 @@ void indexer_logits_decode_sm90(const DeviceContext& ctx, const IndexerLogitsPar
   if (p.T == 0) return;
   require_sm(ctx, 90, "decode (TMA + wgmma)");
   indexer::run_decode(ctx, p);
+}
+
+// Issue 17's prefill kernel: 8 key-block stages in flight (66 KB of the ring
+// beside 64 KB of Q; one CTA per SM either way).
+constexpr int kPrefillStages = 8;
+
+std::string indexer_logits_sm90_prefill_can_implement(const DeviceContext& ctx, const IndexerLogitsParams& p) {
+  if (ctx.sm() != 90) {
+    return fmt::format("the prefill kernel uses sm_90a wgmma and setmaxnreg; this device is sm_{}{}",
+                       ctx.device->sm_major, ctx.device->sm_minor);
+  }
+  if (!aligned(p.q_fp8, 16) || !aligned(p.k_cache, 16)) {
+    return "q_fp8 and k_cache must be 16-byte aligned (both are copied in 16-byte pieces)";
+  }
+  if (!aligned(p.weights, 4) || !aligned(p.logits, 4)) return "weights and logits must be 4-byte aligned";
+  const int smem = indexer::sm90::prefill_ws_smem_bytes<kPrefillStages>();
+  if (static_cast<size_t>(smem) > ctx.smem_optin_per_block()) {
+    return fmt::format("the prefill kernel needs {} bytes of shared memory per block, the device allows {}", smem,
+                       ctx.smem_optin_per_block());
+  }
+  return {};
+}
+
+void indexer_logits_sm90_prefill(const DeviceContext& ctx, const IndexerLogitsParams& p) {
+  check_params(p);
+  if (p.T == 0) return;
+  require_sm(ctx, 90, "prefill wgmma");
+  const std::string why = indexer_logits_sm90_prefill_can_implement(ctx, p);
+  if (!why.empty()) throw ShapeError(fmt::format("indexer_logits (prefill kernel): {}", why));
+  indexer::sm90::launch_prefill_ws<kPrefillStages>(ctx, p);
 }
 
 void indexer_logits(const DeviceContext& ctx, const IndexerLogitsParams& p) {

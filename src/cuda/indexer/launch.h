@@ -36,6 +36,12 @@ void launch_mma(const DeviceContext& ctx, const IndexerLogitsParams& p);
 namespace sm90 {
 template <int kBT, int kKB, int kStages>
 void launch_wgmma(const DeviceContext& ctx, const IndexerLogitsParams& p);
+// The warp-specialized prefill kernel (8 tokens per CTA, kStages key blocks
+// in flight) and the dynamic shared memory it asks for.
+template <int kStages>
+void launch_prefill_ws(const DeviceContext& ctx, const IndexerLogitsParams& p);
+template <int kStages>
+int prefill_ws_smem_bytes();
 }
 
 }  // namespace dsa::cuda::indexer

@@ -3,6 +3,7 @@
 // Logits are materialized: [T, logits_stride] fp32; the top-k that reads
 // them is cuda/topk/params.h.
 #include <cstdint>
+#include <string>
 
 #include "dsa/cuda.h"
 
@@ -31,7 +32,8 @@ struct IndexerLogitsParams {
 // Picks the fastest kernel for the context's device (wgmma on sm_90, else
 // mma.sync) and launches on ctx.stream. Throws ShapeError for inputs outside
 // the contract (num_heads != 64, tokens_per_block != 64, null or misaligned
-// pointers), CudaError below sm_89. Device-side values are not checked on the
+// pointers: q_fp8 and k_cache 16-byte aligned, weights and logits 4-byte),
+// CudaError below sm_89. Device-side values are not checked on the
 // host (that would need a sync): a visible_end outside
 // [0, min(logits_stride, max_blocks * 64)] is clamped into it, so a bad one
 // gives wrong logits but never a stray access.
@@ -49,5 +51,18 @@ void indexer_logits_sm89(const DeviceContext& ctx, const IndexerLogitsParams& p)
 // indexer_logits_sm90. indexer_logits takes it only when
 // ctx.picks.indexer_decode == KernelPick::kNew (cuda/indexer/decode_plan.h).
 void indexer_logits_decode_sm90(const DeviceContext& ctx, const IndexerLogitsParams& p);
+
+// The prefill kernel of issue 17 (sm_90a, warp-specialized, 8 query tokens
+// per CTA share each gathered key block; sm90/sm90_fp8_indexer_prefill_ws.cuh).
+// indexer_logits / indexer_logits_sm90 take it for prefill and speculative
+// batches (the branch that shares key tiles) when ctx.picks.indexer_prefill
+// is KernelPick::kNew; kAuto and kBaseline keep the older wgmma kernel.
+// Same output as the older kernel, same contract; throws ShapeError when
+// indexer_logits_sm90_prefill_can_implement says no.
+void indexer_logits_sm90_prefill(const DeviceContext& ctx, const IndexerLogitsParams& p);
+// Empty when the prefill kernel can run p on ctx's device; otherwise why not
+// (device not sm_90, pointers not aligned as its copies need, shared memory).
+// Does not check the rest of the contract (indexer_logits' checks do).
+std::string indexer_logits_sm90_prefill_can_implement(const DeviceContext& ctx, const IndexerLogitsParams& p);
 
 }  // namespace dsa::cuda
