@@ -26,9 +26,10 @@ int device_count();
 const DeviceInfo& current_device();
 
 // Which kernel an op that has a newer one runs. kAuto is the library's
-// choice: the kernel whose GPU tests and figures are on record for the card
-// (docs/performance.md); the others force one, for the tests of both and
-// for before/after benchmarks in one run. An op with one kernel ignores it.
+// choice (KernelPicks::resolved): the kernel whose GPU tests and figures are
+// on record (docs/performance.md); the others force one, for the tests of
+// both and for before/after benchmarks in one run. An op with one kernel
+// ignores it.
 enum class KernelPick : uint8_t { kAuto, kBaseline, kNew };
 struct KernelPicks {
   KernelPick indexer_prefill = KernelPick::kAuto;  // indexer logits, 2 or more new tokens per request
@@ -37,6 +38,27 @@ struct KernelPicks {
   // Sparse MLA over the fp8 latent cache: kBaseline gathers the selected rows
   // into bf16 and runs the bf16 kernel; kNew reads the 656-byte rows itself.
   KernelPick sparse_mla_fp8 = KernelPick::kAuto;
+
+  // What kAuto runs, per op, decided by the GPU runs on record
+  // (docs/performance.md, "The newer kernels"): the one-read top-k and both
+  // indexer kernels passed every test bit-identical to the older kernels and
+  // are faster; the fused fp8 sparse MLA passed its tests but measured
+  // slower than gather + bf16, so kAuto keeps the gather.
+  static constexpr KernelPick kAutoIndexerPrefill = KernelPick::kNew;
+  static constexpr KernelPick kAutoIndexerDecode = KernelPick::kNew;
+  static constexpr KernelPick kAutoTopk = KernelPick::kNew;
+  static constexpr KernelPick kAutoSparseMlaFp8 = KernelPick::kBaseline;
+  // These picks with every kAuto replaced by the library's choice: what the
+  // dispatch reads.
+  KernelPicks resolved() const {
+    auto r = [](KernelPick p, KernelPick a) { return p == KernelPick::kAuto ? a : p; };
+    KernelPicks out;
+    out.indexer_prefill = r(indexer_prefill, kAutoIndexerPrefill);
+    out.indexer_decode = r(indexer_decode, kAutoIndexerDecode);
+    out.topk = r(topk, kAutoTopk);
+    out.sparse_mla_fp8 = r(sparse_mla_fp8, kAutoSparseMlaFp8);
+    return out;
+  }
 };
 
 // What every launcher is handed: the properties of the device it launches on

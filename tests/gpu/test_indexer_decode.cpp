@@ -200,7 +200,8 @@ void run_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed,
   ASSERT_TRUE(d.ok());
   upload(pb, d);
   const dsa::cuda::IndexerLogitsParams p = params_of(pb, d, hint);
-  const dsa::cuda::DeviceContext ctx = dsa::cuda::device_context();
+  dsa::cuda::DeviceContext ctx = dsa::cuda::device_context();
+  ctx.picks.indexer_prefill = dsa::cuda::KernelPick::kBaseline;  // indexer_logits_sm90 below: the older kernels
 
   std::vector<float> base, out1, out2, via_dispatch;
   run_into(dsa::cuda::indexer_logits_sm90, ctx, p, d, base);

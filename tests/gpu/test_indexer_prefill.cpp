@@ -194,10 +194,11 @@ void check_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t see
   DeviceBatch d(b);
   ASSERT_NO_FATAL_FAILURE(upload(b, d, max_new));
   DeviceContext ctx = dsa::cuda::device_context();
+  ctx.picks.indexer_prefill = KernelPick::kBaseline;  // indexer_logits_sm90 below: the older kernel
 
   std::vector<float> out_new, out_old;
   ASSERT_NO_FATAL_FAILURE(run_twice(dsa::cuda::indexer_logits_sm90_prefill, ctx, d, out_new));
-  ASSERT_NO_FATAL_FAILURE(run_twice(dsa::cuda::indexer_logits_sm90, ctx, d, out_old));  // kAuto: the older kernel
+  ASSERT_NO_FATAL_FAILURE(run_twice(dsa::cuda::indexer_logits_sm90, ctx, d, out_old));  // kBaseline: the older kernel
 
   const Compare vs_ref = compare(out_new, ref);
   EXPECT_EQ(vs_ref.nan, 0) << "NaN in the output (poison left or stray read)";

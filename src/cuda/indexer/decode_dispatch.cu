@@ -71,7 +71,7 @@ void sm90::make_decode_tensor_maps(const DeviceContext& ctx, const IndexerLogits
 }
 
 bool decode_eligible(const DeviceContext& ctx, const IndexerLogitsParams& p) {
-  return ctx.picks.indexer_decode == KernelPick::kNew && ctx.sm() == 90 && decode_shape_ok(p);
+  return ctx.picks.resolved().indexer_decode == KernelPick::kNew && ctx.sm() == 90 && decode_shape_ok(p);
 }
 
 bool decode_shape_ok(const IndexerLogitsParams& p) {

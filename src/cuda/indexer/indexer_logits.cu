@@ -154,8 +154,8 @@ void indexer_logits_sm90(const DeviceContext& ctx, const IndexerLogitsParams& p)
   require_sm(ctx, 90, "wgmma");
   if (!share_key_tiles(p)) {
     indexer::sm90::launch_wgmma<1, 2, 3>(ctx, p);
-  } else if (ctx.picks.indexer_prefill == KernelPick::kNew) {
-    indexer_logits_sm90_prefill(ctx, p);  // issue 17's kernel, opt-in until the GPU run proves it
+  } else if (ctx.picks.resolved().indexer_prefill == KernelPick::kNew) {
+    indexer_logits_sm90_prefill(ctx, p);  // issue 17's kernel (kAuto since its GPU run)
   } else {
     indexer::sm90::launch_wgmma<2, 1, 4>(ctx, p);
   }
@@ -201,7 +201,7 @@ void indexer_logits_sm90_prefill(const DeviceContext& ctx, const IndexerLogitsPa
 void indexer_logits(const DeviceContext& ctx, const IndexerLogitsParams& p) {
   check_params(p);
   if (p.T == 0) return;
-  // Decode steps first, before any prefill branch: opt-in until its GPU run is on record.
+  // Decode steps first, before any prefill branch (kNew; kAuto since its GPU run).
   if (indexer::decode_eligible(ctx, p)) return indexer::run_decode(ctx, p);
   if (ctx.sm() == 90) {
     indexer_logits_sm90(ctx, p);

@@ -273,12 +273,15 @@ void CudaLayer::Impl::launch(Stage s) {
       p.max_blocks_per_request = md.max_blocks_per_request, p.num_heads = static_cast<int>(HI());
       p.tokens_per_block = static_cast<int>(c.tokens_per_block);
       // The hint picks the decode (1 to 4 new tokens per request) or the
-      // prefill kernel. Given only when an indexer pick is forced: with kAuto
-      // the launch stays the one validated without it (the hint moves small
-      // prefill steps and decode batches of 512 or more tokens to the other
-      // tile shape).
-      if (ctx.picks.indexer_prefill != KernelPick::kAuto || ctx.picks.indexer_decode != KernelPick::kAuto)
-        p.max_tokens_per_request = max_new_per_request;
+      // prefill kernel. Given whenever one of the newer indexer kernels may
+      // run; with both forced to the older kernels the launch stays the one
+      // validated without it (the hint moves small prefill steps and decode
+      // batches of 512 or more tokens to the other tile shape).
+      {
+        const KernelPicks r = ctx.picks.resolved();
+        if (r.indexer_prefill == KernelPick::kNew || r.indexer_decode == KernelPick::kNew)
+          p.max_tokens_per_request = max_new_per_request;
+      }
       indexer_logits(ctx, p);
       break;
     }
@@ -311,7 +314,7 @@ void CudaLayer::Impl::launch(Stage s) {
       p.q = q_cat.as<__nv_bfloat16>(), p.kv = reinterpret_cast<const __nv_bfloat16*>(cache.latent);
       p.indices = topk_global.as<int32_t>(), p.valid_len = valid_len.as<int32_t>();
       p.num_slots = cache.num_slots();
-      if (cache.latent_dtype == LatentCacheDType::FP8 && ctx.picks.sparse_mla_fp8 == KernelPick::kNew) {
+      if (cache.latent_dtype == LatentCacheDType::FP8 && ctx.picks.resolved().sparse_mla_fp8 == KernelPick::kNew) {
         // The fused kernel reads the 656-byte rows of the pool itself: no gather.
         p.kv = nullptr, p.kv_fp8 = cache.latent, p.stride_kv_slot = kFp8LatentRowBytes;
       } else if (cache.latent_dtype == LatentCacheDType::FP8) {
@@ -500,7 +503,7 @@ void CudaLayer::prepare(const BatchMetadata& md, const DeviceCacheView& cache) {
   m.row_max.ensure(T * H * f4);
   m.v.ensure(T * H * c.v_head_dim * bf);
   if (c.o_proj) m.out.ensure(T * c.hidden_size * bf);
-  if (cache.latent_dtype == LatentCacheDType::FP8 && m.ctx.picks.sparse_mla_fp8 != KernelPick::kNew) {
+  if (cache.latent_dtype == LatentCacheDType::FP8 && m.ctx.picks.resolved().sparse_mla_fp8 != KernelPick::kNew) {
     m.kv_gather.ensure(T * k * c.latent_dim() * bf);
     m.idx_gather.ensure(T * k * f4);
   }

@@ -40,7 +40,7 @@ void opt_in_smem(const DeviceContext& ctx, std::atomic<uint64_t>& configured, Ke
 }  // namespace
 
 bool topk_runs_stream_kernel(const DeviceContext& ctx, const TopkParams& p) {
-  return ctx.picks.topk == KernelPick::kNew && stream_shape_ok(p) &&
+  return ctx.picks.resolved().topk == KernelPick::kNew && stream_shape_ok(p) &&
          ctx.smem_optin_per_block() >= sizeof(topk_stream::Smem);
 }
 
