@@ -36,5 +36,13 @@ fi
 
 gen=()
 command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
-[ -f "$build/CMakeCache.txt" ] || cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release
+# The Python package is built for, and its tests run with, the interpreter
+# these scripts install into (python3 on PATH, resolved past pyenv's shims),
+# not whichever one CMake's FindPython would pick on its own.
+py=$(python3 -c 'import sys; print(sys.executable)')
+if [ -f "$build/CMakeCache.txt" ]; then
+  cmake "$build" -DPython_EXECUTABLE="$py" >/dev/null
+else
+  cmake -S . -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$py"
+fi
 cmake --build "$build" -j"$(nproc)"

@@ -17,15 +17,15 @@ for mod in pytest torch matplotlib; do
     pip_install "$mod"
   fi
 done
-# The configure registers the pytest suite with CTest only where pytest and
-# torch import: configure again now that they do (cheap).
-cmake build >/dev/null
 # The Python suite must run here (CI runs this script): a build that left the
 # package out (no Python headers, no nanobind) fails instead of passing
-# without it.
+# without it, and so does a Python.pytest that cannot import pytest or torch
+# (it would skip elsewhere).
+export DSALAB_REQUIRE_PYTEST=1
+echo "test: the Python tests run with $(python3 -c 'import sys, torch, pytest; print(sys.executable, "torch", torch.__version__, "pytest", pytest.__version__)' 2>&1 | tail -1)"
 if ! ctest --test-dir build -N -R '^Python\.pytest$' | grep -q 'Python.pytest'; then
-  echo "test: the Python package's pytest suite is not registered (see the 'dsalab Python package' / 'pytest suite' lines of"
-  echo "      cmake build); install python3-dev, nanobind, pytest and torch (scripts/setup.sh and this script do) and run again"
+  echo "test: the Python package's pytest suite is not registered: the package was not built (see the 'dsalab Python"
+  echo "      package' line of cmake build); install python3-dev and nanobind (scripts/setup.sh does) and run again"
   exit 1
 fi
 ctest --test-dir build --output-on-failure -j"$(nproc)" "$@"
