@@ -1,10 +1,8 @@
 // Indexer logits on the GPU (src/cuda/indexer/params.h) against dsa::ref::indexer_logits
 // on the same fp8 inputs, spec 3.5 / 7: rel L2 <= 1e-3 over the visible
 // entries, -inf exactly where the reference has it, no NaN; logits poisoned
-// with NaN before each run; two runs bitwise identical. The paged cache is
-// built by hand: shuffled block ids, and every slot no request owns (whole
-// unused blocks and the tail of each request's last block) holds NaN, so a
-// stray read shows up as NaN in the output.
+// with NaN before each run; two runs bitwise identical. The paged inputs,
+// with NaN in every slot no request owns, are indexer_problem.h's.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -24,135 +22,23 @@
 #include "dsa/dtypes.h"
 #include "dsa/error.h"
 #include "dsa/reference.h"
+#include "indexer_problem.h"
 
 namespace {
 
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
 
-constexpr int64_t kHeads = 64, kDim = 128, kTpb = 64, kBlockBytes = kTpb * (kDim + 4);
-
+using namespace dsa::test::indexer;
 using dsa::test::DevBuf;
-
-struct Req {
-  int64_t cached, num_new;
-};
-
-struct Problem {
-  int64_t T = 0, R = 0, max_blocks = 0, stride = 0, num_blocks = 0;
-  std::vector<dsa::fp8_t> q;
-  std::vector<float> w;
-  std::vector<uint8_t> cache;
-  std::vector<int32_t> block_table, token_request, visible_end;
-};
-
-// extra_stride: logits columns beyond the longest context (must be -inf).
-Problem make_problem(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  std::uniform_real_distribution<float> uni(-1.f, 1.f);
-  std::uniform_int_distribution<int> exp2(-3, 3);
-  Problem pb;
-  pb.R = static_cast<int64_t>(reqs.size());
-  int64_t max_seq = 0, used_blocks = 0;
-  for (const Req& r : reqs) {
-    max_seq = std::max(max_seq, r.cached + r.num_new);
-    pb.max_blocks = std::max(pb.max_blocks, (r.cached + r.num_new + kTpb - 1) / kTpb);
-    used_blocks += (r.cached + r.num_new + kTpb - 1) / kTpb;
-    pb.T += r.num_new;
-  }
-  pb.stride = max_seq + extra_stride;
-  pb.num_blocks = used_blocks + 3;  // a few blocks nobody owns
-  std::vector<int32_t> ids(static_cast<size_t>(pb.num_blocks));
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), gen);
-
-  // NaN everywhere first: e4m3fn 0x7f is NaN, and 0xffffffff is an fp32 NaN scale.
-  pb.cache.assign(static_cast<size_t>(pb.num_blocks * kBlockBytes), 0x7f);
-  for (int64_t b = 0; b < pb.num_blocks; ++b) {
-    std::memset(pb.cache.data() + b * kBlockBytes + kTpb * kDim, 0xff, kTpb * 4);
-  }
-  pb.block_table.assign(static_cast<size_t>(pb.R * pb.max_blocks), -1);
-  size_t next = 0;
-  for (int64_t r = 0; r < pb.R; ++r) {
-    const int64_t seq = reqs[r].cached + reqs[r].num_new;
-    for (int64_t b = 0; b < (seq + kTpb - 1) / kTpb; ++b) pb.block_table[r * pb.max_blocks + b] = ids[next++];
-    for (int64_t s = 0; s < seq; ++s) {
-      uint8_t* blk = pb.cache.data() + static_cast<int64_t>(pb.block_table[r * pb.max_blocks + s / kTpb]) * kBlockBytes;
-      for (int64_t i = 0; i < kDim; ++i) blk[(s % kTpb) * kDim + i] = dsa::float_to_fp8_e4m3(2.f * normal(gen));
-      const float scale = std::ldexp(1.f, exp2(gen));
-      std::memcpy(blk + kTpb * kDim + (s % kTpb) * 4, &scale, 4);
-    }
-    for (int64_t i = 0; i < reqs[r].num_new; ++i) {
-      pb.token_request.push_back(static_cast<int32_t>(r));
-      pb.visible_end.push_back(static_cast<int32_t>(reqs[r].cached + i + 1));
-    }
-  }
-  pb.q.resize(static_cast<size_t>(pb.T * kHeads * kDim));
-  for (auto& v : pb.q) v = dsa::float_to_fp8_e4m3(2.f * normal(gen));
-  pb.w.resize(static_cast<size_t>(pb.T * kHeads));
-  for (auto& v : pb.w) v = uni(gen);
-  return pb;
-}
-
-struct Compare {
-  double rel = 0;
-  int64_t inf_mismatch = 0, nan = 0, worst = -1;
-};
-
-Compare compare(const std::vector<float>& out, const std::vector<float>& ref) {
-  Compare c;
-  double num = 0, den = 0, worst = -1;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (std::isnan(out[i])) {
-      ++c.nan;
-      continue;
-    }
-    if (std::isinf(ref[i]) || std::isinf(out[i])) {
-      if (out[i] != ref[i]) ++c.inf_mismatch;
-      continue;
-    }
-    const double d = static_cast<double>(out[i]) - ref[i];
-    num += d * d;
-    den += static_cast<double>(ref[i]) * ref[i];
-    if (std::fabs(d) > worst) {
-      worst = std::fabs(d);
-      c.worst = static_cast<int64_t>(i);
-    }
-  }
-  c.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  return c;
-}
 
 void run_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed) {
   if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const Problem pb = make_problem(reqs, extra_stride, seed);
-  std::vector<float> ref(static_cast<size_t>(pb.T * pb.stride));
-  dsa::ref::indexer_logits(pb.q.data(), pb.w.data(), pb.cache.data(), pb.block_table.data(), pb.token_request.data(),
-                           pb.visible_end.data(), pb.T, kHeads, pb.max_blocks, kTpb, pb.stride, ref.data());
-
-  DevBuf<uint8_t> q(pb.q.size()), cache(pb.cache.size());
-  DevBuf<float> w(pb.w.size()), logits(ref.size());
-  DevBuf<int32_t> bt(pb.block_table.size()), treq(pb.token_request.size()), vend(pb.visible_end.size());
-  ASSERT_TRUE(q.p && cache.p && w.p && logits.p && bt.p && treq.p && vend.p);
-  CK(cudaMemcpy(q.p, pb.q.data(), q.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(cache.p, pb.cache.data(), cache.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(w.p, pb.w.data(), w.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(bt.p, pb.block_table.data(), bt.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(treq.p, pb.token_request.data(), treq.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(vend.p, pb.visible_end.data(), vend.bytes(), cudaMemcpyHostToDevice));
-
-  dsa::cuda::IndexerLogitsParams p;
-  p.q_fp8 = q.p;
-  p.weights = w.p;
-  p.k_cache = cache.p;
-  p.block_table = bt.p;
-  p.token_request = treq.p;
-  p.visible_end = vend.p;
-  p.logits = logits.p;
-  p.T = pb.T;
-  p.logits_stride = pb.stride;
-  p.max_blocks_per_request = pb.max_blocks;
-  for (const Req& r : reqs) p.max_tokens_per_request = std::max<int>(p.max_tokens_per_request, static_cast<int>(r.num_new));
+  const std::vector<float> ref = pb.reference();
+  DeviceProblem d(pb);
+  ASSERT_NO_FATAL_FAILURE(d.upload(pb));
+  const dsa::cuda::IndexerLogitsParams p = d.params(pb, max_num_new(reqs));
+  DevBuf<float>& logits = d.logits;
 
   struct Kernel {
     const char* name;
@@ -225,34 +111,18 @@ TEST(GpuIndexerLogits, CudaGraphCaptureThenTopkMatchesDirectLaunch) {
   if (dsa::cuda::device_count() == 0) GTEST_SKIP() << "no CUDA device";
   const Problem pb = make_problem({{3000, 1}, {100, 1}, {2047, 2}, {5000, 1}}, 0, 17);
   constexpr int kTopk = 2048;
-  DevBuf<uint8_t> q(pb.q.size()), cache(pb.cache.size());
-  DevBuf<float> w(pb.w.size()), logits(static_cast<size_t>(pb.T * pb.stride));
-  DevBuf<int32_t> bt(pb.block_table.size()), treq(pb.token_request.size()), vend(pb.visible_end.size());
+  DeviceProblem d(pb);
+  ASSERT_NO_FATAL_FAILURE(d.upload(pb));
   DevBuf<int32_t> idx(static_cast<size_t>(pb.T * kTopk));
-  ASSERT_TRUE(q.p && cache.p && w.p && logits.p && bt.p && treq.p && vend.p && idx.p);
-  CK(cudaMemcpy(q.p, pb.q.data(), q.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(cache.p, pb.cache.data(), cache.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(w.p, pb.w.data(), w.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(bt.p, pb.block_table.data(), bt.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(treq.p, pb.token_request.data(), treq.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(vend.p, pb.visible_end.data(), vend.bytes(), cudaMemcpyHostToDevice));
+  ASSERT_TRUE(idx.p);
+  DevBuf<float>& logits = d.logits;
   cudaStream_t st = nullptr;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  dsa::cuda::IndexerLogitsParams p;
-  p.q_fp8 = q.p;
-  p.weights = w.p;
-  p.k_cache = cache.p;
-  p.block_table = bt.p;
-  p.token_request = treq.p;
-  p.visible_end = vend.p;
-  p.logits = logits.p;
-  p.T = pb.T;
-  p.logits_stride = pb.stride;
-  p.max_blocks_per_request = pb.max_blocks;
+  const dsa::cuda::IndexerLogitsParams p = d.params(pb, 0);
   const dsa::cuda::DeviceContext ctx = dsa::cuda::device_context(st);
   dsa::cuda::TopkParams tp;
   tp.logits = logits.p;
-  tp.visible_end = vend.p;
+  tp.visible_end = d.vend.p;
   tp.out = idx.p;
   tp.T = pb.T;
   tp.logits_stride = pb.stride;

@@ -24,13 +24,13 @@
 #include "dsa/dtypes.h"
 #include "dsa/error.h"
 #include "dsa/reference.h"
+#include "indexer_problem.h"
 
 namespace {
 
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
 
-constexpr int64_t kHeads = 64, kDim = 128, kTpb = 64, kBlockBytes = kTpb * (kDim + 4);
-
+using namespace dsa::test::indexer;
 using dsa::test::DevBuf;
 
 bool is_sm90() {
@@ -38,140 +38,15 @@ bool is_sm90() {
   return dsa::cuda::device_context().sm() == 90;
 }
 
-// One request: `cached` keys already in the cache, `num_new` query tokens
-// (whose keys are in the cache too, as the layer appends them first).
-struct Req {
-  int64_t cached, num_new;
-};
-
-struct Problem {
-  int64_t T = 0, R = 0, max_blocks = 0, stride = 0, num_blocks = 0;
-  std::vector<dsa::fp8_t> q;
-  std::vector<float> w;
-  std::vector<uint8_t> cache;
-  std::vector<int32_t> block_table, token_request, visible_end;
-};
-
-Problem make_problem(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  std::uniform_real_distribution<float> uni(-1.f, 1.f);
-  std::uniform_int_distribution<int> exp2(-3, 3);
-  Problem pb;
-  pb.R = static_cast<int64_t>(reqs.size());
-  int64_t max_seq = 0, used_blocks = 0;
-  for (const Req& r : reqs) {
-    max_seq = std::max(max_seq, r.cached + r.num_new);
-    pb.max_blocks = std::max(pb.max_blocks, (r.cached + r.num_new + kTpb - 1) / kTpb);
-    used_blocks += (r.cached + r.num_new + kTpb - 1) / kTpb;
-    pb.T += r.num_new;
-  }
-  pb.max_blocks += 1;  // a spare column of -1 entries: never read
-  pb.stride = max_seq + extra_stride;
-  pb.num_blocks = used_blocks + 3;  // a few blocks nobody owns
-  std::vector<int32_t> ids(static_cast<size_t>(pb.num_blocks));
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), gen);  // block tables not in order
-
-  // NaN everywhere first: e4m3fn 0x7f is NaN, and 0xffffffff is an fp32 NaN scale.
-  pb.cache.assign(static_cast<size_t>(pb.num_blocks * kBlockBytes), 0x7f);
-  for (int64_t b = 0; b < pb.num_blocks; ++b) std::memset(pb.cache.data() + b * kBlockBytes + kTpb * kDim, 0xff, kTpb * 4);
-  pb.block_table.assign(static_cast<size_t>(pb.R * pb.max_blocks), -1);
-  size_t next = 0;
-  for (int64_t r = 0; r < pb.R; ++r) {
-    const int64_t seq = reqs[r].cached + reqs[r].num_new;
-    for (int64_t b = 0; b < (seq + kTpb - 1) / kTpb; ++b) pb.block_table[r * pb.max_blocks + b] = ids[next++];
-    for (int64_t s = 0; s < seq; ++s) {
-      uint8_t* blk = pb.cache.data() + static_cast<int64_t>(pb.block_table[r * pb.max_blocks + s / kTpb]) * kBlockBytes;
-      for (int64_t i = 0; i < kDim; ++i) blk[(s % kTpb) * kDim + i] = dsa::float_to_fp8_e4m3(2.f * normal(gen));
-      const float scale = std::ldexp(1.f, exp2(gen));
-      std::memcpy(blk + kTpb * kDim + (s % kTpb) * 4, &scale, 4);
-    }
-    for (int64_t i = 0; i < reqs[r].num_new; ++i) {
-      pb.token_request.push_back(static_cast<int32_t>(r));
-      pb.visible_end.push_back(static_cast<int32_t>(reqs[r].cached + i + 1));
-    }
-  }
-  pb.q.resize(static_cast<size_t>(pb.T * kHeads * kDim));
-  for (auto& v : pb.q) v = dsa::float_to_fp8_e4m3(2.f * normal(gen));
-  pb.w.resize(static_cast<size_t>(pb.T * kHeads));
-  for (auto& v : pb.w) v = uni(gen);
-  return pb;
-}
-
-struct Compare {
-  double rel = 0;
-  int64_t inf_mismatch = 0, nan = 0, worst = -1;
-};
-
-Compare compare(const std::vector<float>& out, const std::vector<float>& ref) {
-  Compare c;
-  double num = 0, den = 0, worst = -1;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (std::isnan(out[i])) {
-      ++c.nan;
-      continue;
-    }
-    if (std::isinf(ref[i]) || std::isinf(out[i])) {
-      if (out[i] != ref[i]) ++c.inf_mismatch;
-      continue;
-    }
-    const double d = static_cast<double>(out[i]) - ref[i];
-    num += d * d;
-    den += static_cast<double>(ref[i]) * ref[i];
-    if (std::fabs(d) > worst) {
-      worst = std::fabs(d);
-      c.worst = static_cast<int64_t>(i);
-    }
-  }
-  c.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  return c;
-}
-
-struct Device {
-  DevBuf<uint8_t> q, cache;
-  DevBuf<float> w, logits;
-  DevBuf<int32_t> bt, treq, vend;
-  explicit Device(const Problem& pb)
-      : q(pb.q.size()),
-        cache(pb.cache.size()),
-        w(pb.w.size()),
-        logits(static_cast<size_t>(pb.T * pb.stride)),
-        bt(pb.block_table.size()),
-        treq(pb.token_request.size()),
-        vend(pb.visible_end.size()) {}
-  bool ok() const { return q.p && cache.p && w.p && logits.p && bt.p && treq.p && vend.p; }
-};
-
-void upload(const Problem& pb, Device& d) {
-  CK(cudaMemcpy(d.q.p, pb.q.data(), d.q.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d.cache.p, pb.cache.data(), d.cache.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d.w.p, pb.w.data(), d.w.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d.bt.p, pb.block_table.data(), d.bt.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d.treq.p, pb.token_request.data(), d.treq.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d.vend.p, pb.visible_end.data(), d.vend.bytes(), cudaMemcpyHostToDevice));
-}
-
-dsa::cuda::IndexerLogitsParams params_of(const Problem& pb, const Device& d, int hint) {
-  dsa::cuda::IndexerLogitsParams p;
-  p.q_fp8 = d.q.p;
-  p.weights = d.w.p;
-  p.k_cache = d.cache.p;
-  p.block_table = d.bt.p;
-  p.token_request = d.treq.p;
-  p.visible_end = d.vend.p;
-  p.logits = d.logits.p;
-  p.T = pb.T;
-  p.logits_stride = pb.stride;
-  p.max_blocks_per_request = pb.max_blocks;
-  p.max_tokens_per_request = hint;
-  return p;
+// Decode steps: block tables with a spare column of -1 entries (never read).
+Problem make_decode_problem(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed) {
+  return make_problem(reqs, extra_stride, seed, /*unowned_blocks=*/3, /*spare_table_columns=*/1);
 }
 
 using Fn = void (*)(const dsa::cuda::DeviceContext&, const dsa::cuda::IndexerLogitsParams&);
 
 // Poisons the logits, runs fn, copies the logits back.
-void run_into(Fn fn, const dsa::cuda::DeviceContext& ctx, const dsa::cuda::IndexerLogitsParams& p, Device& d,
+void run_into(Fn fn, const dsa::cuda::DeviceContext& ctx, const dsa::cuda::IndexerLogitsParams& p, DeviceProblem& d,
               std::vector<float>& out) {
   out.assign(d.logits.n, 0.f);
   CK(cudaMemset(d.logits.p, 0xff, d.logits.bytes()));  // NaN poison
@@ -180,26 +55,16 @@ void run_into(Fn fn, const dsa::cuda::DeviceContext& ctx, const dsa::cuda::Index
   CK(cudaMemcpy(out.data(), d.logits.p, d.logits.bytes(), cudaMemcpyDeviceToHost));
 }
 
-int64_t bit_mismatches(const std::vector<float>& a, const std::vector<float>& b) {
-  int64_t n = 0;
-  for (size_t i = 0; i < a.size(); ++i) n += std::memcmp(&a[i], &b[i], 4) != 0;
-  return n;
-}
-
 // hint: max_tokens_per_request handed to the kernel (the step's next_n);
 // 0 = the largest num_new of reqs.
 void run_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed, int hint = 0) {
   if (!is_sm90()) GTEST_SKIP() << "no sm_90 CUDA device";
-  if (hint == 0)
-    for (const Req& r : reqs) hint = std::max(hint, static_cast<int>(r.num_new));
-  const Problem pb = make_problem(reqs, extra_stride, seed);
-  std::vector<float> ref(static_cast<size_t>(pb.T * pb.stride));
-  dsa::ref::indexer_logits(pb.q.data(), pb.w.data(), pb.cache.data(), pb.block_table.data(), pb.token_request.data(),
-                           pb.visible_end.data(), pb.T, kHeads, pb.max_blocks, kTpb, pb.stride, ref.data());
-  Device d(pb);
-  ASSERT_TRUE(d.ok());
-  upload(pb, d);
-  const dsa::cuda::IndexerLogitsParams p = params_of(pb, d, hint);
+  if (hint == 0) hint = max_num_new(reqs);
+  const Problem pb = make_decode_problem(reqs, extra_stride, seed);
+  const std::vector<float> ref = pb.reference();
+  DeviceProblem d(pb);
+  ASSERT_NO_FATAL_FAILURE(d.upload(pb));
+  const dsa::cuda::IndexerLogitsParams p = d.params(pb, hint);
   dsa::cuda::DeviceContext ctx = dsa::cuda::device_context();
   ctx.picks.indexer_prefill = dsa::cuda::KernelPick::kBaseline;  // indexer_logits_sm90 below: the older kernels
 
@@ -223,7 +88,7 @@ void run_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed,
   EXPECT_LE(cb.rel, 1e-3);
   // The decode kernel repeats the baseline's MMA order and head sum, so the
   // bits should agree; printed (the spec bound above is the contract).
-  const int64_t mism = bit_mismatches(out1, base);
+  const int64_t mism = compare(out1, base).bits_differ;
   std::printf("INDEXER_DECODE T=%lld stride=%lld next_n=%d: rel %.3g (baseline %.3g), bit mismatches vs baseline %lld of %zu\n",
               static_cast<long long>(pb.T), static_cast<long long>(pb.stride), hint, c.rel, cb.rel,
               static_cast<long long>(mism), out1.size());
@@ -286,11 +151,10 @@ TEST(GpuIndexerDecode, GroupsStraddleRequests) {
 // 1 to 4; a forced call without the hint is a ShapeError.
 TEST(GpuIndexerDecode, ForcedCallNeedsTheHint) {
   if (!is_sm90()) GTEST_SKIP() << "no sm_90 CUDA device";
-  const Problem pb = make_problem({{100, 1}}, 0, 701);
-  Device d(pb);
-  ASSERT_TRUE(d.ok());
-  upload(pb, d);
-  dsa::cuda::IndexerLogitsParams p = params_of(pb, d, 0);
+  const Problem pb = make_decode_problem({{100, 1}}, 0, 701);
+  DeviceProblem d(pb);
+  ASSERT_NO_FATAL_FAILURE(d.upload(pb));
+  dsa::cuda::IndexerLogitsParams p = d.params(pb, 0);
   const dsa::cuda::DeviceContext ctx = dsa::cuda::device_context();
   EXPECT_THROW(dsa::cuda::indexer_logits_decode_sm90(ctx, p), dsa::ShapeError);
   p.max_tokens_per_request = 5;
@@ -306,11 +170,10 @@ TEST(GpuIndexerDecode, ForcedCallNeedsTheHint) {
 // with a direct launch.
 TEST(GpuIndexerDecode, CudaGraphReplayMatchesDirectLaunch) {
   if (!is_sm90()) GTEST_SKIP() << "no sm_90 CUDA device";
-  const Problem pb = make_problem({{3000, 2}, {100, 2}, {2047, 2}, {5000, 2}}, 0, 801);
-  Device d(pb);
-  ASSERT_TRUE(d.ok());
-  upload(pb, d);
-  const dsa::cuda::IndexerLogitsParams p = params_of(pb, d, 2);
+  const Problem pb = make_decode_problem({{3000, 2}, {100, 2}, {2047, 2}, {5000, 2}}, 0, 801);
+  DeviceProblem d(pb);
+  ASSERT_NO_FATAL_FAILURE(d.upload(pb));
+  const dsa::cuda::IndexerLogitsParams p = d.params(pb, 2);
   cudaStream_t st = nullptr;
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   dsa::cuda::DeviceContext ctx = dsa::cuda::device_context(st);

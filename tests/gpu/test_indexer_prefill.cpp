@@ -24,13 +24,13 @@
 #include "dsa/dtypes.h"
 #include "dsa/error.h"
 #include "dsa/reference.h"
+#include "indexer_problem.h"
 
 namespace {
 
 #define CK(x) ASSERT_EQ((x), cudaSuccess) << #x
 
-constexpr int64_t kHeads = 64, kDim = 128, kTpb = 64, kBlockBytes = kTpb * (kDim + 4);
-
+using namespace dsa::test::indexer;
 using dsa::cuda::DeviceContext;
 using dsa::cuda::IndexerLogitsParams;
 using dsa::cuda::KernelPick;
@@ -46,136 +46,14 @@ bool has_sm90() {
     if (!has_sm90()) GTEST_SKIP() << "the prefill kernel is sm_90a only";            \
   } while (0)
 
-struct Req {
-  int64_t cached, num_new;
-};
-
-// Host inputs of one batch: new token i of a request sees cached + i + 1 keys.
-struct Batch {
-  int64_t T = 0, stride = 0, max_blocks = 0, num_blocks = 0;
-  std::vector<dsa::fp8_t> q;
-  std::vector<float> w;
-  std::vector<uint8_t> cache;
-  std::vector<int32_t> block_table, token_request, visible_end;
-};
-
-Batch make_batch(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<float> normal(0.f, 1.f);
-  std::uniform_real_distribution<float> uni(-1.f, 1.f);
-  std::uniform_int_distribution<int> exp2(-3, 3);
-  Batch b;
-  int64_t used = 0, max_seq = 0;
-  for (const Req& r : reqs) {
-    const int64_t seq = r.cached + r.num_new;
-    max_seq = std::max(max_seq, seq);
-    b.max_blocks = std::max(b.max_blocks, (seq + kTpb - 1) / kTpb);
-    used += (seq + kTpb - 1) / kTpb;
-    b.T += r.num_new;
-  }
-  b.stride = max_seq + extra_stride;
-  b.num_blocks = used + 5;  // blocks nobody owns
-  std::vector<int32_t> ids(static_cast<size_t>(b.num_blocks));
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), gen);  // block tables out of order
-  b.cache.assign(static_cast<size_t>(b.num_blocks * kBlockBytes), 0x7f);  // e4m3fn NaN
-  for (int64_t k = 0; k < b.num_blocks; ++k) std::memset(b.cache.data() + k * kBlockBytes + kTpb * kDim, 0xff, kTpb * 4);
-  const int64_t R = static_cast<int64_t>(reqs.size());
-  b.block_table.assign(static_cast<size_t>(R * b.max_blocks), -1);
-  size_t next = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t seq = reqs[r].cached + reqs[r].num_new;
-    for (int64_t k = 0; k < (seq + kTpb - 1) / kTpb; ++k) b.block_table[r * b.max_blocks + k] = ids[next++];
-    for (int64_t s = 0; s < seq; ++s) {
-      uint8_t* blk = b.cache.data() + static_cast<int64_t>(b.block_table[r * b.max_blocks + s / kTpb]) * kBlockBytes;
-      for (int64_t i = 0; i < kDim; ++i) blk[(s % kTpb) * kDim + i] = dsa::float_to_fp8_e4m3(2.f * normal(gen));
-      const float scale = std::ldexp(1.f, exp2(gen));
-      std::memcpy(blk + kTpb * kDim + (s % kTpb) * 4, &scale, 4);
-    }
-    for (int64_t i = 0; i < reqs[r].num_new; ++i) {
-      b.token_request.push_back(static_cast<int32_t>(r));
-      b.visible_end.push_back(static_cast<int32_t>(reqs[r].cached + i + 1));
-    }
-  }
-  b.q.resize(static_cast<size_t>(b.T * kHeads * kDim));
-  for (auto& v : b.q) v = dsa::float_to_fp8_e4m3(2.f * normal(gen));
-  b.w.resize(static_cast<size_t>(b.T * kHeads));
-  for (auto& v : b.w) v = uni(gen);
-  return b;
-}
-
-// Device copies of a batch and the params that point at them.
-struct DeviceBatch {
-  DevBuf<uint8_t> q, cache;
-  DevBuf<float> w, logits;
-  DevBuf<int32_t> bt, treq, vend;
-  IndexerLogitsParams p;
-  explicit DeviceBatch(const Batch& b)
-      : q(b.q.size()), cache(b.cache.size()), w(b.w.size()), logits(static_cast<size_t>(b.T * b.stride)),
-        bt(b.block_table.size()), treq(b.token_request.size()), vend(b.visible_end.size()) {}
-  bool ok() const { return q.p && cache.p && w.p && logits.p && bt.p && treq.p && vend.p; }
-};
-
-void upload(const Batch& b, DeviceBatch& d, int max_tokens_per_request) {
-  ASSERT_TRUE(d.ok());
-  CK(cudaMemcpy(d.q.p, b.q.data(), d.q.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d.cache.p, b.cache.data(), d.cache.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d.w.p, b.w.data(), d.w.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d.bt.p, b.block_table.data(), d.bt.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d.treq.p, b.token_request.data(), d.treq.bytes(), cudaMemcpyHostToDevice));
-  CK(cudaMemcpy(d.vend.p, b.visible_end.data(), d.vend.bytes(), cudaMemcpyHostToDevice));
-  IndexerLogitsParams& p = d.p;
-  p.q_fp8 = d.q.p;
-  p.weights = d.w.p;
-  p.k_cache = d.cache.p;
-  p.block_table = d.bt.p;
-  p.token_request = d.treq.p;
-  p.visible_end = d.vend.p;
-  p.logits = d.logits.p;
-  p.T = b.T;
-  p.logits_stride = b.stride;
-  p.max_blocks_per_request = b.max_blocks;
-  p.max_tokens_per_request = max_tokens_per_request;
-}
-
-struct Compare {
-  double rel = 0;
-  int64_t inf_mismatch = 0, nan = 0, worst = -1, bits_differ = 0;
-};
-
-Compare compare(const std::vector<float>& out, const std::vector<float>& ref) {
-  Compare c;
-  double num = 0, den = 0, worst = -1;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (std::memcmp(&out[i], &ref[i], 4) != 0) ++c.bits_differ;
-    if (std::isnan(out[i])) {
-      ++c.nan;
-      continue;
-    }
-    if (std::isinf(ref[i]) || std::isinf(out[i])) {
-      if (out[i] != ref[i]) ++c.inf_mismatch;
-      continue;
-    }
-    const double d = static_cast<double>(out[i]) - ref[i];
-    num += d * d;
-    den += static_cast<double>(ref[i]) * ref[i];
-    if (std::fabs(d) > worst) {
-      worst = std::fabs(d);
-      c.worst = static_cast<int64_t>(i);
-    }
-  }
-  c.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
-  return c;
-}
-
 // Runs fn twice on NaN-poisoned logits; both runs must agree bit for bit.
-void run_twice(void (*fn)(const DeviceContext&, const IndexerLogitsParams&), const DeviceContext& ctx, DeviceBatch& d,
-               std::vector<float>& out) {
+void run_twice(void (*fn)(const DeviceContext&, const IndexerLogitsParams&), const DeviceContext& ctx,
+               const IndexerLogitsParams& p, DeviceProblem& d, std::vector<float>& out) {
   std::vector<float> again(d.logits.n);
   out.resize(d.logits.n);
   for (std::vector<float>* o : {&out, &again}) {
     CK(cudaMemset(d.logits.p, 0xff, d.logits.bytes()));
-    ASSERT_NO_THROW(fn(ctx, d.p));
+    ASSERT_NO_THROW(fn(ctx, p));
     CK(cudaGetLastError());
     CK(cudaDeviceSynchronize());
     CK(cudaMemcpy(o->data(), d.logits.p, d.logits.bytes(), cudaMemcpyDeviceToHost));
@@ -185,20 +63,18 @@ void run_twice(void (*fn)(const DeviceContext&, const IndexerLogitsParams&), con
 
 void check_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t seed) {
   SKIP_WITHOUT_SM90();
-  const Batch b = make_batch(reqs, extra_stride, seed);
-  std::vector<float> ref(static_cast<size_t>(b.T * b.stride));
-  dsa::ref::indexer_logits(b.q.data(), b.w.data(), b.cache.data(), b.block_table.data(), b.token_request.data(),
-                           b.visible_end.data(), b.T, kHeads, b.max_blocks, kTpb, b.stride, ref.data());
-  int max_new = 0;
-  for (const Req& r : reqs) max_new = std::max<int>(max_new, static_cast<int>(r.num_new));
-  DeviceBatch d(b);
-  ASSERT_NO_FATAL_FAILURE(upload(b, d, max_new));
+  const Problem b = make_problem(reqs, extra_stride, seed, /*unowned_blocks=*/5);
+  const std::vector<float> ref = b.reference();
+  const int max_new = max_num_new(reqs);
+  DeviceProblem d(b);
+  ASSERT_NO_FATAL_FAILURE(d.upload(b));
+  const IndexerLogitsParams p = d.params(b, max_new);
   DeviceContext ctx = dsa::cuda::device_context();
   ctx.picks.indexer_prefill = KernelPick::kBaseline;  // indexer_logits_sm90 below: the older kernel
 
   std::vector<float> out_new, out_old;
-  ASSERT_NO_FATAL_FAILURE(run_twice(dsa::cuda::indexer_logits_sm90_prefill, ctx, d, out_new));
-  ASSERT_NO_FATAL_FAILURE(run_twice(dsa::cuda::indexer_logits_sm90, ctx, d, out_old));  // kBaseline: the older kernel
+  ASSERT_NO_FATAL_FAILURE(run_twice(dsa::cuda::indexer_logits_sm90_prefill, ctx, p, d, out_new));
+  ASSERT_NO_FATAL_FAILURE(run_twice(dsa::cuda::indexer_logits_sm90, ctx, p, d, out_old));  // kBaseline: the older kernel
 
   const Compare vs_ref = compare(out_new, ref);
   EXPECT_EQ(vs_ref.nan, 0) << "NaN in the output (poison left or stray read)";
@@ -216,7 +92,7 @@ void check_case(const std::vector<Req>& reqs, int64_t extra_stride, uint64_t see
   if (max_new >= 2) {
     ctx.picks.indexer_prefill = KernelPick::kNew;
     std::vector<float> out_pick;
-    ASSERT_NO_FATAL_FAILURE(run_twice(dsa::cuda::indexer_logits, ctx, d, out_pick));
+    ASSERT_NO_FATAL_FAILURE(run_twice(dsa::cuda::indexer_logits, ctx, p, d, out_pick));
     EXPECT_EQ(std::memcmp(out_pick.data(), out_new.data(), out_new.size() * 4), 0)
         << "indexer_logits with picks.indexer_prefill = kNew is not the prefill kernel";
   }

@@ -44,6 +44,7 @@
 namespace dsa::cuda {
 namespace {
 
+using sparse_mla_sweep::EventPool;
 using sparse_mla_sweep::fill_random_bf16;
 using sparse_mla_sweep::probe_mhz;
 using sparse_mla_sweep::sm_clock_probe;
@@ -65,19 +66,6 @@ struct Buf {
   template <class T>
   T* as() const {
     return static_cast<T*>(p);
-  }
-};
-
-struct EventPool {
-  std::vector<cudaEvent_t> ev;
-  cudaEvent_t get(size_t i) {
-    if (i >= ev.size()) ev.resize(i + 1, nullptr);
-    if (!ev[i]) DSA_CUDA_CHECK(cudaEventCreate(&ev[i]));
-    return ev[i];
-  }
-  ~EventPool() {
-    for (cudaEvent_t e : ev)
-      if (e) cudaEventDestroy(e);
   }
 };
 

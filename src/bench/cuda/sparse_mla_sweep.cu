@@ -48,20 +48,6 @@ struct Dev {
   Dev& operator=(const Dev&) = delete;
 };
 
-// CUDA events made on first use, destroyed with the pool.
-struct EventPool {
-  std::vector<cudaEvent_t> ev;
-  cudaEvent_t get(size_t i) {
-    if (i >= ev.size()) ev.resize(i + 1, nullptr);
-    if (!ev[i]) DSA_CUDA_CHECK(cudaEventCreate(&ev[i]));
-    return ev[i];
-  }
-  ~EventPool() {
-    for (cudaEvent_t e : ev)
-      if (e) cudaEventDestroy(e);
-  }
-};
-
 }  // namespace
 
 SparseMlaSweep sweep_sparse_mla(const BenchOptions& opt) {

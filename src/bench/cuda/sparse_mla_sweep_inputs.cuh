@@ -1,7 +1,8 @@
 #pragma once
 // Issue 6's sparse MLA sweep inputs, shared by `dsa bench --sweep-sparse-mla`
 // (sparse_mla_sweep.cu) and the development bench
-// (dev/sparse_mla/sparse_mla_dev.cu): T = 4096
+// (dev/sparse_mla/sparse_mla_dev.cu), with the input fill, clock probe and
+// event pool also used by the decode sweep (sparse_mla_decode_sweep.cu): T = 4096
 // queries at the end of a context of s_kv tokens, topk 2048, each query at
 // position p attending to min(2048, p + 1) distinct random positions among
 // 0..p, and FlashMLA's sparse prefill times on an H100 80GB HBM3 (issue 6).
@@ -12,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "cuda/check.cuh"
 #include "dsa/hash.h"
 
 namespace dsa::cuda::sparse_mla_sweep {
@@ -88,5 +90,23 @@ inline std::vector<int32_t> make_indices(int64_t s_kv, uint64_t seed, int64_t* v
   *valid_total = total;
   return idx;
 }
+
+// CUDA events made on first use, destroyed with the pool (each timed run
+// between its own pair, as both sweeps' protocols ask).
+struct EventPool {
+  std::vector<cudaEvent_t> ev;
+  cudaEvent_t get(size_t i) {
+    if (i >= ev.size()) ev.resize(i + 1, nullptr);
+    if (!ev[i]) DSA_CUDA_CHECK(cudaEventCreate(&ev[i]));
+    return ev[i];
+  }
+  EventPool() = default;
+  EventPool(const EventPool&) = delete;
+  EventPool& operator=(const EventPool&) = delete;
+  ~EventPool() {
+    for (cudaEvent_t e : ev)
+      if (e) cudaEventDestroy(e);
+  }
+};
 
 }  // namespace dsa::cuda::sparse_mla_sweep

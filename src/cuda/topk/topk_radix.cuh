@@ -130,8 +130,11 @@ struct Digit {
 };
 
 // Needs 1 <= k_rem <= keys in hist; bins a multiple of 8, at most 8 * kThreads.
-__device__ __forceinline__ Digit find_digit(const uint32_t* hist, int bins, uint32_t k_rem, Scan& scan,
-                                            uint32_t* s_sel) {
+// exclusive(x, total): the CTA's exclusive prefix sum in thread order (one
+// barrier; Scan::exclusive, or the streaming kernel's shuffle scan).
+template <class Exclusive>
+__device__ __forceinline__ Digit find_digit_with(const uint32_t* hist, int bins, uint32_t k_rem, uint32_t* s_sel,
+                                                 Exclusive&& exclusive) {
   const int hi = bins - 8 * static_cast<int>(threadIdx.x);  // this thread: bins [hi-8, hi), scanned from the top
   uint32_t c[8], sum = 0;
 #pragma unroll
@@ -140,7 +143,7 @@ __device__ __forceinline__ Digit find_digit(const uint32_t* hist, int bins, uint
     sum += c[j];
   }
   uint32_t total;
-  const uint32_t above = scan.exclusive(sum, total);
+  const uint32_t above = exclusive(sum, total);
   if (hi > 0 && above < k_rem && above + sum >= k_rem) {
     uint32_t run = above;
     bool found = false;
@@ -156,8 +159,13 @@ __device__ __forceinline__ Digit find_digit(const uint32_t* hist, int bins, uint
     }
   }
   __syncthreads();
-  Digit d{s_sel[0], s_sel[1], s_sel[2]};
-  return d;
+  return Digit{s_sel[0], s_sel[1], s_sel[2]};
+}
+
+__device__ __forceinline__ Digit find_digit(const uint32_t* hist, int bins, uint32_t k_rem, Scan& scan,
+                                            uint32_t* s_sel) {
+  return find_digit_with(hist, bins, k_rem, s_sel,
+                         [&](uint32_t x, uint32_t& total) { return scan.exclusive(x, total); });
 }
 
 // In position order, selects every key > thr and the first `need` keys == thr,

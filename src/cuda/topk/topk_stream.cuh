@@ -114,32 +114,9 @@ struct Cut {
 // topk_impl::find_digit with block_exclusive. Needs 1 <= k_rem <= keys in
 // hist; bins a multiple of 8, at most 8 * kThreads.
 __device__ __forceinline__ Digit find_digit_fast(const uint32_t* hist, int bins, uint32_t k_rem, Scan& scan,
-                                            uint32_t* s_sel) {
-  const int hi = bins - 8 * static_cast<int>(threadIdx.x);  // this thread: bins [hi-8, hi), scanned from the top
-  uint32_t c[8], sum = 0;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    c[j] = hi > 0 ? hist[hi - 1 - j] : 0u;
-    sum += c[j];
-  }
-  uint32_t total;
-  const uint32_t above = block_exclusive(scan, sum, total);
-  if (hi > 0 && above < k_rem && above + sum >= k_rem) {
-    uint32_t run = above;
-    bool found = false;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if (!found && run + c[j] >= k_rem) {
-        s_sel[0] = static_cast<uint32_t>(hi - 1 - j);
-        s_sel[1] = run;
-        s_sel[2] = c[j];
-        found = true;
-      }
-      run += c[j];
-    }
-  }
-  __syncthreads();
-  return Digit{s_sel[0], s_sel[1], s_sel[2]};
+                                                 uint32_t* s_sel) {
+  return topk_impl::find_digit_with(hist, bins, k_rem, s_sel,
+                                    [&](uint32_t x, uint32_t& total) { return block_exclusive(scan, x, total); });
 }
 
 // Radix select of the k-th largest key over the buffer: 11 + 11 + 10 bits,
