@@ -25,9 +25,6 @@ namespace dsa::cuda {
 
 namespace {
 
-// One token of the fp8 latent cache (spec section 4): 512 e4m3, 4 fp32 scales, 64 bf16.
-constexpr int64_t kFp8LatentRowBytes = 656;
-
 // A GPU buffer that only grows; contents are not kept across growth.
 struct DevBuf {
   void* p = nullptr;
@@ -316,7 +313,7 @@ void CudaLayer::Impl::launch(Stage s) {
       p.num_slots = cache.num_slots();
       if (cache.latent_dtype == LatentCacheDType::FP8 && ctx.picks.resolved().sparse_mla_fp8 == KernelPick::kNew) {
         // The fused kernel reads the 656-byte rows of the pool itself: no gather.
-        p.kv = nullptr, p.kv_fp8 = cache.latent, p.stride_kv_slot = kFp8LatentRowBytes;
+        p.kv = nullptr, p.kv_fp8 = cache.latent, p.stride_kv_slot = c.latent_cache_bytes_per_token();
       } else if (cache.latent_dtype == LatentCacheDType::FP8) {
         // Decode over the fp8 cache: dequantize the selected rows, then the bf16 kernel.
         const size_t need = static_cast<size_t>(T * c.index_topk * lat()) * sizeof(__nv_bfloat16);
@@ -453,9 +450,9 @@ void CudaLayer::prepare(const BatchMetadata& md, const DeviceCacheView& cache) {
   m.cache = cache;
   const int64_t T = md.num_tokens;
   m.T = T;
-  m.max_new_per_request = 0;
-  for (const StepRequest& r : md.requests)
-    m.max_new_per_request = static_cast<int>(std::min<int64_t>(std::max<int64_t>(m.max_new_per_request, r.num_new), std::numeric_limits<int>::max()));
+  int64_t most_new = 0;
+  for (const StepRequest& r : md.requests) most_new = std::max(most_new, r.num_new);
+  m.max_new_per_request = static_cast<int>(std::min<int64_t>(most_new, std::numeric_limits<int>::max()));
   const int64_t max_vis = std::max<int64_t>(1, md.max_seq_len());
   m.logits_stride = (max_vis + 7) / 8 * 8;  // 32-byte rows for vector stores
   const int64_t H = c.num_heads, HI = c.index_n_heads, DI = c.index_head_dim, k = c.index_topk;
