@@ -23,7 +23,15 @@ done
 # (it would skip elsewhere).
 export DSALAB_REQUIRE_PYTEST=1
 echo "test: the Python tests run with $(python3 -c 'import sys, torch, pytest; print(sys.executable, "torch", torch.__version__, "pytest", pytest.__version__)' 2>&1 | tail -1)"
-if ! ctest --test-dir build -N -R '^Python\.pytest$' | grep -q 'Python.pytest'; then
+# The listing is captured before it is searched: under pipefail, `ctest | grep -q`
+# fails whenever grep quits on the match before ctest has written its last line
+# (ctest dies of SIGPIPE, status 141), which is how the last two CI runs
+# reported a registered suite as missing.
+listed=$(ctest --test-dir build -N -R '^Python\.pytest$') || {
+  echo "test: ctest could not list the tests of build/ (exit $?); see the output above"
+  exit 1
+}
+if ! grep -q 'Python\.pytest' <<<"$listed"; then
   echo "test: the Python package's pytest suite is not registered: the package was not built (see the 'dsalab Python"
   echo "      package' line of cmake build); install python3-dev and nanobind (scripts/setup.sh does) and run again"
   exit 1
