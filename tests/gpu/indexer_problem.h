@@ -19,6 +19,7 @@
 #include "cuda/indexer/params.h"
 #include "dev_buf.h"
 #include "dsa/dtypes.h"
+#include "dsa/layer_check.h"
 #include "dsa/reference.h"
 
 namespace dsa::test::indexer {
@@ -104,35 +105,23 @@ inline int max_num_new(const std::vector<Req>& reqs) {
   return m;
 }
 
-// out against ref: rel L2 over the finite entries, NaNs in out, entries where
-// either side is infinite and they differ, the worst entry, differing bits.
+// out against ref: dsa::check::compare's figures (rel L2 over the finite
+// entries, NaN on either side, entries where either side is infinite and they
+// differ, the worst entry), and how many entries differ in their bits.
 struct Compare {
   double rel = 0;
   int64_t inf_mismatch = 0, nan = 0, worst = -1, bits_differ = 0;
 };
 
 inline Compare compare(const std::vector<float>& out, const std::vector<float>& ref) {
+  const dsa::check::Diff d = dsa::check::compare(out.data(), ref.data(), static_cast<int64_t>(out.size()));
   Compare c;
-  double num = 0, den = 0, worst = -1;
-  for (size_t i = 0; i < out.size(); ++i) {
+  c.rel = d.err;
+  c.inf_mismatch = d.inf_mismatch;
+  c.nan = d.nan;
+  c.worst = d.worst;
+  for (size_t i = 0; i < out.size(); ++i)
     if (std::memcmp(&out[i], &ref[i], 4) != 0) ++c.bits_differ;
-    if (std::isnan(out[i])) {
-      ++c.nan;
-      continue;
-    }
-    if (std::isinf(ref[i]) || std::isinf(out[i])) {
-      if (out[i] != ref[i]) ++c.inf_mismatch;
-      continue;
-    }
-    const double d = static_cast<double>(out[i]) - ref[i];
-    num += d * d;
-    den += static_cast<double>(ref[i]) * ref[i];
-    if (std::fabs(d) > worst) {
-      worst = std::fabs(d);
-      c.worst = static_cast<int64_t>(i);
-    }
-  }
-  c.rel = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
   return c;
 }
 
